@@ -1,0 +1,185 @@
+"""The layer-local Hebbian/anti-Hebbian (HaH) cost and the one-pass objective.
+
+At each position of a layer's pre-activation ``z`` (NCHW), the K = ceil(ratio * C)
+strongest rectified channels are rewarded and the rest penalised:
+``H = mean_{n,h,w}[mean(top K of relu z) - demote * mean(the other C - K)]``.
+Training minimises ``CE - sum_l alpha_l H_l`` where ``H_l`` trains only layer l's
+weights. :class:`HaHObjective` gets that gradient from ONE forward and ONE backward:
+the convolution's backward receives the HaH gradient separately and adds it to the
+weight gradient only, so it never reaches earlier layers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hahnet.layers import HaHBlock, WNConv2d
+
+PAPER_ALPHAS: tuple[float, ...] = (0.0045, 0.0025, 0.0013, 0.001, 0.0008, 0.0005)
+
+
+def winners(channels: int, ratio: float) -> int:
+    """K = ceil(ratio * C), clamped to [1, C - 1] (to 1 when C == 1)."""
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"HaH ratio must be in (0, 1), got {ratio}")
+    k = math.ceil(ratio * channels - 1e-9)
+    return max(1, min(k, channels - 1)) if channels >= 2 else 1
+
+
+def _score_terms(z: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """relu(z), its top-k values over channels and their indices."""
+    rectified = torch.relu(z)
+    top = rectified.topk(k, dim=1, sorted=False)
+    return rectified, top.values, top.indices
+
+
+def _score_from_terms(rectified: Tensor, top_values: Tensor, k: int, demote: float) -> Tensor:
+    channels = rectified.shape[1]
+    accumulate = torch.promote_types(rectified.dtype, torch.float32)  # bf16 sums in fp32
+    top_sum = top_values.sum(dim=1, dtype=accumulate)
+    per_position = top_sum / k
+    if channels > k:
+        rest_sum = rectified.sum(dim=1, dtype=accumulate) - top_sum
+        per_position = per_position - demote * rest_sum / (channels - k)
+    return per_position.mean()
+
+
+def hah_score(z: Tensor, ratio: float = 0.1, demote: float = 1.0) -> Tensor:
+    """The HaH score H of pre-activations ``z`` (NCHW): a differentiable scalar, at least fp32."""
+    if z.dim() != 4:
+        raise ValueError(f"hah_score expects NCHW pre-activations, got shape {tuple(z.shape)}")
+    k = winners(z.shape[1], ratio)
+    rectified, top_values, _ = _score_terms(z, k)
+    return _score_from_terms(rectified, top_values, k, demote)
+
+
+def _score_gradient(z: Tensor, top_indices: Tensor, k: int, demote: float) -> Tensor:
+    """dH/dz: 1/K on the winners, -demote/(C-K) on the others, 0 where z <= 0; / N*H*W."""
+    n, c, h, w = z.shape
+    scale = 1.0 / (n * h * w)
+    loser = -demote / (c - k) if c > k else 0.0
+    positive = (z > 0).to(z.dtype)
+    grad = positive * (loser * scale)
+    winner_boost = positive.gather(1, top_indices) * ((1.0 / k - loser) * scale)
+    return grad.scatter_add_(1, top_indices, winner_boost)
+
+
+class _ScoredConv(torch.autograd.Function):
+    """conv2d that also returns the HaH score of its output, with routed gradients.
+
+    Backward: input gradient from the main branch only; weight gradient from the main
+    branch plus the score's (dL/dH * dH/dz), in one weight-gradient convolution.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, stride, padding, ratio: float,
+                demote: float) -> tuple[Tensor, Tensor]:
+        z = F.conv2d(x, weight, None, stride, padding)
+        k = winners(z.shape[1], ratio)
+        rectified, top_values, top_indices = _score_terms(z, k)
+        score = _score_from_terms(rectified, top_values, k, demote)
+        ctx.save_for_backward(x, weight, z, top_indices)
+        ctx.conv = (stride, padding)
+        ctx.k, ctx.demote = k, demote
+        ctx.mark_non_differentiable(top_indices)
+        return z, score
+
+    @staticmethod
+    def backward(ctx, grad_z: Tensor | None, grad_score: Tensor | None):
+        x, weight, z, top_indices = ctx.saved_tensors
+        stride, padding = ctx.conv
+        if grad_z is None:
+            grad_z = torch.zeros_like(z)
+        grad_for_weight = grad_z
+        if grad_score is not None:
+            local = _score_gradient(z, top_indices, ctx.k, ctx.demote)
+            grad_for_weight = grad_z + grad_score.to(z.dtype) * local
+        common = dict(bias_sizes=None, stride=stride, padding=padding, dilation=(1, 1),
+                      transposed=False, output_padding=(0, 0), groups=1)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(
+                grad_z, x, weight, output_mask=[True, False, False], **common)[0]
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.ops.aten.convolution_backward(
+                grad_for_weight, x, weight, output_mask=[False, True, False], **common)[1]
+        return grad_x, grad_w, None, None, None, None
+
+
+def scored_conv2d(x: Tensor, weight: Tensor, stride, padding, ratio: float,
+                  demote: float) -> tuple[Tensor, Tensor]:
+    """conv2d(x, weight) and its HaH score; the score's gradient reaches only ``weight``.
+
+    Under autocast, inputs are cast to the autocast dtype here (tracked by autograd) so
+    that the custom backward sees consistent dtypes.
+    """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return _ScoredConv.apply(x.to(dtype), weight.to(dtype), stride, padding,
+                                     ratio, demote)
+    return _ScoredConv.apply(x, weight, stride, padding, ratio, demote)
+
+
+def hah_convs(model: nn.Module) -> list[WNConv2d]:
+    """The WN convolutions of the model's HaH blocks, in forward order."""
+    return [m.conv for m in model.modules() if isinstance(m, HaHBlock)]
+
+
+class HaHObjective:
+    """Cross-entropy minus alpha-weighted, layer-local HaH scores, in one pass.
+
+    ``logits, loss = objective(x, y)``; ``loss.backward()`` then leaves in every
+    ``.grad`` the gradient of the HaH method. Attaching sets ``score_spec`` on the
+    first ``len(alphas)`` HaH convolutions of ``model``; :meth:`detach` removes it.
+    ``objective.scores`` holds the last per-layer scores as floats.
+    """
+
+    def __init__(self, model: nn.Module, alphas: Sequence[float] = PAPER_ALPHAS,
+                 ratio: float = 0.1, demote: float = 1.0) -> None:
+        convs = hah_convs(model)
+        if len(alphas) > len(convs):
+            raise ValueError(f"HaHObjective: {len(alphas)} alphas given but the model has "
+                             f"only {len(convs)} HaH blocks; pass at most {len(convs)} alphas")
+        winners(2, ratio)  # validates ratio
+        if demote < 0:
+            raise ValueError(f"HaHObjective: demote must be >= 0, got {demote}")
+        self.model = model
+        self.alphas = tuple(float(a) for a in alphas)
+        self.ratio = float(ratio)
+        self.demote = float(demote)
+        self.layers = convs[: len(self.alphas)]
+        self._scores: Tensor | None = None
+        for conv in self.layers:
+            conv.score_spec = (self.ratio, self.demote)
+
+    def detach(self) -> None:
+        """Stop computing HaH scores in the model's forward pass."""
+        for conv in self.layers:
+            conv.score_spec = None
+            conv.last_score = None
+
+    def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y)
+        scores = []
+        for alpha, conv in zip(self.alphas, self.layers):
+            score, conv.last_score = conv.last_score, None
+            if score is None:
+                raise RuntimeError("HaHObjective: a HaH layer produced no score; call the "
+                                   "objective with gradients enabled (not under no_grad)")
+            scores.append(score)
+            loss = loss - alpha * score
+        self._scores = torch.stack(scores).detach() if scores else None
+        return logits, loss
+
+    @property
+    def scores(self) -> list[float]:
+        """Per-layer HaH scores of the last call (converted lazily: no device sync per step)."""
+        return [] if self._scores is None else [float(v) for v in self._scores.tolist()]
