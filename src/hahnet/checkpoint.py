@@ -1,0 +1,196 @@
+"""Checkpoints: weights in safetensors (never pickle), a readable JSON beside them, and
+the optimizer state in a separate safetensors + JSON pair; every file written atomically.
+
+A run directory holds ``model.safetensors`` (self-describing: the model config and
+epoch are in its header), ``model.json`` (the same facts plus dataset and training
+settings, for people and tools) and ``train_state.safetensors``/``.json`` (Adam state).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from hahnet.models import VGG, ModelConfig, build_model
+
+MODEL_FILE = "model.safetensors"
+INFO_FILE = "model.json"
+STATE_FILE = "train_state.safetensors"
+STATE_INFO_FILE = "train_state.json"
+FORMAT = "hahnet-checkpoint-1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt, inconsistent or for another model."""
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over
+    ``path``: readers never see a half-written file, and a crash leaves the old one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically."""
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model under DistributedDataParallel and torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _contiguous_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+
+
+def save_model(run_dir: Path, model: nn.Module, info: dict[str, Any]) -> None:
+    """Write the weights and their description (``info`` gains model config and format)."""
+    plain = unwrap(model)
+    if not isinstance(plain, VGG):
+        raise TypeError(f"save_model expects a hahnet VGG model, got {type(plain).__name__}")
+    info = {"format": FORMAT, "model": plain.config.to_dict(), **info}
+    header = {"hahnet": json.dumps(info)}
+    run_dir = Path(run_dir)
+    atomic_write(run_dir / MODEL_FILE,
+                 lambda tmp: save_file(_contiguous_state(plain), str(tmp), metadata=header))
+    write_json(run_dir / INFO_FILE, info)
+
+
+def _model_file(path: Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}: pass a run directory holding "
+                              f"{MODEL_FILE} or the .safetensors file itself")
+    return path
+
+
+def _read_header(file: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"cannot read checkpoint {file}: truncated or corrupt "
+                              f"safetensors file ({error}); re-save or re-train it") from None
+    if "hahnet" not in metadata:
+        raise CheckpointError(f"{file} is a safetensors file but not a hahnet checkpoint "
+                              f"(no 'hahnet' header); save it with hahnet")
+    return json.loads(metadata["hahnet"])
+
+
+def read_info(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's description: model config, dataset, epoch, training settings."""
+    return _read_header(_model_file(Path(path)))
+
+
+def load_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint's weights into ``model`` (checking it is the same model); returns
+    the checkpoint's info."""
+    file = _model_file(Path(path))
+    info = _read_header(file)
+    plain = unwrap(model)
+    saved = ModelConfig.from_dict(info["model"])
+    if isinstance(plain, VGG) and saved != plain.config:
+        diff = {k: (v, getattr(plain.config, k)) for k, v in saved.to_dict().items()
+                if v != getattr(plain.config, k)}
+        raise CheckpointError(f"checkpoint {file} is for another model: (saved, requested) "
+                              f"differ in {diff}; rebuild the model from the checkpoint "
+                              f"(hahnet.load) or use matching options")
+    try:
+        state = load_file(str(file))
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"cannot read checkpoint {file}: truncated or corrupt ({error})") from None
+    try:
+        plain.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()
+        raise CheckpointError(f"checkpoint {file} does not fit this model: "
+                              f"{' '.join(first[:2])[:300]}") from None
+    return info
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> VGG:
+    """A ready model from a checkpoint (run directory or .safetensors file), in eval mode."""
+    info = read_info(path)
+    try:
+        config = ModelConfig.from_dict(info["model"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {path} has an unusable model config: {error}") from None
+    model = build_model(config)
+    load_weights(model, path)
+    return model.to(device).eval()
+
+
+def save_train_state(run_dir: Path, optimizer: torch.optim.Optimizer, info: dict[str, Any]) -> None:
+    """Optimizer tensors to safetensors, its settings and ``info`` (epoch...) to JSON."""
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, slots in state["state"].items():
+        for name, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    run_dir = Path(run_dir)
+    atomic_write(run_dir / STATE_FILE,
+                 lambda tmp: save_file(tensors, str(tmp), metadata={"epoch": str(info["epoch"])}))
+    write_json(run_dir / STATE_INFO_FILE,
+               {**info, "param_groups": state["param_groups"], "scalars": scalars})
+
+
+def load_train_state(run_dir: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore the optimizer saved by :func:`save_train_state`; returns the saved info."""
+    run_dir = Path(run_dir)
+    for name in (STATE_FILE, STATE_INFO_FILE):
+        if not (run_dir / name).exists():
+            raise CheckpointError(f"cannot resume from {run_dir}: {name} is missing; "
+                                  f"start a fresh run instead")
+    try:
+        info = json.loads((run_dir / STATE_INFO_FILE).read_text())
+        tensors = load_file(str(run_dir / STATE_FILE))
+    except (SafetensorError, OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"cannot resume from {run_dir}: training state is corrupt ({error})") from None
+    slots: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        slots.setdefault(int(index), {})[name] = value
+    for index, extra in info["scalars"].items():
+        slots.setdefault(int(index), {}).update(extra)
+    groups = info["param_groups"]
+    for group in groups:
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    try:
+        optimizer.load_state_dict({"state": slots, "param_groups": groups})
+    except (ValueError, KeyError) as error:
+        raise CheckpointError(f"cannot resume from {run_dir}: optimizer state does not fit "
+                              f"this model ({error})") from None
+    return info

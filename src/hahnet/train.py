@@ -1,0 +1,369 @@
+"""The training loop: standard (cross-entropy) or HaH (:class:`HaHObjective`) training
+of a VGG on an in-memory dataset, with per-epoch metrics and resumable checkpoints.
+
+Data stay on the training device as uint8 tensors; each epoch's permutation and random
+crops/flips are drawn from a generator seeded by (seed, epoch), so an epoch can be
+replayed exactly after a crash, and several processes can draw the same global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hahnet import checkpoint
+from hahnet.data import Dataset, ImageDataset, crop_flip, crop_flip_params, to_float
+from hahnet.hah import PAPER_ALPHAS, HaHObjective
+from hahnet.models import VGG, ModelConfig, build_model
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "train_config.json"
+# Options that change speed, not the experiment: they may differ when resuming.
+RUNTIME_OPTIONS = frozenset({"precision", "channels_last", "compile", "eval_batch_size"})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What to train and how; the paper's recipe by default (METHOD.md)."""
+
+    arch: str = "vgg16"
+    hah: bool = False
+    width: float = 1.0
+    hah_layers: int = 6
+    sigma: float = 0.1
+    keep: float = 0.2
+    alphas: tuple[float, ...] = PAPER_ALPHAS
+    ratio: float = 0.1
+    demote: float = 1.0
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 1e-3
+    milestones: tuple[float, ...] = (0.6, 0.8)
+    gamma: float = 0.1
+    seed: int = 2022
+    augment: bool = True
+    limit_train: int | None = None
+    holdout: float = 0.0
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    eval_batch_size: int = 500
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.epochs < 1:
+            problems.append(f"epochs must be >= 1 (got {self.epochs})")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1 (got {self.batch_size})")
+        if self.lr <= 0:
+            problems.append(f"lr must be positive (got {self.lr})")
+        if self.precision not in ("fp32", "bf16"):
+            problems.append(f"precision must be fp32 or bf16 (got {self.precision!r})")
+        if not 0.0 <= self.holdout < 1.0:
+            problems.append(f"holdout must be in [0, 1) (got {self.holdout})")
+        if any(not 0.0 < m <= 1.0 for m in self.milestones):
+            problems.append(f"milestones are fractions of the epochs in (0, 1] (got {self.milestones})")
+        if self.limit_train is not None and self.limit_train < 1:
+            problems.append(f"limit_train must be >= 1 (got {self.limit_train})")
+        if problems:
+            raise ValueError("invalid training config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        for key in ("alphas", "milestones"):
+            if key in values:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+    def model_config(self, dataset: Dataset) -> ModelConfig:
+        from hahnet.data import channel_stats
+
+        mean, std = channel_stats(dataset.train)
+        shape = dataset.train.images.shape
+        return ModelConfig(self.arch, self.hah, self.width, len(dataset.train.classes),
+                           shape[1], self.hah_layers, self.sigma, self.keep,
+                           tuple(round(m, 4) for m in mean), tuple(round(s, 4) for s in std))
+
+
+@dataclass
+class EpochMetrics:
+    """One line of metrics.jsonl."""
+
+    epoch: int
+    lr: float
+    train_loss: float
+    train_acc: float
+    eval_acc: float
+    eval_split: str
+    hah_scores: list[float]
+    seconds: float
+    images_per_second: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def learning_rate(config: TrainConfig, epoch: int) -> float:
+    """Step schedule: lr * gamma^(milestones passed), milestones as fractions of epochs."""
+    passed = sum(1 for m in config.milestones if epoch >= round(m * config.epochs))
+    return config.lr * config.gamma ** passed
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator that draws epoch ``epoch``'s order and augmentations."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int,
+                  augment: bool) -> Iterator[tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None]]:
+    """Global batches of one epoch as (indices, crop/flip params); the last partial batch
+    is dropped so that every step sees a full batch (and splits evenly across processes)."""
+    generator = epoch_generator(seed, epoch)
+    order = torch.randperm(num_images, generator=generator)
+    params = crop_flip_params(num_images, generator) if augment else None
+    for start in range(0, num_images - batch_size + 1, batch_size):
+        stop = start + batch_size
+        yield order[start:stop], (None if params is None else tuple(p[start:stop] for p in params))
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks cuda, then mps, then cpu; an unavailable device is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but CUDA is not available; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps requested but MPS is not available; use --device cpu")
+    return device
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on the training device, or nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, split: ImageDataset, device: torch.device, batch_size: int = 500,
+             precision: str = "fp32", channels_last: bool = False) -> float:
+    """Top-1 accuracy of ``model`` (eval mode) on a whole split."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for start in range(0, len(split.labels), batch_size):
+        x = to_float(split.images[start:start + batch_size].to(device))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            logits = model(x)
+        correct += int((logits.argmax(1).cpu() == split.labels[start:start + batch_size]).sum())
+    model.train(was_training)
+    return correct / max(1, len(split.labels))
+
+
+class Trainer:
+    """Owns the model, optimizer and objective of one run; :meth:`fit` trains it.
+
+    ``rank``/``world_size`` let several processes share each global batch (see
+    :mod:`hahnet.distributed`); with the defaults it is a plain single-process run.
+    """
+
+    def __init__(self, config: TrainConfig, dataset: Dataset, out_dir: Path,
+                 device: torch.device, rank: int = 0, world_size: int = 1,
+                 wrap: Callable[[nn.Module], nn.Module] | None = None) -> None:
+        if config.batch_size % world_size:
+            raise ValueError(f"--batch-size {config.batch_size} is the global batch and must "
+                             f"divide evenly over {world_size} processes; use a multiple of {world_size}")
+        self.config, self.device = config, device
+        self.rank, self.world_size = rank, world_size
+        self.out_dir = Path(out_dir)
+        self.dataset = dataset
+        self.train_split, self.eval_split = self._splits(dataset)
+        self.eval_split_name = "holdout" if config.holdout > 0 else "test"
+        if len(self.train_split.labels) < config.batch_size:
+            raise ValueError(f"only {len(self.train_split.labels)} training images for a global "
+                             f"batch of {config.batch_size}; lower --batch-size or use more data")
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching global RNG
+            torch.manual_seed(config.seed)
+            self.model: VGG = build_model(config.model_config(dataset)).to(device)
+        if config.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.start_epoch = 0
+        self.images = self.train_split.images.to(device)
+        self.labels = self.train_split.labels.to(device)
+        self.network: nn.Module = wrap(self.model) if wrap else self.model
+        if config.compile:
+            self.network = torch.compile(self.network)
+        self.objective = (HaHObjective(self.network, config.alphas, config.ratio, config.demote)
+                          if config.hah else None)
+
+    def _splits(self, dataset: Dataset) -> tuple[ImageDataset, ImageDataset]:
+        from hahnet.data import split_holdout, subset
+
+        train = dataset.train
+        if self.config.holdout > 0:
+            train, held = split_holdout(train, self.config.holdout, self.config.seed)
+        else:
+            held = dataset.test
+        if self.config.limit_train is not None and self.config.limit_train < len(train.labels):
+            train = subset(train, self.config.limit_train, self.config.seed)
+        return train, held
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def resume(self) -> int:
+        """Load weights and optimizer state from ``out_dir``; returns the next epoch."""
+        saved = json.loads((self.out_dir / CONFIG_FILE).read_text()) \
+            if (self.out_dir / CONFIG_FILE).exists() else None
+        theirs = TrainConfig.from_dict(saved).to_dict() if saved is not None else None
+        diff = {k: (theirs[k], v) for k, v in self.config.to_dict().items()
+                if theirs is not None and k not in RUNTIME_OPTIONS and theirs[k] != v}
+        if diff:
+            raise checkpoint.CheckpointError(
+                f"cannot resume {self.out_dir}: its run used other settings (saved, given): "
+                f"{diff}; resume with the same options or pick a new --out")
+        info = checkpoint.load_weights(self.model, self.out_dir)
+        state = checkpoint.load_train_state(self.out_dir, self.optimizer)
+        if state["epoch"] != info["epoch"]:
+            raise checkpoint.CheckpointError(
+                f"cannot resume {self.out_dir}: weights are from epoch {info['epoch']} but the "
+                f"optimizer state from epoch {state['epoch']} (interrupted while saving?); "
+                f"delete {checkpoint.STATE_FILE} and {checkpoint.MODEL_FILE} to start over")
+        self.start_epoch = info["epoch"] + 1
+        if self.is_main:
+            _truncate_metrics(self.out_dir / METRICS_FILE, self.start_epoch)
+        return self.start_epoch
+
+    def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """One optimizer step on a (local) batch; returns (loss, number correct) tensors."""
+        with autocast(self.device, self.config.precision):
+            if self.objective is not None:
+                logits, loss = self.objective(x, y)
+            else:
+                logits = self.network(x)
+                loss = F.cross_entropy(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach(), (logits.argmax(1) == y).sum()
+
+    def local_batch(self, indices: Tensor, params) -> tuple[Tensor, Tensor]:
+        """This process's slice of a global batch, augmented on the training device."""
+        share = len(indices) // self.world_size
+        lo, hi = self.rank * share, (self.rank + 1) * share
+        idx = indices[lo:hi].to(self.device)
+        x = to_float(self.images[idx])
+        if params is not None:
+            dy, dx, flip = (p[lo:hi].to(self.device) for p in params)
+            x = crop_flip(x, dy, dx, flip)
+        if self.config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, self.labels[idx]
+
+    def steps_per_epoch(self) -> int:
+        return len(self.train_split.labels) // self.config.batch_size
+
+    def train_epoch(self, epoch: int,
+                    on_step: Callable[[int, Tensor], None] | None = None,
+                    stop_after: int | None = None) -> tuple[float, float, int]:
+        """Train one epoch; returns (mean loss, accuracy, images) over this process's data.
+        ``stop_after`` ends the epoch early after that many steps (for tests of crashes)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.config, epoch)
+        self.network.train()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        seen = 0
+        batches = epoch_batches(len(self.train_split.labels), self.config.batch_size,
+                                self.config.seed, epoch, self.config.augment)
+        for step, (indices, params) in enumerate(batches):
+            if stop_after is not None and step >= stop_after:
+                break
+            x, y = self.local_batch(indices, params)
+            loss, hits = self.train_step(x, y)
+            loss_sum += loss * len(y)
+            correct += hits
+            seen += len(y)
+            if on_step is not None:
+                on_step(len(y) * self.world_size, loss)
+        return float(loss_sum) / max(seen, 1), float(correct) / max(seen, 1), seen
+
+    def save(self, epoch: int, metrics: EpochMetrics) -> None:
+        """Checkpoint (rank 0 only): weights, optimizer state, then the metrics line."""
+        if not self.is_main:
+            return
+        checkpoint.write_json(self.out_dir / CONFIG_FILE, self.config.to_dict())
+        checkpoint.save_train_state(self.out_dir, self.optimizer, {"epoch": epoch})
+        dataset = {"name": self.dataset.name, "source": self.dataset.source,
+                   "classes": list(self.dataset.train.classes)}
+        checkpoint.save_model(self.out_dir, self.model, {
+            "epoch": epoch, "epochs": self.config.epochs, "dataset": dataset,
+            "train": self.config.to_dict(), "metrics": metrics.to_dict()})
+        with open(self.out_dir / METRICS_FILE, "a") as handle:
+            handle.write(json.dumps(metrics.to_dict()) + "\n")
+
+    def fit(self, on_step: Callable[[int, Tensor], None] | None = None,
+            on_epoch: Callable[[EpochMetrics], None] | None = None) -> list[EpochMetrics]:
+        """Train from ``start_epoch`` to the end, checkpointing after every epoch."""
+        history = []
+        for epoch in range(self.start_epoch, self.config.epochs):
+            started = time.perf_counter()
+            loss, acc, seen = self.train_epoch(epoch, on_step)
+            loss, acc = self.reduce_mean(loss), self.reduce_mean(acc)
+            seconds = time.perf_counter() - started
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"training diverged at epoch {epoch}: loss is {loss}; "
+                                         f"lower --lr or use --precision fp32")
+            eval_acc = accuracy(self.model, self.eval_split, self.device,
+                                self.config.eval_batch_size, self.config.precision,
+                                self.config.channels_last) if self.is_main else float("nan")
+            scores = self.objective.scores if self.objective is not None else []
+            metrics = EpochMetrics(epoch, learning_rate(self.config, epoch), loss, acc, eval_acc,
+                                   self.eval_split_name, scores, seconds, seen * self.world_size / seconds)
+            self.save(epoch, metrics)
+            history.append(metrics)
+            if on_epoch is not None:
+                on_epoch(metrics)
+        return history
+
+    def reduce_mean(self, value: float) -> float:
+        """Mean of a per-process scalar over all processes (identity in one process)."""
+        if self.world_size == 1:
+            return value
+        import torch.distributed as dist
+
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return float(tensor) / self.world_size
+
+
+def _truncate_metrics(path: Path, next_epoch: int) -> None:
+    """Drop metric lines of epochs that will be re-run after a resume."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["epoch"] < next_epoch]
+    checkpoint.atomic_write(path, lambda tmp: tmp.write_text("".join(l + "\n" for l in kept)))

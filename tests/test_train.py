@@ -1,0 +1,157 @@
+"""Training loop, schedule, checkpoints and exact resume, on tiny models and data."""
+
+import json
+
+import pytest
+import torch
+
+import hahnet
+from hahnet import checkpoint
+from hahnet.data import Dataset, ImageDataset
+from hahnet.train import (TrainConfig, Trainer, epoch_batches, learning_rate)
+
+CLASSES = ("a", "b", "c", "d")
+
+
+def tiny_dataset(n_train: int = 48, n_test: int = 16, seed: int = 0) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+
+    def split(n):
+        labels = torch.arange(n) % len(CLASSES)
+        images = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+        images[:, labels % 3] //= 2  # a little signal per class
+        return ImageDataset(images, labels.long(), CLASSES)
+
+    return Dataset("tiny", "synthetic", split(n_train), split(n_test), "memory")
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    base = dict(hah=True, width=0.0625, epochs=3, batch_size=16, seed=7, eval_batch_size=16)
+    return TrainConfig(**{**base, **overrides})
+
+
+def weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_learning_rate_schedule_is_the_papers():
+    config = TrainConfig(epochs=100)
+    assert learning_rate(config, 0) == 1e-3 and learning_rate(config, 59) == 1e-3
+    assert learning_rate(config, 60) == pytest.approx(1e-4)
+    assert learning_rate(config, 80) == pytest.approx(1e-5)
+
+
+def test_epoch_batches_deterministic_full_and_distinct():
+    a = list(epoch_batches(50, 16, seed=1, epoch=3, augment=True))
+    b = list(epoch_batches(50, 16, seed=1, epoch=3, augment=True))
+    c = list(epoch_batches(50, 16, seed=1, epoch=4, augment=True))
+    assert len(a) == 3 and all(len(idx) == 16 for idx, _ in a)  # last partial batch dropped
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(a, b))
+    assert not torch.equal(a[0][0], c[0][0])
+    seen = torch.cat([idx for idx, _ in a])
+    assert len(set(seen.tolist())) == 48
+
+
+@pytest.mark.parametrize("hah", [True, False])
+def test_training_runs_writes_metrics_and_loadable_checkpoint(tmp_path, hah):
+    trainer = Trainer(tiny_config(hah=hah, epochs=2), tiny_dataset(), tmp_path, torch.device("cpu"))
+    history = trainer.fit()
+    assert [m.epoch for m in history] == [0, 1]
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == [0, 1]
+    assert len(lines[0]["hah_scores"]) == (6 if hah else 0)
+    assert all(0.0 <= l["eval_acc"] <= 1.0 and l["images_per_second"] > 0 for l in lines)
+    model = hahnet.checkpoint.load(tmp_path)
+    assert not model.training and model.config == trainer.model.config
+    x = torch.rand(2, 3, 32, 32)
+    trainer.model.eval()
+    torch.testing.assert_close(model(x), trainer.model(x))
+    info = checkpoint.read_info(tmp_path)
+    assert info["epoch"] == 1 and info["dataset"]["classes"] == list(CLASSES)
+
+
+class Crash(Exception):
+    pass
+
+
+def test_killed_mid_epoch_and_resumed_is_bit_identical(tmp_path):
+    dataset = tiny_dataset()
+    config = tiny_config()
+    straight = Trainer(config, dataset, tmp_path / "straight", torch.device("cpu"))
+    straight.fit()
+
+    crashed = Trainer(config, dataset, tmp_path / "crashed", torch.device("cpu"))
+    steps = {"n": 0}
+
+    def die_in_third_epoch(images, loss):
+        steps["n"] += 1
+        if steps["n"] == 2 * crashed.steps_per_epoch() + 2:  # two steps into epoch 3
+            raise Crash
+
+    with pytest.raises(Crash):
+        crashed.fit(on_step=die_in_third_epoch)
+    assert checkpoint.read_info(tmp_path / "crashed")["epoch"] == 1
+
+    resumed = Trainer(config, dataset, tmp_path / "crashed", torch.device("cpu"))
+    assert resumed.resume() == 2
+    resumed.fit()
+    want, got = weights(straight.model), weights(resumed.model)
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want), "resumed run differs"
+    lines = (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["epoch"] for l in lines] == [0, 1, 2]
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    dataset = tiny_dataset()
+    Trainer(tiny_config(epochs=1), dataset, tmp_path, torch.device("cpu")).fit()
+    other = Trainer(tiny_config(epochs=1, lr=5e-4), dataset, tmp_path, torch.device("cpu"))
+    with pytest.raises(checkpoint.CheckpointError, match="other settings.*'lr'"):
+        other.resume()
+
+
+def test_loading_into_another_architecture_is_refused(tmp_path):
+    Trainer(tiny_config(epochs=1), tiny_dataset(), tmp_path, torch.device("cpu")).fit()
+    with pytest.raises(checkpoint.CheckpointError, match="another model.*width"):
+        checkpoint.load_weights(hahnet.vgg16(hah=True, width=0.125), tmp_path)
+    with pytest.raises(checkpoint.CheckpointError, match="does not fit"):
+        checkpoint.load_weights(torch.nn.Linear(2, 2), tmp_path)
+
+
+def test_truncated_and_foreign_files_are_refused(tmp_path):
+    Trainer(tiny_config(epochs=1), tiny_dataset(), tmp_path, torch.device("cpu")).fit()
+    file = tmp_path / checkpoint.MODEL_FILE
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(checkpoint.CheckpointError, match="truncated or corrupt"):
+        hahnet.checkpoint.load(tmp_path)
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(checkpoint.CheckpointError, match="not a hahnet checkpoint"):
+        hahnet.checkpoint.load(tmp_path / "other.safetensors")
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
+        hahnet.checkpoint.load(tmp_path / "missing")
+
+
+def test_atomic_write_keeps_old_file_when_writer_fails(tmp_path):
+    target = tmp_path / "x.json"
+    checkpoint.write_json(target, {"v": 1})
+
+    def broken(tmp):
+        tmp.write_text("partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        checkpoint.atomic_write(target, broken)
+    assert json.loads(target.read_text()) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_config_errors_are_one_line():
+    with pytest.raises(ValueError, match="precision must be fp32 or bf16"):
+        TrainConfig(precision="fp16")
+    with pytest.raises(ValueError, match="must divide evenly over 3 processes"):
+        Trainer(tiny_config(batch_size=16), tiny_dataset(), "unused", torch.device("cpu"),
+                rank=0, world_size=3)
+    with pytest.raises(ValueError, match="only 8 training images"):
+        Trainer(tiny_config(limit_train=8), tiny_dataset(), "unused", torch.device("cpu"))
