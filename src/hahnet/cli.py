@@ -242,6 +242,150 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- eval
+
+def add_eval_parser(subparsers) -> None:
+    """``hahnet eval CKPT [CKPT ...]``: clean, noise, attacks, sparsity, SNR -> a report."""
+    def fraction(text: str) -> float:
+        values = parse_floats(text)
+        if len(values) != 1:
+            raise argparse.ArgumentTypeError(f"expected one number such as 2/255, got {text!r}")
+        return values[0]
+
+    parser = subparsers.add_parser(
+        "eval", help="evaluate checkpoints: noise, APGD/PGD/Square attacks, sparsity, SNR",
+        description="Evaluate one or more checkpoints side by side on the test split, as the "
+                    "paper does (APGD-CE + APGD-T), with PGD and Square as a gradient-masking "
+                    "check; writes results.json, report.md and plots into --out.")
+    parser.add_argument("checkpoints", nargs="+", metavar="CKPT",
+                        help="run directory or .safetensors file")
+    parser.add_argument("--data", help=f"dataset path (default {DEFAULT_DATA})")
+    parser.add_argument("--cache-dir", help="where decoded image folders are cached")
+    parser.add_argument("--limit", type=int, metavar="N", help="a fixed seeded subset of N test images")
+    parser.add_argument("--limit-seed", type=int, default=0, metavar="S", help="seed of --limit (0)")
+    parser.add_argument("--noise", type=parse_floats, default=(0.1,), metavar="SIGMAS",
+                        help="Gaussian noise sigma(s) in [0, 1] pixel units, e.g. 0.02,0.05,0.1 (0.1)")
+    parser.add_argument("--noise-draws", type=int, default=3, help="noise draws per sigma (3)")
+    parser.add_argument("--eps-linf", type=fraction, default=2 / 255, help="l_inf budget (2/255)")
+    parser.add_argument("--eps-l2", type=fraction, default=0.25, help="l_2 budget (0.25)")
+    parser.add_argument("--attack-limit", type=int, default=1000, metavar="N",
+                        help="attack a seeded random N of the evaluated images (1000; 0 = all)")
+    parser.add_argument("--apgd-steps", type=int, default=100, help="APGD steps (100, AutoAttack's)")
+    parser.add_argument("--pgd-steps", type=int, default=50, help="PGD steps (50; 0 = no PGD)")
+    parser.add_argument("--pgd-restarts", type=int, default=5, help="PGD random restarts (5)")
+    parser.add_argument("--square-limit", type=int, default=100, metavar="N",
+                        help="Square attack on the first N attacked images (100; 0 = no Square)")
+    parser.add_argument("--square-queries", type=int, default=1000, metavar="Q",
+                        help="Square queries per image (1000)")
+    parser.add_argument("--no-attacks", action="store_true", help="skip all adversarial attacks")
+    parser.add_argument("--seed", type=int, default=0, help="seed of noise, SNR and attacks (0)")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per batch (128)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--out", default="eval-report", help="report directory (eval-report)")
+    parser.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Load checkpoints and data, print an ETA, evaluate under tqdm bars, write the report."""
+    from tqdm import tqdm
+
+    from hahnet import checkpoint, report
+    from hahnet import evaluate as ev
+    from hahnet.data import subset
+    from hahnet.train import resolve_device
+
+    configure_threads(args.threads)
+    for flag in ("noise_draws", "batch_size", "apgd_steps"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if any(s < 0 for s in args.noise) or args.eps_linf < 0 or args.eps_l2 < 0:
+        raise UserError("noise sigmas and attack budgets must be >= 0")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    models = []
+    for path in args.checkpoints:
+        try:
+            models.append((path, checkpoint.read_info(path), checkpoint.load(path, device=device)))
+        except checkpoint.CheckpointError as error:
+            raise UserError(str(error)) from None
+    dataset = load_data(args.data or DEFAULT_DATA, args.cache_dir)
+    test = subset(dataset.test, args.limit, args.limit_seed) if args.limit else dataset.test
+    settings = ev.EvalSettings(
+        noise_sigmas=tuple(args.noise), noise_draws=args.noise_draws, noise_seed=args.seed,
+        attacks=not args.no_attacks, eps_linf=args.eps_linf, eps_l2=args.eps_l2,
+        attack_limit=args.attack_limit if args.attack_limit > 0 else None,
+        apgd_steps=args.apgd_steps, pgd_steps=max(args.pgd_steps, 0),
+        pgd_restarts=max(args.pgd_restarts, 0), square_limit=max(args.square_limit, 0),
+        square_queries=max(args.square_queries, 0), attack_seed=args.seed,
+        attack_batch_size=args.batch_size, snr_seed=args.seed, batch_size=args.batch_size)
+
+    def minutes(seconds: float) -> str:
+        return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+    eta = 0.0
+    for path, info, model in models:
+        try:
+            ev.check_compatible(model, test.images, test.labels, test.classes,
+                                (info.get("dataset") or {}).get("classes"))
+            estimate = ev.estimate_seconds(model, settings, len(test), tuple(test.images.shape[1:]),
+                                           device=device)
+        except ev.EvalError as error:
+            raise UserError(f"{path}: {error}") from None
+        eta += estimate["total"]
+        phases = ", ".join(f"{k} {minutes(v)}" for k, v in estimate.items() if k != "total")
+        print(f"{path}: ~{minutes(estimate['total'])} ({phases})", file=sys.stderr)
+    print(f"evaluating {len(models)} checkpoint(s) on {len(test)} test images on {device}; "
+          f"ETA ~{minutes(eta)} (attacks estimated as if every image survived every stage)",
+          file=sys.stderr)
+
+    bar: dict[str, Any] = {"current": None}
+
+    def close_bar() -> None:
+        if bar["current"] is not None:
+            bar["current"].close()
+            bar["current"] = None
+
+    def phases(name: str):
+        def open_bar(phase: str, total: int):
+            close_bar()
+            bar["current"] = tqdm(total=total, desc=f"{name}: {phase}", unit="img", leave=False,
+                                  dynamic_ncols=True, file=sys.stderr)
+            return bar["current"].update
+        return open_bar
+
+    results = []
+    for path, info, model in models:
+        name = ev.checkpoint_name(path)
+        try:
+            result = ev.evaluate_model(model, test.images, test.labels, settings, device,
+                                       progress=phases(name), name=name, checkpoint=str(path),
+                                       info=info)
+        except ev.EvalError as error:
+            raise UserError(f"{path}: {error}") from None
+        finally:
+            close_bar()
+        results.append(result)
+        numbers = report.summary(result)
+        tqdm.write(f"{name}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in numbers.items()
+                                            if v is not None)
+                   + f" ({sum(result.seconds.values()):.0f} s)", file=sys.stderr)
+    data = {"path": str(args.data or DEFAULT_DATA), "name": dataset.name, "split": "test",
+            "n_images": len(test), "limit": args.limit, "limit_seed": args.limit_seed,
+            "classes": list(test.classes)}
+    paths = report.write_report(results, args.out, data)
+    print(report.paper_table(results))
+    for result in results:
+        for norm, suite in result.attacks.items():
+            if suite.comparison.black_box_beats_gradient:
+                print(f"warning: {result.name}: Square beats the gradient attacks at {norm} "
+                      f"(gradient masking?); see {paths['report.md']}", file=sys.stderr)
+    print(f"report: {paths['report.md']}")
+    return 0
+
+
 # ---------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,400 @@
+"""Evaluation results -> ``results.json``, ``report.md`` and PNG plots, for one model or
+several side by side (as in the paper's table). Every file is written atomically."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+from dataclasses import asdict, is_dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from hahnet.evaluate import EvalResult
+
+FORMAT = "hahnet-eval-1"
+# The paper's CIFAR-10 VGG16 numbers (METHOD.md), in percent.
+PAPER_TABLE: dict[str, dict[str, float]] = {
+    "Standard": {"clean": 92.5, "noise": 26.6, "linf": 10.4, "l2": 13.9},
+    "HaH": {"clean": 87.3, "noise": 64.0, "linf": 21.5, "l2": 27.6},
+}
+PAPER_SETTINGS = {"noise": 0.1, "linf": 2 / 255, "l2": 0.25}
+FILES = ("results.json", "report.md", "noise.png", "sparsity.png", "snr.png", "filters.png")
+
+
+# ------------------------------------------------------------------------ atomic I/O
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then os.replace it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def _jsonable(value: Any) -> Any:
+    """Dataclasses, tuples and non-finite floats as strict JSON (NaN/inf -> None)."""
+    if is_dataclass(value) and not isinstance(value, type):
+        value = asdict(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def versions() -> dict[str, str]:
+    """Versions of python, torch, torchattacks, hahnet and matplotlib."""
+    import torch
+
+    import hahnet
+
+    out = {"python": platform.python_version(), "torch": torch.__version__,
+           "hahnet": getattr(hahnet, "__version__", "unknown")}
+    for name in ("torchattacks", "matplotlib"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            out[name] = "not installed"
+    return out
+
+
+def results_json(results: Sequence[EvalResult], data: dict[str, Any] | None = None) -> dict:
+    """Every number and setting of the evaluation as one JSON-able document."""
+    return _jsonable({"format": FORMAT, "created": datetime.now(timezone.utc).isoformat(),
+                      "versions": versions(), "data": data or {},
+                      "checkpoints": [r.checkpoint for r in results],
+                      "models": [asdict(r) for r in results]})
+
+
+# --------------------------------------------------------------------------- tables
+
+def labels(results: Sequence[EvalResult]) -> list[str]:
+    """Unique column names for the models (their names, numbered when repeated)."""
+    names = [r.name for r in results]
+    return [f"{n} ({i + 1})" if names.count(n) > 1 else n for i, n in enumerate(names)]
+
+
+def format_eps(eps: float) -> str:
+    """``2/255`` when eps is a whole number of 8-bit levels, else the decimal."""
+    levels = eps * 255
+    if levels > 0 and abs(levels - round(levels)) < 1e-6:
+        return f"{round(levels)}/255"
+    return f"{eps:g}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{100 * value:.1f}%"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def _noise_sigma(result: EvalResult, preferred: float = 0.1) -> float | None:
+    if result.noise is None:
+        return None
+    sigmas = [s for s in result.noise.sigmas if s > 0]
+    return preferred if result.noise.at(preferred) is not None else (sigmas[0] if sigmas else None)
+
+
+def summary(result: EvalResult) -> dict[str, float | None]:
+    """The paper's four numbers for one model: clean, noise, APGD l_inf, APGD l_2 (0..1)."""
+    sigma = _noise_sigma(result)
+    return {"clean": result.clean_accuracy,
+            "noise": None if sigma is None else result.noise.at(sigma),
+            "linf": result.attacks["Linf"].apgd.accuracy if "Linf" in result.attacks else None,
+            "l2": result.attacks["L2"].apgd.accuracy if "L2" in result.attacks else None}
+
+
+def main_table(results: Sequence[EvalResult], paper: bool = True) -> str:
+    """The paper's table (clean / noise / APGD l_inf / APGD l_2), measured rows below the
+    paper's reference rows so the two can be read side by side."""
+    first = results[0] if results else None
+    sigma = _noise_sigma(first) if first else None
+    linf = first.attacks["Linf"].eps if first and "Linf" in first.attacks else PAPER_SETTINGS["linf"]
+    l2 = first.attacks["L2"].eps if first and "L2" in first.attacks else PAPER_SETTINGS["l2"]
+    header = ["Model", "n", "Clean", f"Noise sigma={sigma if sigma is not None else 0.1:g}",
+              f"APGD l_inf {format_eps(linf)}", f"APGD l_2 {format_eps(l2)}"]
+    rows = []
+    if paper:
+        for name, row in PAPER_TABLE.items():
+            rows.append([f"{name} (paper, VGG16)", "10000"]
+                        + [f"{row[k]:.1f}%" for k in ("clean", "noise", "linf", "l2")])
+    for label, result in zip(labels(results), results):
+        s = summary(result)
+        n_attack = next((a.apgd.n_images for a in result.attacks.values()), None)
+        n = str(result.n_images) + (f" ({n_attack} attacked)" if n_attack is not None
+                                    and n_attack != result.n_images else "")
+        rows.append([label, n] + [_pct(s[k]) for k in ("clean", "noise", "linf", "l2")])
+    return _table(header, rows)
+
+
+def _at_paper_settings(result: EvalResult) -> dict[str, float | None]:
+    """summary(), keeping only numbers measured at the paper's sigma and eps."""
+    out = summary(result)
+    if result.noise is None or result.noise.at(PAPER_SETTINGS["noise"]) is None:
+        out["noise"] = None
+    for key, norm in (("linf", "Linf"), ("l2", "L2")):
+        suite = result.attacks.get(norm)
+        if suite is None or abs(suite.eps - PAPER_SETTINGS[key]) > 1e-9:
+            out[key] = None
+    return out
+
+
+def paper_table(results: Sequence[EvalResult]) -> str:
+    """The paper's numbers next to the measured ones: one row per metric, one column per
+    paper model and per measured model."""
+    names = {"clean": "Clean", "noise": "Noise sigma=0.1", "linf": "APGD l_inf 2/255",
+             "l2": "APGD l_2 0.25"}
+    measured = [_at_paper_settings(r) for r in results]
+    rows = [[title] + [f"{row[key]:.1f}%" for row in PAPER_TABLE.values()]
+            + [_pct(m[key]) for m in measured] for key, title in names.items()]
+    return _table(["metric"] + [f"{n} (paper)" for n in PAPER_TABLE] + labels(results), rows)
+
+
+def noise_table(results: Sequence[EvalResult]) -> str:
+    """Accuracy (mean +- std over draws) at every noise level, one column per model."""
+    sigmas = sorted({s for r in results if r.noise for s in r.noise.sigmas})
+    rows = []
+    for sigma in sigmas:
+        row = [f"{sigma:g}"]
+        for r in results:
+            i = next((i for i, s in enumerate(r.noise.sigmas) if s == sigma), None) if r.noise else None
+            row.append("-" if i is None else
+                       f"{100 * r.noise.mean[i]:.1f}% +- {100 * r.noise.std[i]:.1f}")
+        rows.append(row)
+    return _table(["sigma"] + labels(results), rows)
+
+
+def attack_table(results: Sequence[EvalResult]) -> str:
+    """APGD vs PGD vs Square on the same images, with the gradient-masking flag."""
+    header = ["Model", "norm", "eps", "n", "APGD-CE+T", "PGD", "Square", "gradient worst",
+              "all attacks", "Square-only breaks", "black box beats gradient"]
+    rows = []
+    for label, r in zip(labels(results), results):
+        for norm, suite in r.attacks.items():
+            c = suite.comparison
+            pgd = suite.pgd.attack if suite.pgd else "PGD"
+            square = suite.square.attack if suite.square else "Square"
+            rows.append([label, norm, format_eps(c.eps), str(c.n_images), _pct(c.apgd),
+                         f"{_pct(c.pgd)} ({pgd})", f"{_pct(c.square)} ({square})",
+                         _pct(c.gradient), _pct(c.all_attacks), str(c.square_only),
+                         "**YES: gradient masking?**" if c.black_box_beats_gradient else "no"])
+    return _table(header, rows)
+
+
+def _layer_table(results: Sequence[EvalResult], cell: Callable[[EvalResult, int], str],
+                 extra_first: list[str] | None = None) -> str:
+    depth = max((len(r.sparsity) for r in results), default=0)
+    depth = max(depth, max((len(r.snr.layers) for r in results if r.snr), default=0))
+    rows = [extra_first] if extra_first else []
+    for i in range(depth):
+        rows.append([f"{i + 1}"] + [cell(r, i) for r in results])
+    return _table(["layer"] + labels(results), rows)
+
+
+def sparsity_table(results: Sequence[EvalResult]) -> str:
+    """Per layer: non-zero fraction / top-K share (kind of block in brackets)."""
+    def cell(r: EvalResult, i: int) -> str:
+        if i >= len(r.sparsity):
+            return "-"
+        s = r.sparsity[i]
+        return f"{s.nonzero_fraction:.3f} / {s.top_k_share:.3f} ({s.kind})"
+    return _layer_table(results, cell)
+
+
+def snr_table(results: Sequence[EvalResult]) -> str:
+    """Per layer SNR in dB for noisy vs clean inputs; the first row is the input's SNR."""
+    def cell(r: EvalResult, i: int) -> str:
+        if r.snr is None or i >= len(r.snr.layers):
+            return "-"
+        return f"{r.snr.layers[i].db:.2f} ({r.snr.layers[i].kind})"
+    first = ["input"] + [f"{r.snr.input_db:.2f}" if r.snr else "-" for r in results]
+    return _layer_table(results, cell, first)
+
+
+def render_markdown(results: Sequence[EvalResult], data: dict[str, Any] | None = None,
+                    plots: Sequence[str] = ()) -> str:
+    """The whole report as Markdown."""
+    data, v = data or {}, versions()
+    s = results[0].settings if results else {}
+    parts = ["# HaH evaluation report", "",
+             f"Data: `{data.get('path', '?')}` ({data.get('name', '?')}, split "
+             f"{data.get('split', 'test')}), {results[0].n_images if results else 0} images"
+             + (f" (seeded subset, seed {data.get('limit_seed')})" if data.get("limit") else "")
+             + ".  ",
+             f"Attacks: APGD-CE + APGD-T, {s.get('apgd_steps')} steps, 1 restart each, worst "
+             f"case per image; PGD {s.get('pgd_steps')} steps x {s.get('pgd_restarts')} "
+             f"restarts; Square {s.get('square_queries')} queries on the first "
+             f"{s.get('square_limit')} attacked images; seed {s.get('attack_seed')}.  ",
+             "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".", "",
+             "## Accuracy (measured vs the paper's CIFAR-10 VGG16)", "", main_table(results), "",
+             "Paper rows are full-width VGG16 trained 100 epochs on all 10,000 test images; "
+             "measured rows are what this run found.", ""]
+    if any(r.noise for r in results):
+        parts += ["## Gaussian noise", "", noise_table(results), ""]
+    if any(r.attacks for r in results):
+        parts += ["## Attack comparison (gradient masking check)", "", attack_table(results), "",
+                  "A black-box attack (Square) that beats the gradient attacks means the "
+                  "gradients are masked and APGD overstates robustness.", ""]
+    if any(r.sparsity for r in results):
+        parts += ["## Sparsity per layer (non-zero fraction / top-10% channel share)", "",
+                  sparsity_table(results), "",
+                  "HaH blocks: block output. VGG blocks: ReLU output before BatchNorm.", ""]
+    if any(r.snr for r in results):
+        sigma = next(r.snr.sigma for r in results if r.snr)
+        parts += [f"## SNR per layer (dB, noise sigma={sigma:g})", "", snr_table(results), ""]
+    parts += [f"![{Path(p).stem}]({p})" for p in plots]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+# ---------------------------------------------------------------------------- plots
+
+def _figure(path: Path, draw: Callable[[Any], None], size: tuple[float, float]) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+
+    fig = Figure(figsize=size)
+    FigureCanvasAgg(fig)
+    draw(fig)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+
+
+def _integer_ticks() -> Any:
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
+def plot_noise(results: Sequence[EvalResult], path: Path) -> None:
+    """Accuracy vs noise sigma, one curve (mean +- std over draws) per model."""
+    def draw(fig: Any) -> None:
+        ax = fig.add_subplot()
+        for label, r in zip(labels(results), results):
+            points = {0.0: (r.clean_accuracy, 0.0)}
+            if r.noise:
+                points.update({s: (m, d) for s, m, d in zip(r.noise.sigmas, r.noise.mean, r.noise.std)})
+            xs = sorted(points)
+            ax.errorbar(xs, [100 * points[x][0] for x in xs], yerr=[100 * points[x][1] for x in xs],
+                        marker="o", capsize=3, label=label)
+        ax.set(xlabel="noise sigma (pixel scale [0, 1])", ylabel="accuracy (%)",
+               title="Accuracy under Gaussian noise")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    _figure(path, draw, (6, 4))
+
+
+def plot_sparsity(results: Sequence[EvalResult], path: Path) -> None:
+    """Non-zero fraction and top-K share per layer, one line per model."""
+    def draw(fig: Any) -> None:
+        axes = fig.subplots(1, 2)
+        for label, r in zip(labels(results), results):
+            xs = range(1, len(r.sparsity) + 1)
+            axes[0].plot(xs, [s.nonzero_fraction for s in r.sparsity], marker="o", label=label)
+            axes[1].plot(xs, [s.top_k_share for s in r.sparsity], marker="o", label=label)
+        axes[0].set(xlabel="layer", ylabel="fraction of non-zero activations", title="Sparsity")
+        for ax in axes:
+            ax.xaxis.set_major_locator(_integer_ticks())
+        axes[1].set(xlabel="layer", ylabel="top-10% channel share", title="Activity concentration")
+        for ax in axes:
+            ax.grid(alpha=0.3)
+            ax.legend()
+    _figure(path, draw, (11, 4))
+
+
+def plot_snr(results: Sequence[EvalResult], path: Path) -> None:
+    """SNR (dB) per layer, the input's SNR at layer 0, one line per model."""
+    def draw(fig: Any) -> None:
+        ax = fig.add_subplot()
+        for label, r in zip(labels(results), results):
+            if r.snr:
+                ys = [r.snr.input_db] + [layer.db for layer in r.snr.layers]
+                ax.plot(range(len(ys)), ys, marker="o", label=label)
+        ax.set(xlabel="layer (0 = input)", ylabel="SNR (dB)", title="Per-layer SNR, noisy vs clean")
+        ax.xaxis.set_major_locator(_integer_ticks())
+        ax.grid(alpha=0.3)
+        ax.legend()
+    _figure(path, draw, (6, 4))
+
+
+def filter_grid(filters: Any, pad: int = 1) -> Any:
+    """An image grid of conv filters (out, in, kh, kw), each min-max normalized on its own;
+    RGB when in == 3, else the mean over input channels in gray. Returns a numpy array."""
+    import numpy as np
+
+    w = np.asarray(filters, dtype=np.float64)
+    if w.shape[1] != 3:
+        w = w.mean(axis=1, keepdims=True)
+    lo = w.min(axis=(1, 2, 3), keepdims=True)
+    span = w.max(axis=(1, 2, 3), keepdims=True) - lo
+    w = np.where(span > 0, (w - lo) / np.where(span > 0, span, 1), 0.5)
+    n, c, kh, kw = w.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.ones((rows * (kh + pad) + pad, cols * (kw + pad) + pad, c))
+    for i in range(n):
+        r, q = divmod(i, cols)
+        y, x = pad + r * (kh + pad), pad + q * (kw + pad)
+        grid[y:y + kh, x:x + kw] = w[i].transpose(1, 2, 0)
+    return grid if c == 3 else grid[..., 0]
+
+
+def plot_filters(results: Sequence[EvalResult], path: Path) -> None:
+    """First-layer filters of each model as an image grid, side by side."""
+    shown = [(label, r) for label, r in zip(labels(results), results) if r.filters is not None]
+
+    def draw(fig: Any) -> None:
+        axes = fig.subplots(1, max(len(shown), 1), squeeze=False)[0]
+        for ax, (label, r) in zip(axes, shown):
+            grid = filter_grid(r.filters)
+            ax.imshow(grid, cmap=None if grid.ndim == 3 else "gray", interpolation="nearest")
+            ax.set_title(f"{label}: first-layer filters", fontsize=9)
+        for ax in axes:
+            ax.axis("off")
+    _figure(path, draw, (4 * max(len(shown), 1), 4.2))
+
+
+# ----------------------------------------------------------------------------- all
+
+def write_report(results: Sequence[EvalResult], out_dir: str | Path,
+                 data: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Write results.json, report.md and the PNG plots into ``out_dir``; returns the paths."""
+    if not results:
+        raise ValueError("write_report needs at least one evaluation result")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {name: out / name for name in FILES}
+    plots = ["noise.png"]
+    plot_noise(results, paths["noise.png"])
+    if any(r.sparsity for r in results):
+        plot_sparsity(results, paths["sparsity.png"])
+        plots.append("sparsity.png")
+    if any(r.snr for r in results):
+        plot_snr(results, paths["snr.png"])
+        plots.append("snr.png")
+    if any(r.filters is not None for r in results):
+        plot_filters(results, paths["filters.png"])
+        plots.append("filters.png")
+    document = results_json(results, data)
+    _write_text(paths["results.json"], json.dumps(document, indent=1, allow_nan=False) + "\n")
+    _write_text(paths["report.md"], render_markdown(results, data, plots))
+    return {k: p for k, p in paths.items() if k in ("results.json", "report.md") or k in plots}
