@@ -386,6 +386,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- bench
+
+def add_bench_parser(subparsers) -> None:
+    from hahnet import bench
+
+    parser = subparsers.add_parser(
+        "bench", help="time HaH training vs plain and reference training, blocks, eval",
+        description="Time, in one run: (a) a HaH VGG16 step with the one-pass HaH objective, "
+                    "(b) a plain cross-entropy step of the same network, (c) a step of the "
+                    "authors' reference procedure, (d) a standard VGG16 step, (e) each HaH "
+                    "block alone, (f) clean and APGD-CE evaluation throughput. Prints a table "
+                    "with the ratios a/b, c/a, a/d; medians of interleaved repeats.")
+    bench.add_arguments(parser)
+    parser.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from hahnet import bench
+
+    return bench.run_from_args(args)
+
+
 # ---------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:

@@ -49,6 +49,18 @@ def _score_from_terms(rectified: Tensor, top_values: Tensor, k: int, demote: flo
     return per_position.mean()
 
 
+def _score_from_sums(rectified: Tensor, top: Tensor, k: int, demote: float) -> Tensor:
+    """As :func:`_score_from_terms`, from ``top`` = rectified on the winners, 0 elsewhere."""
+    channels = rectified.shape[1]
+    accumulate = torch.promote_types(rectified.dtype, torch.float32)
+    top_sum = top.sum(dim=1, dtype=accumulate)
+    per_position = top_sum / k
+    if channels > k:
+        rest_sum = rectified.sum(dim=1, dtype=accumulate) - top_sum
+        per_position = per_position - demote * rest_sum / (channels - k)
+    return per_position.mean()
+
+
 def hah_score(z: Tensor, ratio: float = 0.1, demote: float = 1.0) -> Tensor:
     """The HaH score H of pre-activations ``z`` (NCHW): a differentiable scalar, at least fp32."""
     if z.dim() != 4:
@@ -69,6 +81,66 @@ def _score_gradient(z: Tensor, top_indices: Tensor, k: int, demote: float) -> Te
     return grad.scatter_add_(1, top_indices, winner_boost)
 
 
+def _score_gradient_by_threshold(z: Tensor, threshold: Tensor, k: int,
+                                 demote: float) -> tuple[Tensor, Tensor]:
+    """:func:`_score_gradient` with the winners given as ``z >= threshold`` (threshold > 0),
+    and a spare buffer of the same shape."""
+    n, c, h, w = z.shape
+    scale = 1.0 / (n * h * w)
+    loser = -demote / (c - k) if c > k else 0.0
+    local = torch.gt(z, 0, out=torch.empty_like(z)).mul_(loser * scale)
+    won = torch.ge(z, threshold, out=torch.empty_like(z))
+    return local.add_(won, alpha=(1.0 / k - loser) * scale), won
+
+
+# Largest K for which the channel top-K is found by repeated maxima (below) instead of
+# ``topk`` over the channel axis. On CPU, topk over the channels is a small sort per
+# position and costs more than K - 1 rounds of (compare, multiply, max) up to at least
+# K = 26 (VGG16 width 1.0, 256 channels): measured in docs/performance.md.
+FAST_WINNERS_MAX_K = 32
+
+
+def _score_by_threshold(z: Tensor, k: int, demote: float) -> tuple[Tensor, Tensor] | None:
+    """The HaH score of ``z`` and, per position, a threshold ``t`` (N1HW, > 0) such that
+    the positive top-K channels are exactly those with ``z >= t``; ``None`` when no such
+    threshold exists (several channels tie for the K-th place) or ``z`` is not finite:
+    the caller then uses ``topk``. Exact: only max, compare and 0/1 products."""
+    rectified = torch.relu(z)
+    level = rectified.amax(dim=1, keepdim=True)  # the largest value
+    if not bool(torch.isfinite(level).all()):
+        return None
+    work = torch.empty_like(rectified)
+    for _ in range(k - 1):  # the next smaller distinct value (0 once none is left)
+        torch.lt(rectified, level, out=work)
+        level = work.mul_(rectified).amax(dim=1, keepdim=True)
+    # level is now the K-th largest distinct value, or 0 when fewer than K are positive.
+    # The positive winners are those >= max(level, smallest positive number), unless
+    # values tie, which shows as more than K of them.
+    smallest = torch.nextafter(torch.zeros((), dtype=level.dtype, device=level.device),
+                               torch.ones((), dtype=level.dtype, device=level.device))
+    threshold = level.clamp_(min=smallest)
+    won = torch.ge(rectified, threshold, out=work)
+    over = won.sum(dim=1, keepdim=True) > k
+    if bool(over.any()) and not _settle_ties(rectified, threshold, won, over[:, 0], k, smallest):
+        return None
+    return _score_from_sums(rectified, won.mul_(rectified), k, demote), threshold
+
+
+def _settle_ties(rectified: Tensor, threshold: Tensor, won: Tensor, over: Tensor, k: int,
+                 smallest: Tensor) -> bool:
+    """Where ties among the top values put more than K channels above the threshold,
+    use the K-th largest value counted with multiplicity (from topk on those few
+    positions). False if that still selects more than K: a tie for the K-th place."""
+    values = rectified.permute(0, 2, 3, 1)[over]  # (positions, C)
+    kth = values.topk(k, dim=1).values[:, -1:].clamp(min=smallest)
+    chosen = values >= kth
+    if bool((chosen.sum(dim=1) > k).any()):
+        return False
+    threshold.permute(0, 2, 3, 1)[over] = kth
+    won.permute(0, 2, 3, 1)[over] = chosen.to(won.dtype)
+    return True
+
+
 class _ScoredConv(torch.autograd.Function):
     """conv2d that also returns the HaH score of its output, with routed gradients.
 
@@ -81,24 +153,39 @@ class _ScoredConv(torch.autograd.Function):
                 demote: float) -> tuple[Tensor, Tensor]:
         z = F.conv2d(x, weight, None, stride, padding)
         k = winners(z.shape[1], ratio)
-        rectified, top_values, top_indices = _score_terms(z, k)
-        score = _score_from_terms(rectified, top_values, k, demote)
-        ctx.save_for_backward(x, weight, z, top_indices)
+        score = threshold = top_indices = None
+        if z.device.type == "cpu" and k <= FAST_WINNERS_MAX_K:
+            found = _score_by_threshold(z, k, demote)
+            if found is not None:
+                score, threshold = found
+        if score is None:
+            rectified, top_values, top_indices = _score_terms(z, k)
+            score = _score_from_terms(rectified, top_values, k, demote)
+            del rectified, top_values
+        if threshold is not None:
+            ctx.save_for_backward(x, weight, z, threshold)
+        else:
+            ctx.save_for_backward(x, weight, z, top_indices)
+            ctx.mark_non_differentiable(top_indices)
+        ctx.by_threshold = threshold is not None
         ctx.conv = (stride, padding)
         ctx.k, ctx.demote = k, demote
-        ctx.mark_non_differentiable(top_indices)
         return z, score
 
     @staticmethod
     def backward(ctx, grad_z: Tensor | None, grad_score: Tensor | None):
-        x, weight, z, top_indices = ctx.saved_tensors
+        x, weight, z, winners_info = ctx.saved_tensors
         stride, padding = ctx.conv
         if grad_z is None:
             grad_z = torch.zeros_like(z)
         grad_for_weight = grad_z
         if grad_score is not None:
-            local = _score_gradient(z, top_indices, ctx.k, ctx.demote)
-            grad_for_weight = grad_z + grad_score.to(z.dtype) * local
+            if ctx.by_threshold:
+                local, spare = _score_gradient_by_threshold(z, winners_info, ctx.k, ctx.demote)
+                grad_for_weight = torch.addcmul(grad_z, local, grad_score.to(z.dtype), out=spare)
+            else:
+                local = _score_gradient(z, winners_info, ctx.k, ctx.demote)
+                grad_for_weight = grad_z + grad_score.to(z.dtype) * local
         common = dict(bias_sizes=None, stride=stride, padding=padding, dilation=(1, 1),
                       transposed=False, output_padding=(0, 0), groups=1)
         grad_x = grad_w = None

@@ -69,11 +69,7 @@ class DivisiveNorm2d(nn.Module):
         self.pool = pool
 
     def forward(self, x: Tensor) -> Tensor:
-        field = F.max_pool2d(x.abs(), self.pool, stride=1, padding=self.pool // 2)
-        field = field.mean(dim=1, keepdim=True)
-        peak = field.amax(dim=(2, 3), keepdim=True)
-        divisor = self.sigma * peak + (1.0 - self.sigma) * field + DIVNORM_EPS
-        return x / divisor
+        return _DivisiveNorm.apply(x, self.sigma, self.pool)
 
     def extra_repr(self) -> str:
         return f"sigma={self.sigma}, pool={self.pool}"
@@ -106,15 +102,7 @@ class TopFractionThreshold(nn.Module):
         k = threshold_rank(h * w, self.keep)
         if k == 0:
             return x
-        flat = x.reshape(n, c, h * w)
-        # The k-th smallest is the (hw - k + 1)-th largest: select from the short end.
-        largest = h * w - k + 1
-        if largest <= k:
-            kth = flat.topk(largest, dim=2, sorted=False).values.amin(dim=2, keepdim=True)
-        else:
-            kth = flat.kthvalue(k, dim=2, keepdim=True).values
-        kth = kth.reshape(n, c, 1, 1)
-        return torch.where(x > kth, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        return _TopFraction.apply(x, k)
 
     def extra_repr(self) -> str:
         return f"keep={self.keep}"
@@ -174,3 +162,127 @@ class InputNormalize(nn.Module):
         mean = tuple(round(v, 4) for v in self.mean.flatten().tolist())
         std = tuple(round(v, 4) for v in self.std.flatten().tolist())
         return f"mean={mean}, std={std}"
+
+
+# ---------------------------------------------------------------------------------------
+# Fused forward/backward of the divisive normalization and the threshold. They compute
+# exactly the formulas of the modules above (as the plain autograd code in
+# ``divisive_norm_reference`` and ``top_fraction_reference`` does), with fewer passes over
+# the activations: the 3x3 max-pool runs in channels-last layout (NCHW stride-1 pooling is
+# about 10x slower on CPU), the masks are applied as 0/1 integer products instead of
+# ``torch.where``, and the backward is written out instead of recorded op by op. A second
+# derivative (``create_graph=True``) differentiates the reference code instead.
+
+
+def divisive_norm_reference(x: Tensor, sigma: float, pool: int) -> Tensor:
+    """DivisiveNorm2d's formula as plain autograd code."""
+    field = F.max_pool2d(x.abs(), pool, stride=1, padding=pool // 2)
+    field = field.mean(dim=1, keepdim=True)
+    peak = field.amax(dim=(2, 3), keepdim=True)
+    divisor = sigma * peak + (1.0 - sigma) * field + DIVNORM_EPS
+    return x / divisor
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _kth_smallest(x: Tensor, k: int) -> Tensor:
+    """Per image and channel, the k-th smallest value of the H*W map, shape (N, C, 1, 1)."""
+    n, c, h, w = x.shape
+    flat = x.reshape(n, c, h * w)
+    keys = flat
+    if x.is_floating_point() and x.device.type == "cpu" and bool(flat.amin() >= 0):
+        # Non-negative floats (no NaN) order like their bit patterns read as integers,
+        # and selecting among integers is about 20% faster on CPU. (-0.0 reads as the
+        # most negative integer: it stays below every other value and, as a float, equals
+        # +0.0, so the result compares the same either way.)
+        keys = flat.view(_BITS[x.element_size()])
+    # The k-th smallest is the (hw - k + 1)-th largest: select from the short end.
+    largest = h * w - k + 1
+    if largest <= k:
+        kth = keys.topk(largest, dim=2, sorted=False).values.amin(dim=2, keepdim=True)
+    else:
+        kth = keys.kthvalue(k, dim=2, keepdim=True).values
+    return kth.view(x.dtype).reshape(n, c, 1, 1)
+
+
+def top_fraction_reference(x: Tensor, k: int) -> Tensor:
+    """TopFractionThreshold's formula (k >= 1) as plain autograd code."""
+    kth = _kth_smallest(x, k)
+    return torch.where(x > kth, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _keep_where(values: Tensor, keep: Tensor) -> Tensor:
+    """``torch.where(keep, values, 0)``, bit-exact (+0.0 where dropped, even for inf or
+    NaN values), as an integer product of the values' bits with 0/1: a vectorized pass,
+    where ``torch.where`` on CPU is several times slower."""
+    bits = _BITS.get(values.element_size())
+    if bits is None or values.is_complex() or not values.is_floating_point():
+        return torch.where(keep, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    return keep.to(bits).mul_(values.view(bits)).view(values.dtype)
+
+
+class _DivisiveNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, sigma: float, pool: int) -> Tensor:
+        magnitude = torch.abs(x, out=torch.empty_like(x, memory_format=torch.channels_last))
+        pooled, indices = torch.ops.aten.max_pool2d_with_indices(
+            magnitude, [pool, pool], [1, 1], [pool // 2, pool // 2])
+        field = pooled.mean(dim=1, keepdim=True)
+        del pooled
+        peak = field.amax(dim=(2, 3), keepdim=True)
+        divisor = sigma * peak + (1.0 - sigma) * field + DIVNORM_EPS
+        ctx.save_for_backward(x, divisor, field, peak, indices)
+        ctx.sigma, ctx.pool = sigma, pool
+        ctx.magnitude_meta = (magnitude.shape, magnitude.stride())
+        return x / divisor
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None]:
+        x, divisor, field, peak, indices = ctx.saved_tensors
+        sigma, pool = ctx.sigma, ctx.pool
+        if torch.is_grad_enabled():  # create_graph: differentiate the plain code instead
+            with torch.enable_grad():
+                again = divisive_norm_reference(x, sigma, pool)
+            return torch.autograd.grad(again, x, grad, create_graph=True)[0], None, None
+        # out = x / d:  dx = g / d  and  dd = -sum_c(dx * x) / d  (d is N1HW; no d^2,
+        # which can overflow)
+        grad_x = grad / divisor
+        work = torch.mul(grad_x, x)
+        grad_divisor = work.sum(dim=1, keepdim=True).div_(divisor).neg_()
+        # d = sigma * peak + (1 - sigma) * field; the peak's gradient is shared evenly by
+        # the positions at the maximum (as amax's backward does)
+        at_peak = field == peak
+        grad_peak = (sigma * grad_divisor).sum(dim=(2, 3), keepdim=True)
+        grad_field = (1.0 - sigma) * grad_divisor + \
+            (grad_peak / at_peak.sum(dim=(2, 3), keepdim=True)) * at_peak
+        # field = mean_c(pooled): every channel of pooled gets grad_field / C
+        shape, stride = ctx.magnitude_meta
+        grad_pooled = (grad_field / shape[1]).expand(shape).contiguous(
+            memory_format=torch.channels_last)
+        magnitude = torch.empty_strided(shape, stride, dtype=x.dtype, device=x.device)
+        grad_magnitude = torch.ops.aten.max_pool2d_with_indices_backward(
+            grad_pooled, magnitude, [pool, pool], [1, 1], [pool // 2, pool // 2], [1, 1],
+            False, indices)
+        del grad_pooled
+        # |x|' = sgn(x), which for real x is sign(x)
+        sign = torch.sign(x, out=work) if not x.is_complex() else x.sgn()
+        return grad_x.addcmul_(grad_magnitude, sign), None, None
+
+
+class _TopFraction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, k: int) -> Tensor:
+        keep = x > _kth_smallest(x, k)
+        ctx.save_for_backward(x, keep)
+        ctx.k = k
+        return _keep_where(x, keep)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None]:
+        x, keep = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: differentiate the plain code instead
+            with torch.enable_grad():
+                out = top_fraction_reference(x, ctx.k)
+            return torch.autograd.grad(out, x, grad, create_graph=True)[0], None
+        return _keep_where(grad, keep), None

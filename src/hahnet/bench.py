@@ -1,0 +1,596 @@
+"""Speed benchmark: the HaH training step against plain training and against the
+authors' reference procedure, the HaH building blocks alone, and evaluation throughput.
+
+One call of :func:`run_benchmark` measures, for every (width, precision, memory format)
+configuration, in one process:
+
+(a) ``hah``: one HaH VGG16 training step with :class:`~hahnet.hah.HaHObjective`
+    (forward + backward + Adam step);
+(b) ``plain``: one cross-entropy step of the same HaH network (no HaH score);
+(c) ``reference``: one step of the authors' procedure on the same network: HaH forward,
+    one HaH backward per layer in reverse order with that layer's weight gradient zeroed
+    first, then a second forward and the cross-entropy backward (+ Adam step);
+(d) ``standard``: one cross-entropy step of the standard VGG16 of the same width;
+(e) forward + backward of DivisiveNorm2d, TopFractionThreshold and WNConv2d alone at each
+    VGG16 resolution (32, 16, 8) with the HaH channel counts (64, 128, 256) x width;
+(f) evaluation throughput of the HaH network: clean images/s, and APGD-CE
+    iterations x images / s (torchattacks.APGD, l_inf 2/255, a few steps).
+
+Timings are wall-clock medians over ``repeats`` rounds after ``warmup`` untimed rounds;
+within a round the variants run one after the other (a, b, c, d, a, b, c, d, ...), so
+that load from other processes hits all of them alike. Ratios a/b, c/a and a/d are
+computed from the medians.
+
+The library never prints; :func:`format_report` renders the result as a table and
+:func:`main` (``python -m hahnet.bench`` or ``hahnet bench``) prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hahnet.hah import PAPER_ALPHAS, HaHObjective, hah_convs, winners
+from hahnet.layers import DivisiveNorm2d, TopFractionThreshold, WNConv2d
+from hahnet.models import scaled, vgg16
+
+TARGETS = {  # ratio -> (comparison, bound, where it applies)
+    "hah_over_plain": ("<=", 1.10, "all widths"),
+    "reference_over_hah": (">=", 3.0, "all widths"),
+    "hah_over_standard": ("<=", 1.5, "width 1.0"),
+}
+STEPS = ("hah", "plain", "reference", "standard")
+STEP_LABELS = {
+    "hah": "(a) HaH step, HaHObjective",
+    "plain": "(b) plain CE step, same HaH net",
+    "reference": "(c) reference procedure step",
+    "standard": "(d) standard VGG16 CE step",
+}
+BLOCKS = ("DivisiveNorm2d", "TopFractionThreshold", "WNConv2d")
+RESOLUTIONS = ((32, 64), (16, 128), (8, 256))  # VGG16 resolution -> HaH channels at width 1
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to measure. The defaults are the full run (under 10 minutes on 2 CPU cores)."""
+
+    widths: tuple[float, ...] = (0.25, 1.0)
+    batch_size: int = 128
+    precisions: tuple[str, ...] = ("fp32",)
+    channels_last: tuple[bool, ...] = (False,)
+    repeats: int = 5
+    warmup: int = 1
+    block_repeats: int = 5
+    eval_batches: int = 3
+    apgd_steps: int = 5
+    apgd_batch_size: int = 32
+    sections: tuple[str, ...] = ("steps", "blocks", "eval")
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.widths or any(w <= 0 for w in self.widths):
+            problems.append(f"widths must be positive, got {self.widths}")
+        if self.batch_size < 1:
+            problems.append(f"batch size must be >= 1, got {self.batch_size}")
+        bad = [p for p in self.precisions if p not in ("fp32", "bf16")]
+        if bad or not self.precisions:
+            problems.append(f"precisions must be fp32 and/or bf16, got {self.precisions}")
+        if self.repeats < 1 or self.warmup < 0 or self.block_repeats < 1:
+            problems.append("repeats and block_repeats must be >= 1, warmup >= 0")
+        if self.eval_batches < 1 or self.apgd_steps < 1 or self.apgd_batch_size < 1:
+            problems.append("eval_batches, apgd_steps and apgd_batch_size must be >= 1")
+        unknown = sorted(set(self.sections) - {"steps", "blocks", "eval"})
+        if unknown or not self.sections:
+            problems.append(f"sections must be among steps, blocks, eval; got {self.sections}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> "BenchConfig":
+        """A small configuration (tiny width and batch) that runs in seconds: for tests."""
+        values = dict(widths=(0.0625,), batch_size=8, repeats=2, warmup=1, block_repeats=2,
+                      eval_batches=1, apgd_steps=2, apgd_batch_size=4)
+        values.update(overrides)
+        return cls(**values)
+
+
+# ----------------------------------------------------------------------- timing
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int,
+                     warmup: int) -> dict[str, list[float]]:
+    """Wall-clock seconds of each function over ``repeats`` interleaved rounds, after
+    ``warmup`` untimed rounds."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
+    return times
+
+
+def summary(times: Sequence[float]) -> dict[str, Any]:
+    return {"median_s": statistics.median(times), "min_s": min(times),
+            "times_s": [round(t, 6) for t in times]}
+
+
+def autocast(precision: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+# ------------------------------------------------------------ the training steps
+
+
+def reference_score(z: Tensor, ratio: float = 0.1, demote: float = 1.0) -> Tensor:
+    """The HaH score as plain autograd code (channel top-K of relu(z)), as the authors
+    compute it; deliberately independent of :mod:`hahnet.hah`'s fused implementation."""
+    channels = z.shape[1]
+    k = winners(channels, ratio)
+    rectified = torch.relu(z).to(torch.promote_types(z.dtype, torch.float32))
+    top = rectified.topk(k, dim=1).values
+    top_mean = top.mean(dim=1)
+    rest_mean = (rectified.sum(dim=1) - top.sum(dim=1)) / (channels - k) if channels > k \
+        else torch.zeros_like(top_mean)
+    return (top_mean - demote * rest_mean).mean()
+
+
+class ReferenceStep:
+    """One training step of the authors' procedure on a HaH network.
+
+    1. forward, keeping every HaH convolution's output z_l;
+    2. for l from the last HaH layer to the first: zero W_l's gradient, then backward
+       ``-alpha_l * H_l(z_l)`` (retaining the graph), and set W_l's HaH gradient aside;
+    3. zero all gradients, forward again and backward the cross-entropy;
+    4. add the HaH gradients to the HaH layers' weight gradients and take the optimizer step.
+
+    Gives the same gradient as :class:`HaHObjective` (see tests/test_hah.py) at the cost
+    of two forwards and ``1 + len(alphas)`` backwards.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 alphas: Sequence[float] = PAPER_ALPHAS, ratio: float = 0.1,
+                 demote: float = 1.0) -> None:
+        self.model, self.optimizer = model, optimizer
+        self.convs = hah_convs(model)[: len(alphas)]
+        self.alphas, self.ratio, self.demote = tuple(alphas), ratio, demote
+
+    def __call__(self, x: Tensor, y: Tensor, precision: str = "fp32") -> Tensor:
+        outputs: dict[int, Tensor] = {}
+        hooks = [conv.register_forward_hook(
+            lambda module, inputs, output, key=j: outputs.__setitem__(key, output))
+            for j, conv in enumerate(self.convs)]
+        saved = [conv.score_spec for conv in self.convs]
+        for conv in self.convs:
+            conv.score_spec = None  # plain convolutions: the reference does its own scores
+        try:
+            self.optimizer.zero_grad(set_to_none=True)
+            with autocast(precision):
+                self.model(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        try:
+            hah_grads = []
+            for j in reversed(range(len(self.convs))):
+                self.convs[j].weight.grad = None
+                with autocast(precision):
+                    cost = -self.alphas[j] * reference_score(outputs[j], self.ratio, self.demote)
+                cost.backward(retain_graph=j > 0)
+                hah_grads.append(self.convs[j].weight.grad)
+            outputs.clear()
+            self.optimizer.zero_grad(set_to_none=True)
+            with autocast(precision):
+                loss = F.cross_entropy(self.model(x), y)
+            loss.backward()
+            for conv, grad in zip(reversed(self.convs), hah_grads):
+                conv.weight.grad.add_(grad)
+            self.optimizer.step()
+        finally:
+            for conv, spec in zip(self.convs, saved):
+                conv.score_spec = spec
+        return loss.detach()
+
+
+@contextlib.contextmanager
+def scores_off(objective: HaHObjective) -> Iterator[None]:
+    """The objective's network without HaH scores (a plain cross-entropy network)."""
+    saved = [conv.score_spec for conv in objective.layers]
+    for conv in objective.layers:
+        conv.score_spec = None
+    try:
+        yield
+    finally:
+        for conv, spec in zip(objective.layers, saved):
+            conv.score_spec = spec
+
+
+def step_functions(width: float, batch_size: int, precision: str, channels_last: bool,
+                   seed: int) -> dict[str, Callable[[], Any]]:
+    """The four training steps (a)-(d) as closures over their own models and data."""
+    torch.manual_seed(seed)
+    fmt = memory_format(channels_last)
+    x = torch.rand(batch_size, 3, 32, 32).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (batch_size,))
+    hah_model = vgg16(hah=True, width=width).train().to(memory_format=fmt)
+    hah_optimizer = torch.optim.Adam(hah_model.parameters(), lr=1e-3)
+    objective = HaHObjective(hah_model)
+    reference = ReferenceStep(hah_model, hah_optimizer)
+    std_model = vgg16(hah=False, width=width).train().to(memory_format=fmt)
+    std_optimizer = torch.optim.Adam(std_model.parameters(), lr=1e-3)
+
+    def hah_step() -> None:
+        hah_optimizer.zero_grad(set_to_none=True)
+        with autocast(precision):
+            _, loss = objective(x, y)
+        loss.backward()
+        hah_optimizer.step()
+
+    def plain_step() -> None:
+        with scores_off(objective):
+            hah_optimizer.zero_grad(set_to_none=True)
+            with autocast(precision):
+                loss = F.cross_entropy(hah_model(x), y)
+            loss.backward()
+            hah_optimizer.step()
+
+    def reference_step() -> None:
+        reference(x, y, precision)
+
+    def standard_step() -> None:
+        std_optimizer.zero_grad(set_to_none=True)
+        with autocast(precision):
+            loss = F.cross_entropy(std_model(x), y)
+        loss.backward()
+        std_optimizer.step()
+
+    return {"hah": hah_step, "plain": plain_step, "reference": reference_step,
+            "standard": standard_step}
+
+
+# ------------------------------------------------------------------ the blocks
+
+
+def block_functions(width: float, batch_size: int, precision: str, channels_last: bool,
+                    seed: int) -> dict[str, tuple[dict[str, Any], Callable[[], Any]]]:
+    """Forward + backward of each HaH building block at each VGG16 resolution."""
+    torch.manual_seed(seed)
+    fmt = memory_format(channels_last)
+    fns: dict[str, tuple[dict[str, Any], Callable[[], Any]]] = {}
+    for resolution, base in RESOLUTIONS:
+        channels = scaled(base, width)
+        # Realistic inputs: the normalization and the threshold see rectified activations.
+        x = torch.relu(torch.randn(batch_size, channels, resolution, resolution))
+        x = x.contiguous(memory_format=fmt).requires_grad_()
+        modules = {"DivisiveNorm2d": DivisiveNorm2d(), "TopFractionThreshold": TopFractionThreshold(),
+                   "WNConv2d": WNConv2d(channels, channels).to(memory_format=fmt)}
+        for name, module in modules.items():
+            params = [p for p in module.parameters()]
+
+            def run(module=module, x=x, params=params) -> None:
+                with autocast(precision):
+                    out = module(x)
+                grad = torch.ones_like(out)
+                torch.autograd.grad(out, [x, *params], grad)
+
+            info = {"block": name, "resolution": resolution, "channels": channels,
+                    "batch_size": batch_size}
+            fns[f"{name}@{resolution}"] = (info, run)
+    return fns
+
+
+# ------------------------------------------------------------------- evaluation
+
+
+def eval_throughput(width: float, batch_size: int, precision: str, channels_last: bool,
+                    batches: int, apgd_steps: int, apgd_batch_size: int,
+                    seed: int) -> dict[str, Any]:
+    """Clean images/s and APGD-CE iterations x images / s of an eval-mode HaH VGG16."""
+    torch.manual_seed(seed)
+    fmt = memory_format(channels_last)
+    model = vgg16(hah=True, width=width).eval().to(memory_format=fmt)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.rand(batch_size, 3, 32, 32).contiguous(memory_format=fmt)
+
+    def clean() -> None:
+        with torch.no_grad(), autocast(precision):
+            model(x)
+
+    clean()  # warm-up
+    times = time_interleaved({"clean": clean}, batches, 0)["clean"]
+    result: dict[str, Any] = {"clean": {**summary(times),
+                                        "images_per_s": batch_size / statistics.median(times),
+                                        "batch_size": batch_size}}
+    try:
+        import torchattacks
+    except ImportError:
+        result["apgd"] = {"skipped": "torchattacks is not installed"}
+        return result
+
+    class Wrapped(nn.Module):  # the attack runs the model under the benchmark's precision
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, images: Tensor) -> Tensor:
+            with autocast(precision):
+                return self.inner(images.contiguous(memory_format=fmt)).float()
+
+    wrapped = Wrapped().eval()
+    attack = torchattacks.APGD(wrapped, norm="Linf", eps=2 / 255, steps=apgd_steps,
+                               n_restarts=1, loss="ce", seed=seed)
+    images = torch.rand(apgd_batch_size, 3, 32, 32)
+    labels = torch.randint(0, 10, (apgd_batch_size,))
+
+    def apgd() -> None:
+        attack(images, labels)
+
+    apgd()  # warm-up
+    times = time_interleaved({"apgd": apgd}, batches, 0)["apgd"]
+    result["apgd"] = {**summary(times), "steps": apgd_steps, "batch_size": apgd_batch_size,
+                      "iter_images_per_s": apgd_steps * apgd_batch_size / statistics.median(times)}
+    return result
+
+
+# -------------------------------------------------------------------- the run
+
+
+def machine_info() -> dict[str, Any]:
+    flags = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line
+                break
+    model = platform.processor()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"torch": torch.__version__, "python": platform.python_version(),
+            "threads": torch.get_num_threads(), "cpu": model, "cpu_count": os.cpu_count(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "avx512_bf16": "avx512_bf16" in flags.split(),
+            "amx_bf16": "amx_bf16" in flags.split()}
+
+
+def ratios(steps: dict[str, dict[str, Any]]) -> dict[str, float]:
+    median = {name: entry["median_s"] for name, entry in steps.items()}
+    out = {}
+    if "hah" in median and "plain" in median:
+        out["hah_over_plain"] = median["hah"] / median["plain"]
+    if "reference" in median and "hah" in median:
+        out["reference_over_hah"] = median["reference"] / median["hah"]
+    if "hah" in median and "standard" in median:
+        out["hah_over_standard"] = median["hah"] / median["standard"]
+    return out
+
+
+def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = None
+                  ) -> dict[str, Any]:
+    """Measure everything ``config`` asks for; returns a JSON-serializable dict."""
+    say = progress or (lambda message: None)
+    started = time.perf_counter()
+    runs = []
+    for width in config.widths:
+        for precision in config.precisions:
+            for channels_last in config.channels_last:
+                label = f"width {width:g} {precision} {'channels-last' if channels_last else 'NCHW'}"
+                run: dict[str, Any] = {"width": width, "precision": precision,
+                                       "channels_last": channels_last,
+                                       "batch_size": config.batch_size}
+                if "steps" in config.sections:
+                    say(f"{label}: training steps (a)-(d), {config.warmup} warm-up + "
+                        f"{config.repeats} timed rounds")
+                    fns = step_functions(width, config.batch_size, precision, channels_last,
+                                         config.seed)
+                    times = time_interleaved(fns, config.repeats, config.warmup)
+                    run["steps"] = {name: summary(t) for name, t in times.items()}
+                    run["ratios"] = ratios(run["steps"])
+                    del fns
+                if "blocks" in config.sections:
+                    say(f"{label}: blocks (e)")
+                    blocks = block_functions(width, config.batch_size, precision, channels_last,
+                                             config.seed)
+                    times = time_interleaved({k: fn for k, (_, fn) in blocks.items()},
+                                             config.block_repeats, 1)
+                    run["blocks"] = [{**info, **summary(times[key])}
+                                     for key, (info, _) in blocks.items()]
+                if "eval" in config.sections:
+                    say(f"{label}: evaluation throughput (f)")
+                    run["eval"] = eval_throughput(width, config.batch_size, precision,
+                                                  channels_last, config.eval_batches,
+                                                  config.apgd_steps, config.apgd_batch_size,
+                                                  config.seed)
+                runs.append(run)
+    return {"machine": machine_info(), "config": asdict(config), "runs": runs,
+            "targets": {k: {"compare": c, "bound": b, "applies": a}
+                        for k, (c, b, a) in TARGETS.items()},
+            "seconds": time.perf_counter() - started}
+
+
+# -------------------------------------------------------------------- report
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:9.1f}"
+
+
+def _verdict(name: str, value: float, width: float) -> str:
+    compare, bound, applies = TARGETS[name]
+    if applies == "width 1.0" and not math.isclose(width, 1.0):
+        return f"(target {compare} {bound:g} at width 1.0)"
+    ok = value <= bound if compare == "<=" else value >= bound
+    return f"target {compare} {bound:g}: {'met' if ok else 'NOT met'}"
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """The benchmark result as a plain-text table."""
+    m = result["machine"]
+    cfg = result["config"]
+    lines = [f"hahnet bench: torch {m['torch']}, {m['threads']} threads, {m['cpu']} "
+             f"(capability {m['cpu_capability']}, avx512_bf16 {m['avx512_bf16']}, "
+             f"amx {m['amx_bf16']}); medians of {cfg['repeats']} interleaved rounds after "
+             f"{cfg['warmup']} warm-up"]
+    for run in result["runs"]:
+        lines.append("")
+        lines.append(f"== VGG16 width {run['width']:g}, batch {run['batch_size']}, "
+                     f"{run['precision']}, {'channels-last' if run['channels_last'] else 'NCHW'}")
+        if "steps" in run:
+            lines.append(f"  {'training step (fwd+bwd+Adam)':36s} {'median ms':>9s} {'min ms':>9s}")
+            for name in STEPS:
+                entry = run["steps"][name]
+                lines.append(f"  {STEP_LABELS[name]:36s} {_ms(entry['median_s'])} "
+                             f"{_ms(entry['min_s'])}")
+            r = run["ratios"]
+            lines.append(f"  a/b HaH / plain      = {r['hah_over_plain']:6.3f}   "
+                         f"{_verdict('hah_over_plain', r['hah_over_plain'], run['width'])}")
+            lines.append(f"  c/a reference / HaH  = {r['reference_over_hah']:6.3f}   "
+                         f"{_verdict('reference_over_hah', r['reference_over_hah'], run['width'])}")
+            lines.append(f"  a/d HaH / standard   = {r['hah_over_standard']:6.3f}   "
+                         f"{_verdict('hah_over_standard', r['hah_over_standard'], run['width'])}")
+        if "blocks" in run:
+            lines.append(f"  {'block fwd+bwd (e)':36s} {'median ms':>9s}")
+            for entry in run["blocks"]:
+                name = (f"{entry['block']} {entry['channels']}x{entry['resolution']}x"
+                        f"{entry['resolution']}")
+                lines.append(f"  {name:36s} {_ms(entry['median_s'])}")
+        if "eval" in run:
+            ev = run["eval"]
+            lines.append(f"  eval (f): clean {ev['clean']['images_per_s']:.0f} images/s "
+                         f"(batch {ev['clean']['batch_size']})")
+            apgd = ev.get("apgd", {})
+            if "skipped" in apgd:
+                lines.append(f"  eval (f): APGD-CE skipped: {apgd['skipped']}")
+            elif apgd:
+                lines.append(f"  eval (f): APGD-CE {apgd['iter_images_per_s']:.0f} iterations x "
+                             f"images/s ({apgd['steps']} steps, batch {apgd['batch_size']})")
+    lines.append("")
+    lines.append(f"total {result['seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------- CLI
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("empty list")
+    return values
+
+
+def _precisions(text: str) -> tuple[str, ...]:
+    values = tuple(part.strip() for part in text.split(",") if part.strip())
+    bad = [v for v in values if v not in ("fp32", "bf16")]
+    if bad or not values:
+        raise argparse.ArgumentTypeError(f"precisions are fp32 and/or bf16, got {text!r}")
+    return values
+
+
+def _switches(text: str) -> tuple[bool, ...]:
+    mapping = {"on": True, "off": False}
+    values = tuple(part.strip().lower() for part in text.split(",") if part.strip())
+    if not values or any(v not in mapping for v in values):
+        raise argparse.ArgumentTypeError(f"expected on, off or on,off; got {text!r}")
+    return tuple(mapping[v] for v in values)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark's flags (shared by ``hahnet bench`` and ``python -m hahnet.bench``)."""
+    defaults = BenchConfig()
+    parser.add_argument("--width", type=_floats, default=None,
+                        help="comma-separated widths (default 0.25,1.0; --quick: 0.0625)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"training batch size (default {defaults.batch_size}; --quick: 8)")
+    parser.add_argument("--precision", type=_precisions, default=None,
+                        help="fp32, bf16 or fp32,bf16 (default fp32; bf16 = CPU autocast)")
+    parser.add_argument("--channels-last", type=_switches, default=None,
+                        help="on, off or on,off (default off)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help=f"timed rounds per measurement (default {defaults.repeats})")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help=f"untimed warm-up rounds (default {defaults.warmup})")
+    parser.add_argument("--apgd-steps", type=int, default=None,
+                        help=f"APGD-CE iterations (default {defaults.apgd_steps})")
+    parser.add_argument("--sections", default=None,
+                        help="comma-separated subset of steps,blocks,eval (default all)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--quick", action="store_true",
+                        help="a small configuration that finishes in seconds (for tests)")
+    parser.add_argument("--out", metavar="FILE", help="also write the result as JSON")
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    overrides: dict[str, Any] = {}
+    for flag, key in (("width", "widths"), ("batch_size", "batch_size"),
+                      ("precision", "precisions"), ("channels_last", "channels_last"),
+                      ("repeats", "repeats"), ("warmup", "warmup"),
+                      ("apgd_steps", "apgd_steps")):
+        if getattr(args, flag, None) is not None:
+            overrides[key] = getattr(args, flag)
+    if getattr(args, "sections", None):
+        overrides["sections"] = tuple(s.strip() for s in args.sections.split(",") if s.strip())
+    if args.quick:
+        return BenchConfig.quick(**overrides)
+    return BenchConfig(**overrides)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run the benchmark, print the table (progress on stderr) and write --out."""
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    try:
+        config = config_from_args(args)
+    except ValueError as error:
+        print(f"hahnet bench: error: {error}", file=sys.stderr)
+        return 2
+    result = run_benchmark(config, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    print(format_report(result))
+    if args.out:
+        path = Path(args.out)
+        if path.parent != Path(""):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hahnet.bench",
+                                     description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
