@@ -125,6 +125,8 @@ def add_train_parser(subparsers) -> None:
     parser.add_argument("--tensorboard", action="store_true", help="also log to DIR/tensorboard")
     parser.add_argument("--sync-bn", action="store_true",
                         help="SyncBatchNorm across processes (no-op in one process)")
+    parser.add_argument("--dist-timeout", type=float, default=120.0, metavar="SECONDS",
+                        help="under torchrun: give up on a dead or hung peer after this long (120)")
     add_train_options(parser)
     parser.set_defaults(func=cmd_train)
 
@@ -132,47 +134,130 @@ def add_train_parser(subparsers) -> None:
 def run_training(overrides: dict[str, Any], data: str | None, out: str | None,
                  resume: str | None, device_name: str, cache_dir: str | None = None,
                  download: bool = False, tensorboard: bool = False, sync_bn: bool = False,
-                 quiet: bool = False) -> Path:
-    """Train (or resume) one run and return its directory; shared by train and reproduce."""
+                 quiet: bool = False, dist_timeout: float = 120.0) -> Path:
+    """Train (or resume) one run and return its directory; shared by train and reproduce.
+
+    Under torchrun every rank runs this (see :mod:`hahnet.distributed`): rank 0 decides
+    what to run and reads the checkpoint, the decision and state are broadcast, and errors
+    are agreed on so that all ranks stop together. A UserError with ``quiet`` set is one
+    that rank 0 reports; the other ranks just exit non-zero.
+    """
+    import contextlib
+    import io
+
     from hahnet import checkpoint, distributed
     from hahnet.train import CONFIG_FILE, TrainConfig, Trainer, resolve_device
 
-    run_dir = Path(resume) if resume not in (None, "auto") else None
-    if resume == "auto":
-        if out is None:
-            raise UserError("--resume auto needs --out DIR (the run directory to continue or create)")
-        run_dir = Path(out) if (Path(out) / checkpoint.MODEL_FILE).exists() else None
-    saved: dict[str, Any] = {}
-    if run_dir is not None:
-        if not (run_dir / CONFIG_FILE).exists() or not (run_dir / checkpoint.MODEL_FILE).exists():
-            raise UserError(f"cannot resume {run_dir}: no checkpoint there "
-                            f"({CONFIG_FILE} and {checkpoint.MODEL_FILE} expected); "
-                            f"start a fresh run with --out {run_dir}")
-        saved = json.loads((run_dir / CONFIG_FILE).read_text())
-        data = data or saved.get("data")
+    def user_error(error: BaseException, message: str | None = None,
+                   quiet_error: bool | None = None) -> UserError:
+        result = UserError(message or str(error))
+        result.quiet = getattr(error, "quiet", False) if quiet_error is None else quiet_error
+        return result
+
     try:
-        config = TrainConfig.from_dict({**saved.get("config", {}), **overrides})
-    except (ValueError, TypeError) as error:
-        raise UserError(str(error)) from None
-    data = data or DEFAULT_DATA
-    out_dir = run_dir or Path(out or f"runs/{config.arch}-{'hah' if config.hah else 'std'}"
-                                      f"-w{config.width:g}")
-    env = distributed.setup(resolve_device(device_name))
-    try:
-        dataset = load_data(data, cache_dir, download)
-        trainer = Trainer(config, dataset, out_dir, env.device, env.rank, env.world_size,
-                          wrap=distributed.wrapper(env, sync_bn))
+        device = resolve_device(device_name)
+    except ValueError as error:  # same on every rank of a node: its local rank 0 reports it
+        local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+        raise user_error(error, quiet_error=distributed.launched() and local_rank != 0) from None
+
+    def plan() -> dict[str, Any]:  # rank 0: which run, with which settings and data
+        run_dir = Path(resume) if resume not in (None, "auto") else None
+        if resume == "auto":
+            if out is None:
+                raise UserError("--resume auto needs --out DIR (the run directory to continue or create)")
+            run_dir = Path(out) if (Path(out) / checkpoint.MODEL_FILE).exists() else None
+        saved: dict[str, Any] = {}
+        data_path = data
         if run_dir is not None:
-            next_epoch = trainer.resume()
-            say(env, f"resuming {out_dir} at epoch {next_epoch}/{config.epochs}")
-        if env.rank == 0:
+            if not (run_dir / CONFIG_FILE).exists() or not (run_dir / checkpoint.MODEL_FILE).exists():
+                raise UserError(f"cannot resume {run_dir}: no checkpoint there "
+                                f"({CONFIG_FILE} and {checkpoint.MODEL_FILE} expected); "
+                                f"start a fresh run with --out {run_dir}")
+            saved = json.loads((run_dir / CONFIG_FILE).read_text())
+            # {"config", "data"} as written below, or the flat config Trainer.save writes
+            data_path = data_path or saved.get("data") or \
+                checkpoint.read_info(run_dir).get("dataset", {}).get("source")
+        try:
+            config = TrainConfig.from_dict({**saved.get("config", saved), **overrides})
+        except (ValueError, TypeError) as error:
+            raise UserError(str(error)) from None
+        out_dir = run_dir or Path(out or f"runs/{config.arch}-{'hah' if config.hah else 'std'}"
+                                          f"-w{config.width:g}")
+        return {"config": config.to_dict(), "data": data_path or DEFAULT_DATA,
+                "out_dir": str(out_dir), "resume": run_dir is not None}
+
+    try:
+        env = distributed.setup(device, dist_timeout)
+    except ValueError as error:
+        raise user_error(error) from None
+    except Exception as error:  # rendezvous failed or timed out
+        if not distributed.is_comm_error(error):
+            raise
+        raise user_error(error, f"rank {distributed.env_rank()}: cannot join the process group "
+                                f"within --dist-timeout {dist_timeout:g}s: "
+                                f"{' '.join(str(error).split())[:200]}") from None
+    try:
+        run = distributed.from_rank0(env, plan)
+        config, out_dir, data = TrainConfig.from_dict(run["config"]), Path(run["out_dir"]), run["data"]
+        failure = None
+        try:  # every rank reads the data and builds the model; a failure anywhere stops all
+            def read() -> Any:
+                if env.rank == 0:
+                    return load_data(data, cache_dir, download)
+                with contextlib.redirect_stderr(io.StringIO()):  # rank 0 reports the data
+                    return load_data(data, cache_dir, download)
+
+            if download and env.active:  # one download per node, then the other ranks read it
+                dataset, first_failure = None, None
+                if env.local_rank == 0:
+                    try:
+                        dataset = read()
+                    except Exception as error:  # noqa: BLE001 - shared by check()
+                        first_failure = error
+                distributed.check(env, first_failure)
+            if not (download and env.active and env.local_rank == 0):
+                dataset = read()
+            trainer = Trainer(config, dataset, out_dir, env.device, env.rank, env.world_size,
+                              wrap=distributed.wrapper(env, sync_bn))
+        except Exception as error:  # noqa: BLE001 - shared by check() below
+            if not env.active or isinstance(error, distributed.PeerError) \
+                    or getattr(error, "quiet", None) is not None or distributed.is_comm_error(error):
+                raise
+            failure = error
+        distributed.check(env, failure)
+        split = trainer.train_split
+        distributed.same_everywhere(env, (len(split.labels), tuple(split.images.shape[1:]),
+                                          split.classes, int(split.labels.sum()),
+                                          int(split.images[::max(1, len(split.labels) // 512)]
+                                              .sum(dtype=torch.int64))), "training data")
+
+        def prepare() -> int | None:  # rank 0: load the checkpoint, record the run
+            next_epoch = trainer.resume() if run["resume"] else None
             checkpoint.write_json(out_dir / CONFIG_FILE, {"config": config.to_dict(), "data": data})
+            return next_epoch
+
+        next_epoch = distributed.from_rank0(env, prepare)
+        if next_epoch is not None:
+            distributed.broadcast_training_state(env, trainer.model, trainer.optimizer)
+            trainer.start_epoch = next_epoch
+            say(env, f"resuming {out_dir} after epoch {next_epoch}/{config.epochs}")
         say(env, f"training {config.arch} {'HaH' if config.hah else 'standard'} width "
                  f"{config.width:g} on {env.device} x{env.world_size} -> {out_dir}")
         fit_with_progress(trainer, quiet or env.rank != 0, tensorboard and env.rank == 0)
-    except (ValueError, checkpoint.CheckpointError, FloatingPointError) as error:
-        raise UserError(str(error)) from None
+    except UserError as error:
+        raise user_error(error) from None
+    except distributed.PeerError as error:
+        raise user_error(error) from None
+    except FloatingPointError as error:  # from the all-reduced loss: every rank has it
+        raise user_error(error, quiet_error=env.rank != 0) from None
+    except (ValueError, checkpoint.CheckpointError) as error:
+        raise user_error(error) from None
+    except Exception as error:
+        if env.active and distributed.is_comm_error(error):
+            raise user_error(error, distributed.comm_error_message(env, error), False) from None
+        raise
     finally:
+        trainer = None  # DDP holds the process group: free it before destroying the group
         distributed.teardown(env)
     return out_dir
 
@@ -235,10 +320,19 @@ def fit_with_progress(trainer, quiet: bool, tensorboard: bool) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    configure_threads(args.threads)
-    out = run_training(train_overrides(args), args.data, args.out, args.resume, args.device,
-                       args.cache_dir, args.download, args.tensorboard, args.sync_bn)
-    print(f"checkpoint: {out}")
+    from hahnet import distributed
+
+    configure_threads(distributed.default_threads(args.threads))
+    try:
+        out = run_training(train_overrides(args), args.data, args.out, args.resume, args.device,
+                           args.cache_dir, args.download, args.tensorboard, args.sync_bn,
+                           dist_timeout=args.dist_timeout)
+    except UserError as error:
+        if getattr(error, "quiet", False):  # rank 0 reports it; this rank just fails
+            return 2
+        raise
+    if distributed.env_rank() == 0:
+        print(f"checkpoint: {out}")
     return 0
 
 

@@ -110,8 +110,20 @@ def correct_mask(model: nn.Module, images: Tensor, labels: Tensor, batch_size: i
 
 def clean_accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 256,
                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                   progress: Progress | None = None) -> float:
-    """Fraction of images classified correctly."""
+                   progress: Progress | None = None, env: Any = None) -> float:
+    """Fraction of images classified correctly. With ``env`` (a multi-process
+    :class:`hahnet.distributed.DistEnv`) each rank classifies its shard of whole batches
+    and the counts are summed over ranks: the same number as one process."""
+    if env is not None and env.active:
+        from hahnet.distributed import sum_over_shards
+
+        def count(part: slice) -> Tensor:
+            mask = correct_mask(model, images[part], labels[part], batch_size, device, dtype,
+                                progress)
+            return torch.tensor([float(mask.sum()), float(len(mask))], dtype=torch.float64)
+
+        hits, total = sum_over_shards(env, len(labels), batch_size, count).tolist()
+        return hits / total if total else float("nan")
     mask = correct_mask(model, images, labels, batch_size, device, dtype, progress)
     return mask.double().mean().item() if len(mask) else float("nan")
 
@@ -141,29 +153,48 @@ def noise_accuracy(model: nn.Module, images: Tensor, labels: Tensor,
                    sigmas: Sequence[float] = (0.1,), draws: int = 3, seed: int = 0,
                    batch_size: int = 256, device: torch.device | str = "cpu",
                    dtype: torch.dtype = torch.float32,
-                   progress: Progress | None = None) -> NoiseResult:
+                   progress: Progress | None = None, env: Any = None) -> NoiseResult:
     """Accuracy on clamp(x + sigma * z, 0, 1) with z ~ N(0, 1) in [0, 1] pixel space.
 
     Draw d uses one noise tensor (seed + d, drawn on the CPU) for every sigma, so curves
-    are smooth and device-independent; sigma = 0 is the clean accuracy exactly."""
+    are smooth and device-independent; sigma = 0 is the clean accuracy exactly. With
+    ``env`` (several processes) each rank evaluates its shard of whole batches, drawing
+    and discarding the noise of the batches before it, and the counts are summed: the
+    same numbers as one process."""
     _check_data(images, labels)
     if draws < 1 or any(s < 0 for s in sigmas):
         raise EvalError(f"need draws >= 1 and sigmas >= 0, got {draws} and {list(sigmas)}")
     model = _prepare(model, device, dtype)
-    generators = [torch.Generator().manual_seed(seed + d) for d in range(draws)]
-    correct = torch.zeros(len(sigmas), draws, dtype=torch.long)
-    with _eval_mode(model):
-        for sl in _batches(len(labels), batch_size):
-            x, y = _to_unit(images[sl], device, dtype), labels[sl].to(device)
-            clean = int((predict(model, x) == y).sum())
-            for d, gen in enumerate(generators):
-                z = torch.randn(x.shape, generator=gen).to(device=device, dtype=dtype)
-                for i, sigma in enumerate(sigmas):
-                    noisy = (x + sigma * z).clamp_(0.0, 1.0) if sigma > 0 else None
-                    correct[i, d] += clean if noisy is None else int(
-                        (predict(model, noisy) == y).sum())
-            if progress:
-                progress(sl.stop - sl.start)
+
+    def count(part: slice) -> Tensor:
+        generators = [torch.Generator().manual_seed(seed + d) for d in range(draws)]
+        correct = torch.zeros(len(sigmas), draws, dtype=torch.long)
+        with _eval_mode(model):
+            for sl in _batches(len(labels), batch_size):
+                if sl.start >= part.stop:
+                    break
+                if sl.start < part.start:  # another rank's batch: keep the noise in step
+                    for gen in generators:
+                        torch.randn(images[sl].shape, generator=gen)
+                    continue
+                x, y = _to_unit(images[sl], device, dtype), labels[sl].to(device)
+                clean = int((predict(model, x) == y).sum())
+                for d, gen in enumerate(generators):
+                    z = torch.randn(x.shape, generator=gen).to(device=device, dtype=dtype)
+                    for i, sigma in enumerate(sigmas):
+                        noisy = (x + sigma * z).clamp_(0.0, 1.0) if sigma > 0 else None
+                        correct[i, d] += clean if noisy is None else int(
+                            (predict(model, noisy) == y).sum())
+                if progress:
+                    progress(sl.stop - sl.start)
+        return correct
+
+    if env is not None and env.active:
+        from hahnet.distributed import sum_over_shards
+
+        correct = sum_over_shards(env, len(labels), batch_size, count)
+    else:
+        correct = count(slice(0, len(labels)))
     acc = correct.double() / max(len(labels), 1)
     return NoiseResult([float(s) for s in sigmas], acc.mean(1).tolist(),
                        acc.std(1, correction=0).tolist(), acc.tolist(), draws, seed)
@@ -618,9 +649,11 @@ def evaluate_model(model: nn.Module, images: Tensor, labels: Tensor, settings: E
                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                    progress: PhaseProgress | None = None, name: str = "model",
                    checkpoint: str | None = None,
-                   info: dict[str, Any] | None = None) -> EvalResult:
+                   info: dict[str, Any] | None = None, env: Any = None) -> EvalResult:
     """Run every measurement ``settings`` asks for; ``progress(phase, total)`` returns the
-    callback for that phase's loop (the CLI opens a tqdm bar per phase)."""
+    callback for that phase's loop (the CLI opens a tqdm bar per phase). With ``env``
+    (torchrun, :func:`hahnet.distributed.setup`) clean and noise accuracy are sharded
+    over the processes; the other measurements run whole on every process."""
     _check_data(images, labels)
     s, seconds, bs = settings, {}, settings.batch_size
     model = _prepare(model, device, dtype)
@@ -633,12 +666,12 @@ def evaluate_model(model: nn.Module, images: Tensor, labels: Tensor, settings: E
 
     n = len(labels)
     clean = timed("clean", lambda: clean_accuracy(model, images, labels, bs, device, dtype,
-                                                  _phase(progress, "clean", n)))
+                                                  _phase(progress, "clean", n), env))
     noise = None
     if s.noise_sigmas:
         noise = timed("noise", lambda: noise_accuracy(
             model, images, labels, s.noise_sigmas, s.noise_draws, s.noise_seed, bs, device,
-            dtype, _phase(progress, "noise", n)))
+            dtype, _phase(progress, "noise", n), env))
     layers, snr = [], None
     if s.layer_stats and getattr(model, "features", None) is not None:
         layers = timed("sparsity", lambda: sparsity(model, images, labels, bs, device, dtype,

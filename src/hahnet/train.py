@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hahnet import checkpoint
+from hahnet import checkpoint, distributed
 from hahnet.data import Dataset, ImageDataset, crop_flip, crop_flip_params, to_float
 from hahnet.hah import PAPER_ALPHAS, HaHObjective
 from hahnet.models import VGG, ModelConfig, build_model
@@ -196,6 +196,7 @@ class Trainer:
                              f"divide evenly over {world_size} processes; use a multiple of {world_size}")
         self.config, self.device = config, device
         self.rank, self.world_size = rank, world_size
+        self.env = distributed.DistEnv(rank, world_size, device=device)
         self.out_dir = Path(out_dir)
         self.dataset = dataset
         self.train_split, self.eval_split = self._splits(dataset)
@@ -337,17 +338,28 @@ class Trainer:
             if not math.isfinite(loss):
                 raise FloatingPointError(f"training diverged at epoch {epoch}: loss is {loss}; "
                                          f"lower --lr or use --precision fp32")
-            eval_acc = accuracy(self.model, self.eval_split, self.device,
-                                self.config.eval_batch_size, self.config.precision,
-                                self.config.channels_last) if self.is_main else float("nan")
+            eval_acc = self.evaluate()
             scores = self.objective.scores if self.objective is not None else []
             metrics = EpochMetrics(epoch, learning_rate(self.config, epoch), loss, acc, eval_acc,
                                    self.eval_split_name, scores, seconds, seen * self.world_size / seconds)
-            self.save(epoch, metrics)
+            failure = None
+            try:  # only rank 0 writes; check() tells every rank whether it failed
+                self.save(epoch, metrics)
+            except Exception as error:  # noqa: BLE001 - re-raised by check()
+                failure = error
+            distributed.check(self.env, failure)
             history.append(metrics)
             if on_epoch is not None:
                 on_epoch(metrics)
         return history
+
+    def evaluate(self) -> float:
+        """Accuracy on the eval split; under several processes each evaluates a shard
+        with rank 0's batch-norm statistics (the checkpoint's), counts all-reduced."""
+        distributed.broadcast_buffers(self.env, self.model)
+        return distributed.sharded_accuracy(self.model, self.eval_split, self.env,
+                                            self.config.eval_batch_size, self.config.precision,
+                                            self.config.channels_last)
 
     def reduce_mean(self, value: float) -> float:
         """Mean of a per-process scalar over all processes (identity in one process)."""

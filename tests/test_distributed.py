@@ -1,0 +1,397 @@
+"""Several processes (torchrun, DDP over gloo on the CPU): exactness against one process,
+fault tolerance, sharded evaluation and one-line errors. Real processes on 127.0.0.1,
+two ranks, a tiny VGG16 (width 1/16) and ~50 images, so every run takes seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import hahnet
+from hahnet import checkpoint, cli, distributed
+from hahnet.data import load_dataset
+from hahnet.train import Trainer, accuracy, epoch_batches
+
+from test_train import tiny_config, tiny_dataset
+
+TESTS = Path(__file__).resolve().parent
+TIMEOUT = 180  # seconds for one launch: a hang fails the test instead of blocking it
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+               "MASTER_PORT", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RESTART_COUNT",
+               "TORCHELASTIC_RUN_ID", "OMP_NUM_THREADS")
+TRAIN = ["--hah", "--width", "0.0625", "--batch-size", "16", "--seed", "7"]
+
+# A worker script: plain `hahnet` CLI, except that with KILL_AT_STEP set, rank KILL_RANK
+# sends itself KILL_SIGNAL at that training step (only in torchrun's first attempt).
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from hahnet import cli, train
+
+    at = int(os.environ.get("KILL_AT_STEP", "0"))
+    if at and os.environ.get("RANK") == os.environ.get("KILL_RANK", "1") \\
+            and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        step, steps = train.Trainer.train_step, [0]
+
+        def train_step(self, x, y):
+            steps[0] += 1
+            if steps[0] == at:
+                os.kill(os.getpid(), getattr(signal, os.environ.get("KILL_SIGNAL", "SIGKILL")))
+            return step(self, x, y)
+
+        train.Trainer.train_step = train_step
+    sys.exit(cli.main(sys.argv[1:]))
+""")
+
+
+# ---------------------------------------------------------------- helpers
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_cifar(root: Path, n_train: int = 50, n_test: int = 16, seed: int = 0) -> Path:
+    """A tiny data set in CIFAR-10's python format (4 classes, a little signal)."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+
+    def batch(n: int) -> dict:
+        labels = np.arange(n) % 4
+        data = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+        for i, label in enumerate(labels):
+            data[i, label % 3] //= 2
+        return {b"data": data.reshape(n, 3072), b"labels": labels.tolist()}
+
+    for i in range(1, 6):
+        (root / f"data_batch_{i}").write_bytes(pickle.dumps(batch(n_train // 5)))
+    (root / "test_batch").write_bytes(pickle.dumps(batch(n_test)))
+    (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"a", b"b", b"c", b"d"]}))
+    return root
+
+
+def child_env(tmp: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env.update(HAHNET_CACHE=str(tmp / "cache"), PYTHONUNBUFFERED="1", **extra)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
+    return env
+
+
+def start_torchrun(tmp: Path, args: list[str], script: Path | None = None, restarts: int = 0,
+                   **extra: str) -> subprocess.Popen:
+    """torchrun --nproc-per-node 2 on 127.0.0.1 running `hahnet` (or ``script``)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           "--max-restarts", str(restarts), "--monitor-interval", "0.2"]
+    cmd += [str(script)] if script else ["-m", "hahnet"]
+    return subprocess.Popen(cmd + args, env=child_env(tmp, **extra), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def torchrun(tmp: Path, args: list[str], **options) -> subprocess.CompletedProcess:
+    proc = start_torchrun(tmp, args, **options)
+    (rc, out, err), = finish([proc])
+    return subprocess.CompletedProcess(proc.args, rc, out, err)
+
+
+def start_ranks(tmp: Path, argv: list[str], world_size: int = 2,
+                **extra: str) -> list[subprocess.Popen]:
+    """``world_size`` processes with torchrun's environment, without torchrun (so that
+    each rank's own output and exit code can be checked)."""
+    port, procs = str(free_port()), []
+    for rank in range(world_size):
+        env = child_env(tmp, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                        LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                        MASTER_PORT=port, **extra)
+        procs.append(subprocess.Popen([sys.executable] + argv, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    return procs
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = TIMEOUT) -> list[tuple[int, str, str]]:
+    results = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+        results.append((proc.returncode, out, err))
+    return results
+
+
+def lines(text: str) -> list[str]:
+    """Output lines without tqdm's carriage-return redraws."""
+    return [l for l in text.replace("\r", "\n").splitlines()
+            if l.strip() and "img/s]" not in l and "img/s, loss" not in l]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / checkpoint.MODEL_FILE))
+
+
+def compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """(max |a - b| over floating-point weights, fraction of them off by more than 1e-5);
+    integer buffers (num_batches_tracked) must be equal."""
+    assert a.keys() == b.keys()
+    worst, off, total = 0.0, 0, 0
+    for key in a:
+        if not a[key].is_floating_point():
+            assert torch.equal(a[key], b[key]), key
+            continue
+        diff = (a[key] - b[key]).abs()
+        worst = max(worst, float(diff.max()))
+        off += int((diff > 1e-5).sum())
+        total += diff.numel()
+    return worst, off / total
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_cifar(tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py")
+
+
+# ---------------------------------------------------------------- single process: no-ops
+
+def test_shard_splits_whole_batches_exactly_once():
+    for n in (0, 1, 5, 16, 37, 100):
+        for world in (1, 2, 3, 4):
+            for align in (1, 8, 500):
+                parts = [distributed.shard(n, distributed.DistEnv(r, world), align)
+                         for r in range(world)]
+                seen = [i for p in parts for i in range(n)[p]]
+                assert seen == list(range(n))
+                assert all(p.start % align == 0 or p.start == n for p in parts)
+
+
+def test_single_process_is_plain(monkeypatch):
+    for var in LAUNCH_VARS:
+        monkeypatch.delenv(var, raising=False)
+    env = distributed.setup(torch.device("cpu"))
+    assert not env.active and distributed.wrapper(env, sync_bn=True) is None
+    assert distributed.default_threads(None) is None and distributed.default_threads(3) == 3
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert distributed.default_threads(None) == max(1, distributed._cpu_count() // 2)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(ValueError, match="torchrun"):
+        distributed.setup(torch.device("cpu"))
+
+
+def test_sync_batchnorm_keeps_checkpoint_keys_and_is_batchnorm_in_one_process():
+    torch.manual_seed(0)
+    model = hahnet.vgg16(hah=False, width=0.0625, num_classes=4)
+    plain = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(4, 3, 32, 32)
+    want = model(x)
+    converted = distributed.convert_sync_batchnorm(model, torch.device("cpu"))
+    assert any(isinstance(m, distributed.SyncBatchNorm2d) for m in converted.modules())
+    assert list(converted.state_dict()) == list(plain)
+    for key, value in plain.items():  # one training forward above changed the running stats
+        if "running" not in key and "num_batches" not in key:
+            assert torch.equal(converted.state_dict()[key], value)
+    torch.testing.assert_close(converted.eval()(x), model.eval()(x))
+    converted.train()
+    hahnet.vgg16(hah=False, width=0.0625, num_classes=4).load_state_dict(
+        converted.state_dict())  # and loads into a plain model
+
+
+# ---------------------------------------------------------------- 2 ranks, library level
+
+WORKER = textwrap.dedent("""
+    import sys, torch
+    from hahnet import distributed
+    from hahnet import evaluate as ev
+    from hahnet.train import Trainer, accuracy, epoch_batches
+    from test_train import tiny_config, tiny_dataset
+
+    torch.set_num_threads(1)
+    out = sys.argv[1]
+    env = distributed.setup(torch.device("cpu"), timeout_s=60)
+    result = {}
+    for hah in (True, False):
+        trainer = Trainer(tiny_config(hah=hah), tiny_dataset(n_test=37), out, env.device,
+                          env.rank, env.world_size, distributed.wrapper(env, sync_bn=True))
+        indices, params = next(epoch_batches(48, 16, 7, 0, True))
+        trainer.train_step(*trainer.local_batch(indices, params))
+        result[hah] = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+    model, test = trainer.model.eval(), trainer.dataset.test
+    result["sharded"] = distributed.sharded_accuracy(model, test, env, batch_size=8)
+    result["clean"] = ev.clean_accuracy(model, test.images, test.labels, 8, env=env)
+    result["noise"] = ev.noise_accuracy(model, test.images, test.labels, (0.05, 0.3), 2, 5, 8,
+                                        env=env).per_draw
+    result["tiny"] = ev.clean_accuracy(model, test.images[:1], test.labels[:1], 8, env=env)
+    result["state"] = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.save(result, f"{out}/rank{env.rank}.pt")
+    distributed.teardown(env)
+""")
+
+
+def test_two_ranks_gradient_and_sharded_evaluation_equal_one_process(tmp_path):
+    """The crux: DDP's gradient hooks see the HaH gradient (routed inside the custom
+    autograd Function into the weight gradient); with SyncBatchNorm the 2-rank gradient
+    of one step equals the 1-process gradient of the same global batch. Sharded clean
+    and noise accuracy equal one process's exactly."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    results = finish(start_ranks(tmp_path, [str(script), str(tmp_path)]))
+    for rc, _, err in results:
+        assert rc == 0, err
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+    from hahnet import evaluate as ev
+    for hah in (True, False):
+        single = Trainer(tiny_config(hah=hah), tiny_dataset(n_test=37), tmp_path,
+                         torch.device("cpu"))
+        indices, params = next(epoch_batches(48, 16, 7, 0, True))
+        single.train_step(*single.local_batch(indices, params))
+        worst = 0.0
+        for name, p in single.model.named_parameters():
+            g0, g1 = ranks[0][hah][name], ranks[1][hah][name]
+            assert torch.equal(g0, g1), f"ranks disagree on {name}"
+            scale = float(p.grad.abs().max())
+            err = float((g0 - p.grad).abs().max())
+            worst = max(worst, err / max(scale, 1.0))
+            assert err <= 1e-5 * max(scale, 1.0), (hah, name, err, scale)
+        print(f"\nhah={hah}: max |grad_2ranks - grad_1proc| / max(|grad|, 1) = {worst:.1e}")
+        if hah:  # the HaH part of the gradient is far larger than the DDP error: not lost
+            fresh = Trainer(tiny_config(hah=True), tiny_dataset(n_test=37), tmp_path,
+                            torch.device("cpu"))
+            x, y = fresh.local_batch(indices, params)
+            torch.nn.functional.cross_entropy(fresh.model(x), y).backward()  # CE only
+            from hahnet.hah import hah_convs
+            names = {id(p): n for n, p in fresh.model.named_parameters()}
+            for conv in hah_convs(fresh.model):
+                name = names[id(conv.weight)]
+                want = single.model.get_parameter(name).grad
+                hah_part = torch.linalg.vector_norm(want - conv.weight.grad)
+                ddp_error = torch.linalg.vector_norm(ranks[0][True][name] - want)
+                assert hah_part > 10 * ddp_error, (name, float(hah_part), float(ddp_error))
+                print(f"{name}: |HaH part| / |2-rank error| = {float(hah_part / ddp_error):.0f}")
+
+    model = Trainer(tiny_config(hah=False), tiny_dataset(n_test=37), tmp_path,
+                    torch.device("cpu")).model
+    model.load_state_dict(ranks[0]["state"])
+    model.eval()
+    test = tiny_dataset(n_test=37).test
+    assert ranks[0]["sharded"] == ranks[1]["sharded"] == accuracy(model, test, torch.device("cpu"), 8)
+    assert ranks[0]["clean"] == ranks[1]["clean"] == ev.clean_accuracy(model, test.images,
+                                                                       test.labels, 8)
+    noise = ev.noise_accuracy(model, test.images, test.labels, (0.05, 0.3), 2, 5, 8).per_draw
+    assert ranks[0]["noise"] == ranks[1]["noise"] == noise
+    assert ranks[0]["tiny"] == ev.clean_accuracy(model, test.images[:1], test.labels[:1], 8)
+
+
+# ---------------------------------------------------------------- 2 ranks, the CLI
+
+@pytest.mark.parametrize("hah", [True, False])
+def test_torchrun_sync_bn_training_equals_one_process(tmp_path, data, hah):
+    """2 ranks x 8 images with --sync-bn vs 1 process x 16 images, same seed: 3 Adam
+    steps. Adam turns float-rounding differences of near-zero gradients into +-lr steps,
+    so a negligible fraction of weights may differ by more than 1e-5 (printed)."""
+    flag = "--hah" if hah else "--no-hah"
+    args = ["train", "--data", str(data), "--epochs", "1", *TRAIN, flag]
+    assert cli.main(args + ["--out", str(tmp_path / "one")]) == 0
+    run = torchrun(tmp_path, args + ["--out", str(tmp_path / "two"), "--sync-bn"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert not any(k.startswith("module.") for k in two)
+    worst, fraction = compare(one, two)
+    print(f"\n{flag}: max |w_1proc - w_2proc| = {worst:.2e}, fraction > 1e-5 = {fraction:.2e}")
+    assert fraction < 5e-3 and worst < 1e-3
+    # only rank 0 printed and wrote; sharded evaluation equals one process on its weights
+    err = lines(run.stderr)
+    assert sum(l.startswith("training vgg16") for l in err) == 1
+    assert sum(l.startswith("data: ") for l in err) == 1
+    assert run.stdout.count("checkpoint:") == 1
+    metrics = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    test = load_dataset(data).test
+    model = checkpoint.load(tmp_path / "two")
+    assert metrics[0]["eval_acc"] == accuracy(model, test, torch.device("cpu"))
+    assert model.config == checkpoint.load(tmp_path / "one").config
+
+
+def test_killed_worker_is_restarted_and_resumes_to_the_same_weights(tmp_path, data):
+    """SIGKILL rank 1 two steps into epoch 2; torchrun restarts both ranks, --resume auto
+    continues from epoch 1's checkpoint; the result is bit-identical to a run that was
+    never interrupted."""
+    args = ["train", "--data", str(data), "--epochs", "2", *TRAIN, "--sync-bn"]
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    runs = [start_torchrun(tmp_path, args + ["--out", str(tmp_path / "straight")]),
+            start_torchrun(tmp_path, args + ["--out", str(tmp_path / "killed"), "--resume",
+                                             "auto"],
+                           script=script, restarts=1, KILL_AT_STEP="5", KILL_RANK="1")]
+    (rc, _, err), (rc_killed, _, err_killed) = finish(runs)
+    assert rc == 0, err[-3000:]
+    assert rc_killed == 0, err_killed[-3000:]
+    err = "\n".join(lines(err_killed))
+    assert "exitcode: -9" in err or "Signals.SIGKILL" in err or "-9" in err
+    assert "resuming" in err and "after epoch 1/2" in err
+    metrics = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["epoch"] for l in metrics] == [0, 1]
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "killed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dead_or_hung_peer_stops_the_others_with_one_line(tmp_path, data):
+    """Without torchrun's agent: rank 1 dies (SIGKILL) or hangs (SIGSTOP) mid-epoch;
+    rank 0 must exit non-zero with one line, within --dist-timeout, never hang."""
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    launches = {}
+    for how in ("SIGKILL", "SIGSTOP"):
+        argv = [str(script), "train", "--data", str(data), "--epochs", "50", *TRAIN,
+                "--out", str(tmp_path / how), "--dist-timeout", "3"]
+        launches[how] = start_ranks(tmp_path, argv, KILL_AT_STEP="5", KILL_RANK="1",
+                                    KILL_SIGNAL=how)
+    started = time.monotonic()
+    try:
+        results = {how: finish(procs[:1], timeout=90)[0] for how, procs in launches.items()}
+        seconds = time.monotonic() - started
+    finally:
+        for procs in launches.values():
+            procs[1].kill()
+            procs[1].communicate()
+    for how, (rc, _, err) in results.items():
+        assert rc == 2, (how, err[-3000:])
+        errors = [l for l in lines(err) if "error" in l.lower() or "Traceback" in l]
+        assert len(errors) == 1, (how, err[-3000:])
+        assert errors[0].startswith(
+            "hahnet train: error: rank 0: lost contact with the other processes"), how
+    assert seconds < 60
+
+
+def test_errors_are_one_line_from_rank_0_and_every_rank_fails(tmp_path, data):
+    """A batch size that does not divide over the ranks, and fewer training images than
+    ranks: rank 0 prints one line naming the fix, rank 1 prints nothing, both exit 2."""
+    cases = {"--batch-size 15": "--batch-size 15 is the global batch and must divide evenly "
+                                "over 2 processes; use a multiple of 2",
+             "--batch-size 2 --limit-train 1": "only 1 training images for a global batch of 2; "
+                                               "lower --batch-size or use more data"}
+    launches = {flags: start_ranks(tmp_path, ["-m", "hahnet", "train", "--data", str(data),
+                                              "--width", "0.0625", "--out",
+                                              str(tmp_path / flags.replace(" ", "_")),
+                                              *flags.split()])
+                for flags in cases}
+    for flags, procs in launches.items():
+        (rc0, _, err0), (rc1, out1, err1) = finish(procs)
+        assert rc0 == 2 and rc1 == 2, (flags, err0, err1)
+        shown = lines(err0)
+        assert [l for l in shown if not l.startswith("data: ")] == \
+            [f"hahnet train: error: {cases[flags]}"], (flags, err0)
+        assert err1 == "" and out1 == "", (flags, err1)
