@@ -80,12 +80,18 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--malloc", choices=["default", "tuned"], default="default",
+                        help="tuned: hahnet.bench.tune_malloc() (no mmap, no heap trimming)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall: perf_counter; cpu: this process's CPU time (use with "
                              "--threads 1 on a busy machine: it ignores time spent waiting)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.malloc == "tuned":
+        from hahnet.bench import tune_malloc
+        if not tune_malloc():
+            raise SystemExit("--malloc tuned: not supported here (glibc malloc only)")
     old_layers, old_hah = load_revision(args.rev)
 
     torch.manual_seed(0)
@@ -130,7 +136,7 @@ def main() -> None:
     med = {name: statistics.median(t) for name, t in times.items()}
     print(f"width {args.width:g}, batch {args.batch_size}, {args.precision}, "
           f"{'channels-last' if args.channels_last else 'NCHW'}, {torch.get_num_threads()} threads, "
-          f"{args.clock} clock, "
+          f"{args.clock} clock, {args.malloc} malloc, "
           f"median of {args.repeats} interleaved rounds; before = {args.rev}")
     for name, value in med.items():
         print(f"  {name:14s} {value * 1e3:9.1f} ms")

@@ -173,3 +173,28 @@ def test_threshold_score_path_matches_topk_path(layout, channels):
     slow = _scored(_topk_scored, x, w, upstream)
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a.double(), b.double())
+
+
+def test_bf16_ties_take_topks_choice():
+    """bf16 activations tie often; at tied positions the fast path defers to topk."""
+    torch.manual_seed(2)
+    x = torch.randn(2, 16, 6, 6).bfloat16()
+    w = torch.randn(24, 16, 3, 3).bfloat16()
+    upstream = torch.randn(2, 24, 6, 6).bfloat16()
+    fast = _scored(hah._ScoredConv.apply, x, w, upstream)
+    slow = _scored(_topk_scored, x, w, upstream)
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b)
+
+
+def test_tracing_sees_the_plain_formulas():
+    import warnings
+
+    from hahnet import vgg16
+
+    model = vgg16(hah=True, width=0.0625).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, x)
+    torch.testing.assert_close(traced(x), model(x))

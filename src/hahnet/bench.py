@@ -109,6 +109,32 @@ class BenchConfig:
         return cls(**values)
 
 
+# -------------------------------------------------------------------- allocator
+
+
+def tune_malloc() -> bool:
+    """Keep freed memory in the process (glibc malloc only): no mmap for large blocks and
+    no trimming of the heap. By default glibc serves blocks above 32 MiB (and, depending on
+    history, smaller ones) with fresh mmaps, so every new activation-sized tensor costs a
+    page fault per 4 KiB and the kernel's zeroing; on CPU that can cost as much as the
+    arithmetic of the op that allocated it. Same effect as starting Python with
+    ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=<large>``.
+    Returns False where it cannot be applied (not glibc)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
+
+
 # ----------------------------------------------------------------------- timing
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hahnet.layers import HaHBlock, WNConv2d
+from hahnet.layers import HaHBlock, WNConv2d, eager_mode
 
 PAPER_ALPHAS: tuple[float, ...] = (0.0045, 0.0025, 0.0013, 0.001, 0.0008, 0.0005)
 
@@ -49,14 +49,13 @@ def _score_from_terms(rectified: Tensor, top_values: Tensor, k: int, demote: flo
     return per_position.mean()
 
 
-def _score_from_sums(rectified: Tensor, top: Tensor, k: int, demote: float) -> Tensor:
-    """As :func:`_score_from_terms`, from ``top`` = rectified on the winners, 0 elsewhere."""
-    channels = rectified.shape[1]
-    accumulate = torch.promote_types(rectified.dtype, torch.float32)
-    top_sum = top.sum(dim=1, dtype=accumulate)
+def _score_from_sums(top_sum: Tensor, positive_sum: Tensor, channels: int, k: int,
+                     demote: float) -> Tensor:
+    """As :func:`_score_from_terms`, from the per-position sums of the winners' and of all
+    rectified values."""
     per_position = top_sum / k
     if channels > k:
-        rest_sum = rectified.sum(dim=1, dtype=accumulate) - top_sum
+        rest_sum = positive_sum - top_sum
         per_position = per_position - demote * rest_sum / (channels - k)
     return per_position.mean()
 
@@ -81,18 +80,6 @@ def _score_gradient(z: Tensor, top_indices: Tensor, k: int, demote: float) -> Te
     return grad.scatter_add_(1, top_indices, winner_boost)
 
 
-def _score_gradient_by_threshold(z: Tensor, threshold: Tensor, k: int,
-                                 demote: float) -> tuple[Tensor, Tensor]:
-    """:func:`_score_gradient` with the winners given as ``z >= threshold`` (threshold > 0),
-    and a spare buffer of the same shape."""
-    n, c, h, w = z.shape
-    scale = 1.0 / (n * h * w)
-    loser = -demote / (c - k) if c > k else 0.0
-    local = torch.gt(z, 0, out=torch.empty_like(z)).mul_(loser * scale)
-    won = torch.ge(z, threshold, out=torch.empty_like(z))
-    return local.add_(won, alpha=(1.0 / k - loser) * scale), won
-
-
 # Largest K for which the channel top-K is found by repeated maxima (below) instead of
 # ``topk`` over the channel axis. On CPU, topk over the channels is a small sort per
 # position and costs more than K - 1 rounds of (compare, multiply, max) up to at least
@@ -100,45 +87,69 @@ def _score_gradient_by_threshold(z: Tensor, threshold: Tensor, k: int,
 FAST_WINNERS_MAX_K = 32
 
 
-def _score_by_threshold(z: Tensor, k: int, demote: float) -> tuple[Tensor, Tensor] | None:
-    """The HaH score of ``z`` and, per position, a threshold ``t`` (N1HW, > 0) such that
-    the positive top-K channels are exactly those with ``z >= t``; ``None`` when no such
-    threshold exists (several channels tie for the K-th place) or ``z`` is not finite:
-    the caller then uses ``topk``. Exact: only max, compare and 0/1 products."""
-    rectified = torch.relu(z)
-    level = rectified.amax(dim=1, keepdim=True)  # the largest value
+class _Winners:
+    """Who won the channel top-K at each position, compactly: the positive winners are
+    ``z >= threshold`` (N1HW), except at the few positions where values tie across the
+    K-th place, which carry topk's own choice (``tied`` (n, h, w) index tensors and
+    ``chosen`` (positions, K) channels): there the threshold is +inf."""
+
+    def __init__(self, threshold: Tensor, tied: tuple[Tensor, ...] | None,
+                 chosen: Tensor | None) -> None:
+        self.threshold, self.tied, self.chosen = threshold, tied, chosen
+
+
+def _winners_by_threshold(z: Tensor, k: int, accumulate: torch.dtype
+                          ) -> tuple[_Winners, Tensor, Tensor] | None:
+    """The top-K channels of relu(z) at every position, and the per-position sums of the
+    winners' and of all rectified values; ``None`` if z is not finite. Exact: only max,
+    compare and 0/1 products (in one scratch buffer), plus topk at tied positions."""
+    work = torch.relu(z)
+    level = work.amax(dim=1, keepdim=True)  # the largest value, or 0
     if not bool(torch.isfinite(level).all()):
         return None
-    work = torch.empty_like(rectified)
-    for _ in range(k - 1):  # the next smaller distinct value (0 once none is left)
-        torch.lt(rectified, level, out=work)
-        level = work.mul_(rectified).amax(dim=1, keepdim=True)
-    # level is now the K-th largest distinct value, or 0 when fewer than K are positive.
+    positive_sum = work.sum(dim=1, dtype=accumulate)
+    for _ in range(k - 1):  # the next smaller distinct value (<= 0 once no positive is left)
+        torch.lt(z, level, out=work)
+        level = work.mul_(z).amax(dim=1, keepdim=True)
+    # level is now the K-th largest distinct value (<= 0 when fewer than K are positive).
     # The positive winners are those >= max(level, smallest positive number), unless
     # values tie, which shows as more than K of them.
-    smallest = torch.nextafter(torch.zeros((), dtype=level.dtype, device=level.device),
-                               torch.ones((), dtype=level.dtype, device=level.device))
+    smallest = torch.nextafter(torch.zeros((), dtype=z.dtype, device=z.device),
+                               torch.ones((), dtype=z.dtype, device=z.device))
     threshold = level.clamp_(min=smallest)
-    won = torch.ge(rectified, threshold, out=work)
-    over = won.sum(dim=1, keepdim=True) > k
-    if bool(over.any()) and not _settle_ties(rectified, threshold, won, over[:, 0], k, smallest):
-        return None
-    return _score_from_sums(rectified, won.mul_(rectified), k, demote), threshold
+    won = torch.ge(z, threshold, out=work)
+    over = (won.sum(dim=1, keepdim=True) > k)[:, 0]
+    tied = chosen = None
+    if bool(over.any()):
+        # Ties: take topk's choice there, as the plain implementation does (topk on the
+        # same row of values makes the same choice wherever the row is stored).
+        tied = over.nonzero(as_tuple=True)
+        rows = torch.relu(z.permute(0, 2, 3, 1)[over])  # (positions, C), channel order
+        chosen = rows.topk(k, dim=1, sorted=False).indices
+        picked = torch.zeros_like(rows).scatter_(1, chosen, 1.0).mul_(rows > 0)
+        threshold.permute(0, 2, 3, 1)[over] = math.inf
+        won.permute(0, 2, 3, 1)[over] = picked
+    top_sum = won.mul_(z).sum(dim=1, dtype=accumulate)  # winners are positive: z = relu(z)
+    return _Winners(threshold, tied, chosen), top_sum, positive_sum
 
 
-def _settle_ties(rectified: Tensor, threshold: Tensor, won: Tensor, over: Tensor, k: int,
-                 smallest: Tensor) -> bool:
-    """Where ties among the top values put more than K channels above the threshold,
-    use the K-th largest value counted with multiplicity (from topk on those few
-    positions). False if that still selects more than K: a tie for the K-th place."""
-    values = rectified.permute(0, 2, 3, 1)[over]  # (positions, C)
-    kth = values.topk(k, dim=1).values[:, -1:].clamp(min=smallest)
-    chosen = values >= kth
-    if bool((chosen.sum(dim=1) > k).any()):
-        return False
-    threshold.permute(0, 2, 3, 1)[over] = kth
-    won.permute(0, 2, 3, 1)[over] = chosen.to(won.dtype)
-    return True
+def _score_gradient_by_winners(z: Tensor, found: _Winners, k: int,
+                               demote: float) -> tuple[Tensor, Tensor]:
+    """:func:`_score_gradient` from a :class:`_Winners` (same arithmetic: the losers'
+    value, plus the winners' boost added to it), and a spare buffer of z's shape."""
+    n, c, h, w = z.shape
+    scale = 1.0 / (n * h * w)
+    loser = -demote / (c - k) if c > k else 0.0
+    # the boost rounded to z's dtype first, as _score_gradient's scatter_add adds it
+    boost = torch.tensor((1.0 / k - loser) * scale, dtype=z.dtype).item()
+    local = torch.gt(z, 0, out=torch.empty_like(z)).mul_(loser * scale)
+    won = torch.ge(z, found.threshold, out=torch.empty_like(z))
+    local.add_(won, alpha=boost)
+    if found.tied is not None:
+        nn_, hh, ww = (i[:, None].expand_as(found.chosen) for i in found.tied)
+        positive = (z[nn_, found.chosen, hh, ww] > 0).to(z.dtype)
+        local.index_put_((nn_, found.chosen, hh, ww), positive.mul_(boost), accumulate=True)
+    return local, won
 
 
 class _ScoredConv(torch.autograd.Function):
@@ -153,38 +164,41 @@ class _ScoredConv(torch.autograd.Function):
                 demote: float) -> tuple[Tensor, Tensor]:
         z = F.conv2d(x, weight, None, stride, padding)
         k = winners(z.shape[1], ratio)
-        score = threshold = top_indices = None
-        if z.device.type == "cpu" and k <= FAST_WINNERS_MAX_K:
-            found = _score_by_threshold(z, k, demote)
-            if found is not None:
-                score, threshold = found
-        if score is None:
+        found = None
+        if z.device.type == "cpu" and k <= FAST_WINNERS_MAX_K and eager_mode():
+            accumulate = torch.promote_types(z.dtype, torch.float32)
+            result = _winners_by_threshold(z, k, accumulate)
+            if result is not None:
+                found, top_sum, positive_sum = result
+                score = _score_from_sums(top_sum, positive_sum, z.shape[1], k, demote)
+        top_indices = None
+        if found is None:
             rectified, top_values, top_indices = _score_terms(z, k)
             score = _score_from_terms(rectified, top_values, k, demote)
             del rectified, top_values
-        if threshold is not None:
-            ctx.save_for_backward(x, weight, z, threshold)
-        else:
-            ctx.save_for_backward(x, weight, z, top_indices)
-            ctx.mark_non_differentiable(top_indices)
-        ctx.by_threshold = threshold is not None
+        ctx.save_for_backward(x, weight, z)
+        ctx.winners, ctx.top_indices = found, top_indices
         ctx.conv = (stride, padding)
         ctx.k, ctx.demote = k, demote
         return z, score
 
     @staticmethod
     def backward(ctx, grad_z: Tensor | None, grad_score: Tensor | None):
-        x, weight, z, winners_info = ctx.saved_tensors
+        x, weight, z = ctx.saved_tensors
         stride, padding = ctx.conv
         if grad_z is None:
             grad_z = torch.zeros_like(z)
         grad_for_weight = grad_z
         if grad_score is not None:
-            if ctx.by_threshold:
-                local, spare = _score_gradient_by_threshold(z, winners_info, ctx.k, ctx.demote)
-                grad_for_weight = torch.addcmul(grad_z, local, grad_score.to(z.dtype), out=spare)
+            if ctx.winners is not None:
+                local, spare = _score_gradient_by_winners(z, ctx.winners, ctx.k, ctx.demote)
+                scale = grad_score.to(z.dtype)
+                if z.element_size() >= 4:  # one pass (the fused multiply-add rounds once)
+                    grad_for_weight = torch.addcmul(grad_z, local, scale, out=spare)
+                else:  # bf16/fp16: round the product first, as grad_z + scale * local does
+                    grad_for_weight = torch.add(grad_z, local.mul_(scale), out=spare)
             else:
-                local = _score_gradient(z, winners_info, ctx.k, ctx.demote)
+                local = _score_gradient(z, ctx.top_indices, ctx.k, ctx.demote)
                 grad_for_weight = grad_z + grad_score.to(z.dtype) * local
         common = dict(bias_sizes=None, stride=stride, padding=padding, dilation=(1, 1),
                       transposed=False, output_padding=(0, 0), groups=1)

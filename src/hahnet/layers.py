@@ -69,6 +69,8 @@ class DivisiveNorm2d(nn.Module):
         self.pool = pool
 
     def forward(self, x: Tensor) -> Tensor:
+        if not eager_mode():
+            return divisive_norm_reference(x, self.sigma, self.pool)
         return _DivisiveNorm.apply(x, self.sigma, self.pool)
 
     def extra_repr(self) -> str:
@@ -102,6 +104,8 @@ class TopFractionThreshold(nn.Module):
         k = threshold_rank(h * w, self.keep)
         if k == 0:
             return x
+        if not eager_mode():
+            return top_fraction_reference(x, k)
         return _TopFraction.apply(x, k)
 
     def extra_repr(self) -> str:
@@ -174,6 +178,14 @@ class InputNormalize(nn.Module):
 # derivative (``create_graph=True``) differentiates the reference code instead.
 
 
+def eager_mode() -> bool:
+    """False while torch.compile/export, TorchScript or the JIT tracer is looking: they get
+    the plain formulas (traceable, no data-dependent branches) instead of the hand-written
+    autograd paths, which are for eager execution."""
+    return not (torch.jit.is_scripting() or torch.jit.is_tracing()
+                or torch.compiler.is_compiling())
+
+
 def divisive_norm_reference(x: Tensor, sigma: float, pool: int) -> Tensor:
     """DivisiveNorm2d's formula as plain autograd code."""
     field = F.max_pool2d(x.abs(), pool, stride=1, padding=pool // 2)
@@ -186,12 +198,12 @@ def divisive_norm_reference(x: Tensor, sigma: float, pool: int) -> Tensor:
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _kth_smallest(x: Tensor, k: int) -> Tensor:
+def _kth_smallest(x: Tensor, k: int, integer_keys: bool = False) -> Tensor:
     """Per image and channel, the k-th smallest value of the H*W map, shape (N, C, 1, 1)."""
     n, c, h, w = x.shape
     flat = x.reshape(n, c, h * w)
     keys = flat
-    if x.is_floating_point() and x.device.type == "cpu" and bool(flat.amin() >= 0):
+    if integer_keys and x.is_floating_point() and bool(flat.amin() >= 0):
         # Non-negative floats (no NaN) order like their bit patterns read as integers,
         # and selecting among integers is about 20% faster on CPU. (-0.0 reads as the
         # most negative integer: it stays below every other value and, as a float, equals
@@ -203,7 +215,9 @@ def _kth_smallest(x: Tensor, k: int) -> Tensor:
         kth = keys.topk(largest, dim=2, sorted=False).values.amin(dim=2, keepdim=True)
     else:
         kth = keys.kthvalue(k, dim=2, keepdim=True).values
-    return kth.view(x.dtype).reshape(n, c, 1, 1)
+    if keys is not flat:
+        kth = kth.view(x.dtype)
+    return kth.reshape(n, c, 1, 1)
 
 
 def top_fraction_reference(x: Tensor, k: int) -> Tensor:
@@ -222,6 +236,10 @@ def _keep_where(values: Tensor, keep: Tensor) -> Tensor:
     return keep.to(bits).mul_(values.view(bits)).view(values.dtype)
 
 
+def _is_channels_last(x: Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 class _DivisiveNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, sigma: float, pool: int) -> Tensor:
@@ -234,7 +252,6 @@ class _DivisiveNorm(torch.autograd.Function):
         divisor = sigma * peak + (1.0 - sigma) * field + DIVNORM_EPS
         ctx.save_for_backward(x, divisor, field, peak, indices)
         ctx.sigma, ctx.pool = sigma, pool
-        ctx.magnitude_meta = (magnitude.shape, magnitude.stride())
         return x / divisor
 
     @staticmethod
@@ -256,15 +273,16 @@ class _DivisiveNorm(torch.autograd.Function):
         grad_peak = (sigma * grad_divisor).sum(dim=(2, 3), keepdim=True)
         grad_field = (1.0 - sigma) * grad_divisor + \
             (grad_peak / at_peak.sum(dim=(2, 3), keepdim=True)) * at_peak
-        # field = mean_c(pooled): every channel of pooled gets grad_field / C
-        shape, stride = ctx.magnitude_meta
-        grad_pooled = (grad_field / shape[1]).expand(shape).contiguous(
-            memory_format=torch.channels_last)
-        magnitude = torch.empty_strided(shape, stride, dtype=x.dtype, device=x.device)
-        grad_magnitude = torch.ops.aten.max_pool2d_with_indices_backward(
-            grad_pooled, magnitude, [pool, pool], [1, 1], [pool // 2, pool // 2], [1, 1],
-            False, indices)
-        del grad_pooled
+        # field = mean_c(pooled): every channel of pooled gets grad_field / C, which the
+        # max-pool sends to the argmax of each window: scattered straight from the
+        # broadcast N1HW gradient into a buffer in x's layout (max_pool2d's own backward
+        # wants a materialized N,C,H,W gradient and returns channels-last)
+        n, c, h, w = x.shape
+        layout = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+        grad_magnitude = torch.zeros_like(x, memory_format=layout)
+        grad_magnitude.view(n, c, h * w).scatter_add_(
+            2, indices.view(n, c, h * w),
+            (grad_field / c).view(n, 1, h * w).expand(n, c, h * w))
         # |x|' = sgn(x), which for real x is sign(x)
         sign = torch.sign(x, out=work) if not x.is_complex() else x.sgn()
         return grad_x.addcmul_(grad_magnitude, sign), None, None
@@ -273,7 +291,7 @@ class _DivisiveNorm(torch.autograd.Function):
 class _TopFraction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, k: int) -> Tensor:
-        keep = x > _kth_smallest(x, k)
+        keep = x > _kth_smallest(x, k, integer_keys=x.device.type == "cpu")
         ctx.save_for_backward(x, keep)
         ctx.k = k
         return _keep_where(x, keep)
