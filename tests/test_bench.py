@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from hahnet import bench, hah
+from hahnet import bench, hah, layers
 from hahnet.layers import (DivisiveNorm2d, TopFractionThreshold, _DivisiveNorm, _TopFraction,
                            divisive_norm_reference, threshold_rank, top_fraction_reference)
 
@@ -100,9 +100,20 @@ INPUTS = {
 }
 
 
+@pytest.fixture(params=["whole", "chunked"])
+def chunking(request, monkeypatch):
+    """Run the fused paths on the whole batch at once, or image by image (as they do on
+    large activations)."""
+    if request.param == "chunked":
+        for module in (layers, hah):
+            monkeypatch.setattr(module, "CHUNK_ELEMENTS", 1)
+            monkeypatch.setattr(module, "UNCHUNKED_ELEMENTS", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("kind", sorted(INPUTS))
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_fused_layers_match_plain_autograd(kind, channels_last):
+def test_fused_layers_match_plain_autograd(kind, channels_last, chunking):
     torch.manual_seed(0)
     for shape in [(2, 3, 7, 5), (2, 4, 8, 8), (1, 2, 1, 1)]:
         x = INPUTS[kind](shape)
@@ -154,7 +165,7 @@ def _topk_scored(x, w, stride, padding, ratio, demote):
 
 @pytest.mark.parametrize("layout", ["random", "above_tie", "boundary_tie", "few_positive"])
 @pytest.mark.parametrize("channels", [3, 20, 64])
-def test_threshold_score_path_matches_topk_path(layout, channels):
+def test_threshold_score_path_matches_topk_path(layout, channels, chunking):
     """The channel top-K by repeated maxima (with ties settled or handed to topk) gives
     the same score and gradients as topk."""
     torch.manual_seed(1)
@@ -175,7 +186,7 @@ def test_threshold_score_path_matches_topk_path(layout, channels):
         torch.testing.assert_close(a.double(), b.double())
 
 
-def test_bf16_ties_take_topks_choice():
+def test_bf16_ties_take_topks_choice(chunking):
     """bf16 activations tie often; at tied positions the fast path defers to topk."""
     torch.manual_seed(2)
     x = torch.randn(2, 16, 6, 6).bfloat16()

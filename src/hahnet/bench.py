@@ -80,6 +80,7 @@ class BenchConfig:
     apgd_batch_size: int = 32
     sections: tuple[str, ...] = ("steps", "blocks", "eval")
     seed: int = 0
+    clock: str = "wall"
 
     def __post_init__(self) -> None:
         problems = []
@@ -94,6 +95,8 @@ class BenchConfig:
             problems.append("repeats and block_repeats must be >= 1, warmup >= 0")
         if self.eval_batches < 1 or self.apgd_steps < 1 or self.apgd_batch_size < 1:
             problems.append("eval_batches, apgd_steps and apgd_batch_size must be >= 1")
+        if self.clock not in ("wall", "cpu"):
+            problems.append(f"clock must be wall or cpu, got {self.clock!r}")
         unknown = sorted(set(self.sections) - {"steps", "blocks", "eval"})
         if unknown or not self.sections:
             problems.append(f"sections must be among steps, blocks, eval; got {self.sections}")
@@ -132,25 +135,33 @@ def tune_malloc() -> bool:
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_max = -1, -4
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
+    global _MALLOC_TUNED
+    _MALLOC_TUNED = bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
+    return _MALLOC_TUNED
 
 
 # ----------------------------------------------------------------------- timing
 
 
-def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int,
-                     warmup: int) -> dict[str, list[float]]:
-    """Wall-clock seconds of each function over ``repeats`` interleaved rounds, after
-    ``warmup`` untimed rounds."""
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int,
+                     clock: str = "wall") -> dict[str, list[float]]:
+    """Seconds of each function over ``repeats`` interleaved rounds, after ``warmup``
+    untimed rounds. ``clock``: "wall" (perf_counter) or "cpu" (this process's CPU time,
+    user + system: with one thread it ignores the time spent waiting for a core that other
+    processes hold, so it is the steadier measure on a shared machine)."""
+    now = CLOCKS[clock]
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            started = time.perf_counter()
+            started = now()
             fn()
-            times[name].append(time.perf_counter() - started)
+            times[name].append(now() - started)
     return times
 
 
@@ -334,7 +345,7 @@ def block_functions(width: float, batch_size: int, precision: str, channels_last
 
 def eval_throughput(width: float, batch_size: int, precision: str, channels_last: bool,
                     batches: int, apgd_steps: int, apgd_batch_size: int,
-                    seed: int) -> dict[str, Any]:
+                    seed: int, clock: str = "wall") -> dict[str, Any]:
     """Clean images/s and APGD-CE iterations x images / s of an eval-mode HaH VGG16."""
     torch.manual_seed(seed)
     fmt = memory_format(channels_last)
@@ -348,7 +359,7 @@ def eval_throughput(width: float, batch_size: int, precision: str, channels_last
             model(x)
 
     clean()  # warm-up
-    times = time_interleaved({"clean": clean}, batches, 0)["clean"]
+    times = time_interleaved({"clean": clean}, batches, 0, clock)["clean"]
     result: dict[str, Any] = {"clean": {**summary(times),
                                         "images_per_s": batch_size / statistics.median(times),
                                         "batch_size": batch_size}}
@@ -371,13 +382,14 @@ def eval_throughput(width: float, batch_size: int, precision: str, channels_last
     attack = torchattacks.APGD(wrapped, norm="Linf", eps=2 / 255, steps=apgd_steps,
                                n_restarts=1, loss="ce", seed=seed)
     images = torch.rand(apgd_batch_size, 3, 32, 32)
-    labels = torch.randint(0, 10, (apgd_batch_size,))
+    with torch.no_grad():  # APGD only attacks correctly classified images: make them all so
+        labels = wrapped(images).argmax(dim=1)
 
     def apgd() -> None:
         attack(images, labels)
 
     apgd()  # warm-up
-    times = time_interleaved({"apgd": apgd}, batches, 0)["apgd"]
+    times = time_interleaved({"apgd": apgd}, batches, 0, clock)["apgd"]
     result["apgd"] = {**summary(times), "steps": apgd_steps, "batch_size": apgd_batch_size,
                       "iter_images_per_s": apgd_steps * apgd_batch_size / statistics.median(times)}
     return result
@@ -418,6 +430,9 @@ def ratios(steps: dict[str, dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+_MALLOC_TUNED = False
+
+
 def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = None
                   ) -> dict[str, Any]:
     """Measure everything ``config`` asks for; returns a JSON-serializable dict."""
@@ -436,7 +451,8 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = 
                         f"{config.repeats} timed rounds")
                     fns = step_functions(width, config.batch_size, precision, channels_last,
                                          config.seed)
-                    times = time_interleaved(fns, config.repeats, config.warmup)
+                    times = time_interleaved(fns, config.repeats, config.warmup,
+                                             config.clock)
                     run["steps"] = {name: summary(t) for name, t in times.items()}
                     run["ratios"] = ratios(run["steps"])
                     del fns
@@ -445,7 +461,7 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = 
                     blocks = block_functions(width, config.batch_size, precision, channels_last,
                                              config.seed)
                     times = time_interleaved({k: fn for k, (_, fn) in blocks.items()},
-                                             config.block_repeats, 1)
+                                             config.block_repeats, 1, config.clock)
                     run["blocks"] = [{**info, **summary(times[key])}
                                      for key, (info, _) in blocks.items()]
                 if "eval" in config.sections:
@@ -453,9 +469,10 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = 
                     run["eval"] = eval_throughput(width, config.batch_size, precision,
                                                   channels_last, config.eval_batches,
                                                   config.apgd_steps, config.apgd_batch_size,
-                                                  config.seed)
+                                                  config.seed, config.clock)
                 runs.append(run)
-    return {"machine": machine_info(), "config": asdict(config), "runs": runs,
+    machine = {**machine_info(), "malloc": "tuned" if _MALLOC_TUNED else "default"}
+    return {"machine": machine, "config": asdict(config), "runs": runs,
             "targets": {k: {"compare": c, "bound": b, "applies": a}
                         for k, (c, b, a) in TARGETS.items()},
             "seconds": time.perf_counter() - started}
@@ -482,8 +499,9 @@ def format_report(result: dict[str, Any]) -> str:
     cfg = result["config"]
     lines = [f"hahnet bench: torch {m['torch']}, {m['threads']} threads, {m['cpu']} "
              f"(capability {m['cpu_capability']}, avx512_bf16 {m['avx512_bf16']}, "
-             f"amx {m['amx_bf16']}); medians of {cfg['repeats']} interleaved rounds after "
-             f"{cfg['warmup']} warm-up"]
+             f"amx {m['amx_bf16']}), {m.get('malloc', 'default')} malloc; "
+             f"{cfg.get('clock', 'wall')} clock, medians of {cfg['repeats']} interleaved "
+             f"rounds after {cfg['warmup']} warm-up"]
     for run in result["runs"]:
         lines.append("")
         lines.append(f"== VGG16 width {run['width']:g}, batch {run['batch_size']}, "
@@ -571,6 +589,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sections", default=None,
                         help="comma-separated subset of steps,blocks,eval (default all)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default=None,
+                        help="wall (default) or cpu: process CPU time, steadier on a busy "
+                             "machine with --threads 1")
+    parser.add_argument("--malloc", choices=["default", "tuned"], default="default",
+                        help="tuned: keep freed memory in the process (glibc: no mmap, no "
+                             "heap trimming; see docs/performance.md)")
     parser.add_argument("--quick", action="store_true",
                         help="a small configuration that finishes in seconds (for tests)")
     parser.add_argument("--out", metavar="FILE", help="also write the result as JSON")
@@ -581,7 +605,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     for flag, key in (("width", "widths"), ("batch_size", "batch_size"),
                       ("precision", "precisions"), ("channels_last", "channels_last"),
                       ("repeats", "repeats"), ("warmup", "warmup"),
-                      ("apgd_steps", "apgd_steps")):
+                      ("apgd_steps", "apgd_steps"), ("clock", "clock")):
         if getattr(args, flag, None) is not None:
             overrides[key] = getattr(args, flag)
     if getattr(args, "sections", None):
@@ -599,6 +623,9 @@ def run_from_args(args: argparse.Namespace) -> int:
         config = config_from_args(args)
     except ValueError as error:
         print(f"hahnet bench: error: {error}", file=sys.stderr)
+        return 2
+    if getattr(args, "malloc", "default") == "tuned" and not tune_malloc():
+        print("hahnet bench: error: --malloc tuned needs glibc malloc (Linux)", file=sys.stderr)
         return 2
     result = run_benchmark(config, progress=lambda m: print(m, file=sys.stderr, flush=True))
     print(format_report(result))

@@ -87,6 +87,20 @@ def _score_gradient(z: Tensor, top_indices: Tensor, k: int, demote: float) -> Te
 FAST_WINNERS_MAX_K = 32
 
 
+# The score's several passes over a layer's activations run on batch chunks of about
+# this many elements, so that they stay in cache (and the scratch buffers stay small);
+# measured in docs/performance.md.
+CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32
+UNCHUNKED_ELEMENTS = 1 << 16
+
+
+def _chunks(batch: int, per_image: int) -> list[tuple[int, int]]:
+    if batch * per_image <= UNCHUNKED_ELEMENTS:  # small enough to stay in cache as a whole
+        return [(0, batch)]
+    step = max(1, CHUNK_ELEMENTS // max(1, per_image))
+    return [(start, min(batch, start + step)) for start in range(0, batch, step)]
+
+
 class _Winners:
     """Who won the channel top-K at each position, compactly: the positive winners are
     ``z >= threshold`` (N1HW), except at the few positions where values tie across the
@@ -103,22 +117,35 @@ def _winners_by_threshold(z: Tensor, k: int, accumulate: torch.dtype
     """The top-K channels of relu(z) at every position, and the per-position sums of the
     winners' and of all rectified values; ``None`` if z is not finite. Exact: only max,
     compare and 0/1 products (in one scratch buffer), plus topk at tied positions."""
-    work = torch.relu(z)
-    level = work.amax(dim=1, keepdim=True)  # the largest value, or 0
-    if not bool(torch.isfinite(level).all()):
-        return None
-    positive_sum = work.sum(dim=1, dtype=accumulate)
-    for _ in range(k - 1):  # the next smaller distinct value (<= 0 once no positive is left)
-        torch.lt(z, level, out=work)
-        level = work.mul_(z).amax(dim=1, keepdim=True)
-    # level is now the K-th largest distinct value (<= 0 when fewer than K are positive).
-    # The positive winners are those >= max(level, smallest positive number), unless
-    # values tie, which shows as more than K of them.
+    n, c, h, w = z.shape
+    chunks = _chunks(n, c * h * w)
+    scratch = torch.empty_like(z[: chunks[0][1]])
+    threshold = torch.empty((n, 1, h, w), dtype=z.dtype, device=z.device)
+    counts = torch.empty((n, 1, h, w), dtype=z.dtype, device=z.device)
+    top_sum = torch.empty((n, h, w), dtype=accumulate, device=z.device)
+    positive_sum = torch.empty_like(top_sum)
     smallest = torch.nextafter(torch.zeros((), dtype=z.dtype, device=z.device),
                                torch.ones((), dtype=z.dtype, device=z.device))
-    threshold = level.clamp_(min=smallest)
-    won = torch.ge(z, threshold, out=work)
-    over = (won.sum(dim=1, keepdim=True) > k)[:, 0]
+    for start, stop in chunks:
+        part, work = z[start:stop], scratch[: stop - start]
+        torch.clamp(part, min=0, out=work)  # relu
+        level = work.amax(dim=1, keepdim=True)  # the largest value, or 0
+        torch.sum(work, dim=1, dtype=accumulate, out=positive_sum[start:stop])
+        for _ in range(k - 1):  # the next smaller distinct value (<= 0 once none is positive)
+            torch.lt(part, level, out=work)
+            level = work.mul_(part).amax(dim=1, keepdim=True)
+        # level is now the K-th largest distinct value (<= 0 when fewer than K are
+        # positive). The positive winners are those >= max(level, smallest positive
+        # number), unless values tie, which shows as more than K of them.
+        torch.clamp(level, min=smallest, out=threshold[start:stop])
+        won = torch.ge(part, threshold[start:stop], out=work)
+        torch.sum(won, dim=1, keepdim=True, out=counts[start:stop])
+        # winners are positive, so z = relu(z) on them
+        torch.sum(won.mul_(part), dim=1, dtype=accumulate, out=top_sum[start:stop])
+    # inf or NaN in z shows here: +inf/NaN in the positive sum, -inf (0 * -inf) in the top
+    if not bool(torch.isfinite(positive_sum).all() & torch.isfinite(top_sum).all()):
+        return None
+    over = (counts > k)[:, 0]
     tied = chosen = None
     if bool(over.any()):
         # Ties: take topk's choice there, as the plain implementation does (topk on the
@@ -128,28 +155,43 @@ def _winners_by_threshold(z: Tensor, k: int, accumulate: torch.dtype
         chosen = rows.topk(k, dim=1, sorted=False).indices
         picked = torch.zeros_like(rows).scatter_(1, chosen, 1.0).mul_(rows > 0)
         threshold.permute(0, 2, 3, 1)[over] = math.inf
-        won.permute(0, 2, 3, 1)[over] = picked
-    top_sum = won.mul_(z).sum(dim=1, dtype=accumulate)  # winners are positive: z = relu(z)
+        top_sum[over] = (picked * rows).sum(dim=1, dtype=accumulate)
     return _Winners(threshold, tied, chosen), top_sum, positive_sum
 
 
-def _score_gradient_by_winners(z: Tensor, found: _Winners, k: int,
-                               demote: float) -> tuple[Tensor, Tensor]:
-    """:func:`_score_gradient` from a :class:`_Winners` (same arithmetic: the losers'
-    value, plus the winners' boost added to it), and a spare buffer of z's shape."""
+def _weight_gradient_input(z: Tensor, grad_z: Tensor, grad_score: Tensor, found: _Winners,
+                           k: int, demote: float) -> Tensor:
+    """``grad_z + grad_score * dH/dz`` with dH/dz as :func:`_score_gradient` computes it
+    (the losers' value, plus the winners' boost added to it), from a :class:`_Winners`,
+    chunk by chunk."""
     n, c, h, w = z.shape
     scale = 1.0 / (n * h * w)
     loser = -demote / (c - k) if c > k else 0.0
     # the boost rounded to z's dtype first, as _score_gradient's scatter_add adds it
     boost = torch.tensor((1.0 / k - loser) * scale, dtype=z.dtype).item()
-    local = torch.gt(z, 0, out=torch.empty_like(z)).mul_(loser * scale)
-    won = torch.ge(z, found.threshold, out=torch.empty_like(z))
-    local.add_(won, alpha=boost)
-    if found.tied is not None:
-        nn_, hh, ww = (i[:, None].expand_as(found.chosen) for i in found.tied)
-        positive = (z[nn_, found.chosen, hh, ww] > 0).to(z.dtype)
-        local.index_put_((nn_, found.chosen, hh, ww), positive.mul_(boost), accumulate=True)
-    return local, won
+    factor = grad_score.to(z.dtype)
+    out = torch.empty_like(z)
+    chunks = _chunks(n, c * h * w)
+    local_scratch = torch.empty_like(z[: chunks[0][1]])
+    won_scratch = torch.empty_like(local_scratch)
+    for start, stop in chunks:
+        part = z[start:stop]
+        local = torch.gt(part, 0, out=local_scratch[: stop - start]).mul_(loser * scale)
+        won = torch.ge(part, found.threshold[start:stop], out=won_scratch[: stop - start])
+        local.add_(won, alpha=boost)
+        if found.tied is not None:
+            inside = (found.tied[0] >= start) & (found.tied[0] < stop)
+            if bool(inside.any()):
+                chosen = found.chosen[inside]
+                nn_, hh, ww = (i[inside][:, None].expand_as(chosen) for i in found.tied)
+                nn_ = nn_ - start
+                positive = (part[nn_, chosen, hh, ww] > 0).to(z.dtype)
+                local.index_put_((nn_, chosen, hh, ww), positive.mul_(boost), accumulate=True)
+        if z.element_size() >= 4:  # one pass (the fused multiply-add rounds once)
+            torch.addcmul(grad_z[start:stop], local, factor, out=out[start:stop])
+        else:  # bf16/fp16: round the product first, as grad_z + factor * local does
+            torch.add(grad_z[start:stop], local.mul_(factor), out=out[start:stop])
+    return out
 
 
 class _ScoredConv(torch.autograd.Function):
@@ -191,12 +233,8 @@ class _ScoredConv(torch.autograd.Function):
         grad_for_weight = grad_z
         if grad_score is not None:
             if ctx.winners is not None:
-                local, spare = _score_gradient_by_winners(z, ctx.winners, ctx.k, ctx.demote)
-                scale = grad_score.to(z.dtype)
-                if z.element_size() >= 4:  # one pass (the fused multiply-add rounds once)
-                    grad_for_weight = torch.addcmul(grad_z, local, scale, out=spare)
-                else:  # bf16/fp16: round the product first, as grad_z + scale * local does
-                    grad_for_weight = torch.add(grad_z, local.mul_(scale), out=spare)
+                grad_for_weight = _weight_gradient_input(z, grad_z, grad_score, ctx.winners,
+                                                         ctx.k, ctx.demote)
             else:
                 local = _score_gradient(z, ctx.top_indices, ctx.k, ctx.demote)
                 grad_for_weight = grad_z + grad_score.to(z.dtype) * local

@@ -240,19 +240,47 @@ def _is_channels_last(x: Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
+# The fused layers' several passes over the activations run on batch chunks of about
+# this many elements, so that intermediate results stay in cache and scratch buffers stay
+# small (the normalization's peak is per image, so images are independent).
+CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32
+UNCHUNKED_ELEMENTS = 1 << 16
+
+
+def _chunks(batch: int, per_image: int) -> list[tuple[int, int]]:
+    if batch * per_image <= UNCHUNKED_ELEMENTS:  # small enough to stay in cache as a whole
+        return [(0, batch)]
+    step = max(1, CHUNK_ELEMENTS // max(1, per_image))
+    return [(start, min(batch, start + step)) for start in range(0, batch, step)]
+
+
 class _DivisiveNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, sigma: float, pool: int) -> Tensor:
-        magnitude = torch.abs(x, out=torch.empty_like(x, memory_format=torch.channels_last))
-        pooled, indices = torch.ops.aten.max_pool2d_with_indices(
-            magnitude, [pool, pool], [1, 1], [pool // 2, pool // 2])
-        field = pooled.mean(dim=1, keepdim=True)
-        del pooled
+        n, c, h, w = x.shape
+        chunks = _chunks(n, c * h * w)
+        # |x| goes to channels-last scratch: stride-1 max-pooling is ~10x faster there
+        magnitude = torch.empty_like(x[: chunks[0][1]], memory_format=torch.channels_last)
+        pooled = torch.empty_like(magnitude)
+        indices = torch.empty(x.shape, dtype=torch.int64, device=x.device,
+                              memory_format=torch.channels_last)
+        field = torch.empty((n, 1, h, w), dtype=x.dtype, device=x.device)
+        out = torch.empty_like(x)
+        for start, stop in chunks:
+            size = stop - start
+            part_magnitude, part_pooled = magnitude[:size], pooled[:size]
+            torch.abs(x[start:stop], out=part_magnitude)
+            torch.ops.aten.max_pool2d_with_indices.out(
+                part_magnitude, [pool, pool], [1, 1], [pool // 2, pool // 2], [1, 1], False,
+                out=part_pooled, indices=indices[start:stop])
+            torch.mean(part_pooled, dim=1, keepdim=True, out=field[start:stop])
         peak = field.amax(dim=(2, 3), keepdim=True)
         divisor = sigma * peak + (1.0 - sigma) * field + DIVNORM_EPS
+        for start, stop in chunks:
+            torch.div(x[start:stop], divisor[start:stop], out=out[start:stop])
         ctx.save_for_backward(x, divisor, field, peak, indices)
         ctx.sigma, ctx.pool = sigma, pool
-        return x / divisor
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None]:
@@ -262,30 +290,40 @@ class _DivisiveNorm(torch.autograd.Function):
             with torch.enable_grad():
                 again = divisive_norm_reference(x, sigma, pool)
             return torch.autograd.grad(again, x, grad, create_graph=True)[0], None, None
-        # out = x / d:  dx = g / d  and  dd = -sum_c(dx * x) / d  (d is N1HW; no d^2,
-        # which can overflow)
-        grad_x = grad / divisor
-        work = torch.mul(grad_x, x)
-        grad_divisor = work.sum(dim=1, keepdim=True).div_(divisor).neg_()
-        # d = sigma * peak + (1 - sigma) * field; the peak's gradient is shared evenly by
-        # the positions at the maximum (as amax's backward does)
-        at_peak = field == peak
-        grad_peak = (sigma * grad_divisor).sum(dim=(2, 3), keepdim=True)
-        grad_field = (1.0 - sigma) * grad_divisor + \
-            (grad_peak / at_peak.sum(dim=(2, 3), keepdim=True)) * at_peak
-        # field = mean_c(pooled): every channel of pooled gets grad_field / C, which the
-        # max-pool sends to the argmax of each window: scattered straight from the
-        # broadcast N1HW gradient into a buffer in x's layout (max_pool2d's own backward
-        # wants a materialized N,C,H,W gradient and returns channels-last)
         n, c, h, w = x.shape
+        chunks = _chunks(n, c * h * w)
         layout = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
-        grad_magnitude = torch.zeros_like(x, memory_format=layout)
-        grad_magnitude.view(n, c, h * w).scatter_add_(
-            2, indices.view(n, c, h * w),
-            (grad_field / c).view(n, 1, h * w).expand(n, c, h * w))
-        # |x|' = sgn(x), which for real x is sign(x)
-        sign = torch.sign(x, out=work) if not x.is_complex() else x.sgn()
-        return grad_x.addcmul_(grad_magnitude, sign), None, None
+        grad_x = torch.empty_like(x, memory_format=layout)
+        work = torch.empty_like(x[: chunks[0][1]], memory_format=layout)
+        grad_magnitude = torch.empty_like(work)
+        at_peak = field == peak
+        peak_count = at_peak.sum(dim=(2, 3), keepdim=True)
+        for start, stop in chunks:
+            size = stop - start
+            part_x, part_grad_x, part_work = x[start:stop], grad_x[start:stop], work[:size]
+            part_divisor = divisor[start:stop]
+            # out = x / d:  dx = g / d  and  dd = -sum_c(dx * x) / d  (d is N1HW; no d^2,
+            # which can overflow)
+            torch.div(grad[start:stop], part_divisor, out=part_grad_x)
+            torch.mul(part_grad_x, part_x, out=part_work)
+            grad_divisor = part_work.sum(dim=1, keepdim=True).div_(part_divisor).neg_()
+            # d = sigma * peak + (1 - sigma) * field; the peak's gradient is shared evenly
+            # by the positions at the maximum (as amax's backward does)
+            grad_peak = (sigma * grad_divisor).sum(dim=(2, 3), keepdim=True)
+            part_at_peak = at_peak[start:stop]
+            grad_field = (1.0 - sigma) * grad_divisor + \
+                (grad_peak / peak_count[start:stop]) * part_at_peak
+            # field = mean_c(pooled): every channel of pooled gets grad_field / C, which
+            # the max-pool sends to the argmax of each window: scattered straight from the
+            # broadcast N1HW gradient (max_pool2d's own backward wants it materialized)
+            part_grad_magnitude = grad_magnitude[:size].zero_()
+            part_grad_magnitude.view(size, c, h * w).scatter_add_(
+                2, indices[start:stop].view(size, c, h * w),
+                (grad_field / c).view(size, 1, h * w).expand(size, c, h * w))
+            # |x|' = sgn(x), which for real x is sign(x)
+            sign = torch.sign(part_x, out=part_work) if not x.is_complex() else part_x.sgn()
+            part_grad_x.addcmul_(part_grad_magnitude, sign)
+        return grad_x, None, None
 
 
 class _TopFraction(torch.autograd.Function):
