@@ -80,6 +80,8 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--reference", action="store_true",
+                        help="also time (c), the authors' reference procedure, before and after")
     parser.add_argument("--malloc", choices=["default", "tuned"], default="default",
                         help="tuned: hahnet.bench.tune_malloc() (no mmap, no heap trimming)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
@@ -123,6 +125,14 @@ def main() -> None:
     steps = {"before hah": make(old, True), "after hah": make(new, True),
              "before plain": make(old_plain, False), "after plain": make(new_plain, False),
              "standard": make(std, False)}
+    if args.reference:
+        from hahnet.bench import ReferenceStep
+
+        for when, model in (("before", copy.deepcopy(old_plain)), ("after", copy.deepcopy(new))):
+            if when == "before":
+                patch_to_old(model, old_layers, old_hah)
+            reference = ReferenceStep(model, torch.optim.Adam(model.parameters(), lr=1e-3))
+            steps[f"{when} reference"] = (lambda reference=reference: reference(x, y, args.precision))
     for _ in range(args.warmup):
         for step in steps.values():
             step()
@@ -141,8 +151,11 @@ def main() -> None:
     for name, value in med.items():
         print(f"  {name:14s} {value * 1e3:9.1f} ms")
     for when in ("before", "after"):
-        print(f"  {when:6s}: a/b = {med[f'{when} hah'] / med[f'{when} plain']:.3f}   "
-              f"a/d = {med[f'{when} hah'] / med['standard']:.3f}")
+        line = (f"  {when:6s}: a/b = {med[f'{when} hah'] / med[f'{when} plain']:.3f}   "
+                f"a/d = {med[f'{when} hah'] / med['standard']:.3f}")
+        if f"{when} reference" in med:
+            line += f"   c/a = {med[f'{when} reference'] / med[f'{when} hah']:.3f}"
+        print(line)
     print(f"  speed-up of the HaH step: {med['before hah'] / med['after hah']:.2f}x, "
           f"of the plain step: {med['before plain'] / med['after plain']:.2f}x")
 

@@ -184,16 +184,17 @@ def memory_format(channels_last: bool) -> torch.memory_format:
 
 
 def reference_score(z: Tensor, ratio: float = 0.1, demote: float = 1.0) -> Tensor:
-    """The HaH score as plain autograd code (channel top-K of relu(z)), as the authors
-    compute it; deliberately independent of :mod:`hahnet.hah`'s fused implementation."""
+    """The HaH score as plain autograd code, literally as docs/METHOD.md states it (and as
+    tests/test_hah.py's reference does): sort relu(z) over the channels, mean of the top K
+    minus ``demote`` times the mean of the rest. Deliberately independent of
+    :mod:`hahnet.hah`'s one-pass implementation."""
     channels = z.shape[1]
     k = winners(channels, ratio)
     rectified = torch.relu(z).to(torch.promote_types(z.dtype, torch.float32))
-    top = rectified.topk(k, dim=1).values
-    top_mean = top.mean(dim=1)
-    rest_mean = (rectified.sum(dim=1) - top.sum(dim=1)) / (channels - k) if channels > k \
-        else torch.zeros_like(top_mean)
-    return (top_mean - demote * rest_mean).mean()
+    ordered = rectified.sort(dim=1, descending=True).values
+    top = ordered[:, :k].mean(dim=1)
+    rest = ordered[:, k:].mean(dim=1) if channels > k else torch.zeros_like(top)
+    return (top - demote * rest).mean()
 
 
 class ReferenceStep:
@@ -418,6 +419,14 @@ def machine_info() -> dict[str, Any]:
             "amx_bf16": "amx_bf16" in flags.split()}
 
 
+def machine_load() -> float | None:
+    """The 1-minute load average (other processes and our own), where the OS reports it."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
 def ratios(steps: dict[str, dict[str, Any]]) -> dict[str, float]:
     median = {name: entry["median_s"] for name, entry in steps.items()}
     out = {}
@@ -438,6 +447,11 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = 
     """Measure everything ``config`` asks for; returns a JSON-serializable dict."""
     say = progress or (lambda message: None)
     started = time.perf_counter()
+    busy = machine_load()
+    if busy is not None and config.clock == "wall" and busy > (os.cpu_count() or 1) - 0.5:
+        say(f"warning: the machine is busy (load {busy:.1f} on {os.cpu_count()} cores): "
+            f"wall-clock timings with {torch.get_num_threads()} threads stall on every "
+            f"parallel op; for steady ratios use --threads 1 --clock cpu")
     runs = []
     for width in config.widths:
         for precision in config.precisions:
@@ -472,6 +486,7 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = 
                                                   config.seed, config.clock)
                 runs.append(run)
     machine = {**machine_info(), "malloc": "tuned" if _MALLOC_TUNED else "default"}
+    machine["load_average_at_start"] = busy
     return {"machine": machine, "config": asdict(config), "runs": runs,
             "targets": {k: {"compare": c, "bound": b, "applies": a}
                         for k, (c, b, a) in TARGETS.items()},
