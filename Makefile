@@ -4,7 +4,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
-DATA ?= ../shared/data/cifar10-jpeg
+# Empty: ../shared/data/cifar10-jpeg when present, else CIFAR-10 downloaded into ./data.
+DATA ?=
 
 .PHONY: venv demo test bench clean
 
@@ -18,7 +19,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 venv: $(BIN)/.installed
 
 demo: venv
-	$(BIN)/hahnet demo --data $(DATA)
+	$(BIN)/hahnet reproduce --preset demo --out runs/demo $(if $(DATA),--data $(DATA))
 
 test: venv
 	$(BIN)/python -m pytest

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -380,10 +381,73 @@ def add_eval_parser(subparsers) -> None:
     parser.set_defaults(func=cmd_eval)
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    """Load checkpoints and data, print an ETA, evaluate under tqdm bars, write the report."""
+def evaluate_with_progress(model, images, labels, settings, device, path: str,
+                           info: dict[str, Any]):
+    """Evaluate one loaded checkpoint under a tqdm bar per phase and print its summary."""
     from tqdm import tqdm
 
+    from hahnet import evaluate as ev
+    from hahnet import report
+
+    bar: dict[str, Any] = {"current": None}
+    name = ev.checkpoint_name(path)
+
+    def close_bar() -> None:
+        if bar["current"] is not None:
+            bar["current"].close()
+            bar["current"] = None
+
+    def open_bar(phase: str, total: int):
+        close_bar()
+        bar["current"] = tqdm(total=total, desc=f"{name}: {phase}", unit="img", leave=False,
+                              dynamic_ncols=True, file=sys.stderr)
+        return bar["current"].update
+
+    try:
+        result = ev.evaluate_model(model, images, labels, settings, device, progress=open_bar,
+                                   name=name, checkpoint=str(path), info=info)
+    except ev.EvalError as error:
+        raise UserError(f"{path}: {error}") from None
+    finally:
+        close_bar()
+    numbers = report.summary(result)
+    tqdm.write(f"{name}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in numbers.items()
+                                        if v is not None)
+               + f" ({sum(result.seconds.values()):.0f} s)", file=sys.stderr)
+    return result
+
+
+def check_and_estimate(path: str, info: dict[str, Any], model, test, settings, device) -> float:
+    """Check the test data fit the model (one-line UserError if not); print and return
+    the estimated evaluation seconds."""
+    from hahnet import evaluate as ev
+
+    try:
+        ev.check_compatible(model, test.images, test.labels, test.classes,
+                            (info.get("dataset") or {}).get("classes"))
+        estimate = ev.estimate_seconds(model, settings, len(test), tuple(test.images.shape[1:]),
+                                       device=device)
+    except ev.EvalError as error:
+        raise UserError(f"{path}: {error}") from None
+    phases = ", ".join(f"{k} {minutes(v)}" for k, v in estimate.items() if k != "total")
+    print(f"{path}: ~{minutes(estimate['total'])} ({phases})", file=sys.stderr)
+    return estimate["total"]
+
+
+def warn_gradient_masking(results, report_path: Path) -> None:
+    for result in results:
+        for norm, suite in result.attacks.items():
+            if suite.comparison.black_box_beats_gradient:
+                print(f"warning: {result.name}: Square beats the gradient attacks at {norm} "
+                      f"(gradient masking?); see {report_path}", file=sys.stderr)
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Load checkpoints and data, print an ETA, evaluate under tqdm bars, write the report."""
     from hahnet import checkpoint, report
     from hahnet import evaluate as ev
     from hahnet.data import subset
@@ -416,68 +480,199 @@ def cmd_eval(args: argparse.Namespace) -> int:
         square_queries=max(args.square_queries, 0), attack_seed=args.seed,
         attack_batch_size=args.batch_size, snr_seed=args.seed, batch_size=args.batch_size)
 
-    def minutes(seconds: float) -> str:
-        return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
-
-    eta = 0.0
-    for path, info, model in models:
-        try:
-            ev.check_compatible(model, test.images, test.labels, test.classes,
-                                (info.get("dataset") or {}).get("classes"))
-            estimate = ev.estimate_seconds(model, settings, len(test), tuple(test.images.shape[1:]),
-                                           device=device)
-        except ev.EvalError as error:
-            raise UserError(f"{path}: {error}") from None
-        eta += estimate["total"]
-        phases = ", ".join(f"{k} {minutes(v)}" for k, v in estimate.items() if k != "total")
-        print(f"{path}: ~{minutes(estimate['total'])} ({phases})", file=sys.stderr)
+    eta = sum(check_and_estimate(path, info, model, test, settings, device)
+              for path, info, model in models)
     print(f"evaluating {len(models)} checkpoint(s) on {len(test)} test images on {device}; "
           f"ETA ~{minutes(eta)} (attacks estimated as if every image survived every stage)",
           file=sys.stderr)
 
-    bar: dict[str, Any] = {"current": None}
-
-    def close_bar() -> None:
-        if bar["current"] is not None:
-            bar["current"].close()
-            bar["current"] = None
-
-    def phases(name: str):
-        def open_bar(phase: str, total: int):
-            close_bar()
-            bar["current"] = tqdm(total=total, desc=f"{name}: {phase}", unit="img", leave=False,
-                                  dynamic_ncols=True, file=sys.stderr)
-            return bar["current"].update
-        return open_bar
-
     results = []
     for path, info, model in models:
-        name = ev.checkpoint_name(path)
-        try:
-            result = ev.evaluate_model(model, test.images, test.labels, settings, device,
-                                       progress=phases(name), name=name, checkpoint=str(path),
-                                       info=info)
-        except ev.EvalError as error:
-            raise UserError(f"{path}: {error}") from None
-        finally:
-            close_bar()
-        results.append(result)
-        numbers = report.summary(result)
-        tqdm.write(f"{name}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in numbers.items()
-                                            if v is not None)
-                   + f" ({sum(result.seconds.values()):.0f} s)", file=sys.stderr)
-    data = {"path": str(args.data or DEFAULT_DATA), "name": dataset.name, "split": "test",
-            "n_images": len(test), "limit": args.limit, "limit_seed": args.limit_seed,
-            "classes": list(test.classes)}
+        results.append(evaluate_with_progress(model, test.images, test.labels, settings, device,
+                                              path, info))
+    data = {**eval_data(args.data or DEFAULT_DATA, dataset, test, args.limit),
+            "limit_seed": args.limit_seed}
     paths = report.write_report(results, args.out, data)
     print(report.paper_table(results))
-    for result in results:
-        for norm, suite in result.attacks.items():
-            if suite.comparison.black_box_beats_gradient:
-                print(f"warning: {result.name}: Square beats the gradient attacks at {norm} "
-                      f"(gradient masking?); see {paths['report.md']}", file=sys.stderr)
+    warn_gradient_masking(results, paths["report.md"])
     print(f"report: {paths['report.md']}")
     return 0
+
+
+# ---------------------------------------------------------------- presets, reproduce
+
+def add_presets_parser(subparsers) -> None:
+    parser = subparsers.add_parser("presets", help="list the reproduce presets and their settings",
+                                   description="Print each preset (or the one named): what it "
+                                               "is for and every setting it fixes.")
+    parser.add_argument("name", nargs="?", help="one preset (default: all)")
+    parser.set_defaults(func=cmd_presets)
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from hahnet.presets import PRESETS, get_preset
+
+    try:
+        chosen = [get_preset(args.name)] if args.name else list(PRESETS.values())
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    print("\n\n".join(p.summary() for p in chosen))
+    return 0
+
+
+EVAL_OPTIONS = ("limit", "attack_limit", "noise_draws", "apgd_steps", "square_limit")
+
+
+def add_reproduce_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "reproduce", help="train standard + HaH VGG, evaluate both, write the paper's table",
+        description="Train the standard and the HaH network of a preset (resumable: finished "
+                    "runs and evaluations are reused), evaluate both as the paper does and "
+                    "write DIR/report.md, DIR/results.json and plots. Every preset setting can "
+                    "be overridden with the flags below; see `hahnet presets`.")
+    parser.add_argument("--preset", default="demo", help="paper, cpu or demo (demo)")
+    parser.add_argument("--data", help=f"dataset path (default {DEFAULT_DATA} if present, else "
+                                       f"CIFAR-10 downloaded into ./data)")
+    parser.add_argument("--cache-dir", help="where decoded image folders are cached")
+    parser.add_argument("--download", action="store_true", help="download CIFAR-10 if --data is missing")
+    parser.add_argument("--out", help="experiment directory (default runs/<preset>)")
+    parser.add_argument("--re-evaluate", action="store_true",
+                        help="evaluate again even when a saved evaluation matches")
+    group = parser.add_argument_group("evaluation (defaults: the preset's)")
+    group.add_argument("--limit", type=int, metavar="N", help="a fixed seeded subset of N test images (0 = all)")
+    group.add_argument("--attack-limit", type=int, metavar="N", help="attack a seeded N of them (0 = all)")
+    group.add_argument("--noise", type=parse_floats, metavar="SIGMAS", help="noise sigmas, e.g. 0.05,0.1")
+    group.add_argument("--noise-draws", type=int, help="noise draws per sigma")
+    group.add_argument("--apgd-steps", type=int, help="APGD steps")
+    group.add_argument("--square-limit", type=int, metavar="N", help="Square attack on N images (0 = none)")
+    group.add_argument("--no-attacks", action="store_true", help="skip the adversarial attacks")
+    group.add_argument("--eval-batch-size", type=int, default=128, help="evaluation batch size (128)")
+    add_train_options(parser)
+    parser.set_defaults(func=cmd_reproduce)
+
+
+def eval_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """EvalSettings fields (and ``limit``) given on the reproduce command line."""
+    overrides: dict[str, Any] = {k: getattr(args, k) for k in EVAL_OPTIONS
+                                 if getattr(args, k) is not None}
+    for key in ("limit", "attack_limit"):
+        if overrides.get(key) == 0:
+            overrides[key] = None
+    if args.noise is not None:
+        overrides["noise_sigmas"] = tuple(args.noise)
+    if args.no_attacks:
+        overrides["attacks"] = False
+    if args.eval_batch_size < 1:
+        raise UserError(f"--eval-batch-size must be >= 1, got {args.eval_batch_size}")
+    overrides["batch_size"] = overrides["attack_batch_size"] = args.eval_batch_size
+    return overrides
+
+
+def default_data(data: str | None, download: bool) -> tuple[str, bool]:
+    """The data to use: --data as given, else the CIFAR-10 JPEG copy when present, else
+    CIFAR-10 downloaded into ./data (a failed download says how to point --data)."""
+    if data:
+        return data, download
+    if Path(DEFAULT_DATA).exists():
+        return DEFAULT_DATA, download
+    print(f"{DEFAULT_DATA} not found: using CIFAR-10 in ./data (downloading it if needed)",
+          file=sys.stderr)
+    return "data", True
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    """Train both networks of a preset, evaluate them (reusing what is done), report."""
+    from hahnet import checkpoint, distributed, report
+    from hahnet import reproduce as rp
+    from hahnet.data import subset
+    from hahnet.presets import get_preset
+    from hahnet.train import resolve_device
+
+    if distributed.launched():
+        raise UserError("reproduce runs in one process; under torchrun use `hahnet train` for "
+                        "each network, then `hahnet eval`")
+    try:
+        preset = get_preset(args.preset)
+        settings, limit = preset.eval_settings(**eval_overrides(args))
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    if args.hah is not None:
+        raise UserError("reproduce trains both networks; drop --hah / --no-hah")
+    train = {**preset.train, **train_overrides(args)}
+    out = Path(args.out or f"runs/{preset.name}")
+    data, download = default_data(args.data, args.download)
+    configure_threads(distributed.default_threads(args.threads))
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    runs = rp.run_dirs(out)
+
+    for name, run_dir in runs.items():
+        wanted = {**train, "hah": name == "hah"}
+        try:
+            mismatch = rp.config_mismatch(run_dir, wanted)
+            history = rp.read_history(run_dir)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+        if mismatch:
+            raise UserError(f"{run_dir} holds a run with other settings ({mismatch}); pass "
+                            f"another --out or delete {run_dir}")
+        if history and history[-1]["epoch"] + 1 >= train["epochs"] \
+                and (run_dir / checkpoint.MODEL_FILE).exists():
+            print(f"{name}: trained ({train['epochs']} epochs) in {run_dir}; reusing it",
+                  file=sys.stderr)
+            continue
+        run_training(wanted, data, str(run_dir), "auto", args.device,
+                     args.cache_dir, download)
+
+    dataset = load_data(data, args.cache_dir, download)
+    test = subset(dataset.test, limit, 0) if limit else dataset.test
+    results = []
+    for name, run_dir in runs.items():
+        try:
+            info, model = checkpoint.read_info(run_dir), checkpoint.load(run_dir, device=device)
+        except checkpoint.CheckpointError as error:
+            raise UserError(str(error)) from None
+        saved = run_dir / rp.EVAL_DIR / "results.json"
+        if saved.exists() and not args.re_evaluate:
+            try:
+                cached = report.read_results(saved)[0][0]
+            except (ValueError, IndexError) as error:
+                raise UserError(f"{error}") from None
+            if rp.reusable(cached, info, settings, limit):
+                print(f"{name}: reusing the evaluation in {saved}", file=sys.stderr)
+                results.append(cached)
+                continue
+        check_and_estimate(str(run_dir), info, model, test, settings, device)
+        result = evaluate_with_progress(model, test.images, test.labels, settings, device,
+                                        str(run_dir), info)
+        result.settings = rp.settings_record(settings, limit)
+        report.write_report([result], run_dir / rp.EVAL_DIR, eval_data(data, dataset, test, limit))
+        results.append(result)
+
+    given = list(getattr(args, "argv", None) or ["reproduce", "--preset", preset.name])
+    for flag, value in (("--data", data), ("--out", str(out))):
+        if flag not in given:
+            given += [flag, value]
+    command = "hahnet " + shlex.join(given)
+    label = "CIFAR-10 (JPEG copy)" if "cifar10-jpeg" in str(data) else dataset.describe()
+    paths = report.write_report(
+        results, out, eval_data(data, dataset, test, limit),
+        title=f"Reproducing the paper: preset {preset.name}",
+        preamble=rp.preamble(preset, train, command, label),
+        histories={name: rp.read_history(run_dir) for name, run_dir in runs.items()},
+        extra={"preset": preset.name, "train": train, "runs": {k: str(v) for k, v in runs.items()}})
+    print(report.paper_table(results))
+    warn_gradient_masking(results, paths["report.md"])
+    print(f"report: {paths['report.md']}")
+    return 0
+
+
+def eval_data(path: str, dataset, test, limit: int | None) -> dict[str, Any]:
+    """How the evaluated images were chosen, for results.json and the report."""
+    return {"path": str(path), "name": dataset.name, "split": "test", "n_images": len(test),
+            "limit": limit, "limit_seed": 0, "classes": list(test.classes)}
 
 
 # ---------------------------------------------------------------- bench
@@ -508,15 +703,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hahnet", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_train_parser(subparsers)
-    for name in ("add_eval_parser", "add_bench_parser", "add_reproduce_parser"):
-        if name in globals():
-            globals()[name](subparsers)
+    add_eval_parser(subparsers)
+    add_reproduce_parser(subparsers)
+    add_presets_parser(subparsers)
+    add_bench_parser(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for reports: how to rerun
     try:
         return args.func(args)
     except UserError as error:

@@ -692,6 +692,37 @@ def evaluate_model(model: nn.Module, images: Tensor, labels: Tensor, settings: E
                       asdict(s), seconds)
 
 
+def result_from_dict(data: dict[str, Any]) -> EvalResult:
+    """Rebuild an :class:`EvalResult` from its JSON form (one entry of results.json's
+    "models"), so saved evaluations can be reported again without re-running them."""
+    def attack(d: dict[str, Any] | None) -> AttackResult | None:
+        if d is None:
+            return None
+        return AttackResult(**{**d, "accuracy": _float(d["accuracy"])})
+
+    def suite(d: dict[str, Any]) -> AttackSuite:
+        return AttackSuite(d["norm"], d["eps"], list(d["indices"]), attack(d["apgd"]),
+                           attack(d.get("pgd")), attack(d.get("square")),
+                           AttackComparison(**d["comparison"]))
+
+    snr = data.get("snr")
+    return EvalResult(
+        name=data["name"], checkpoint=data.get("checkpoint"), model=data.get("model") or {},
+        info=data.get("info") or {}, n_images=data["n_images"],
+        clean_accuracy=_float(data["clean_accuracy"]),
+        noise=NoiseResult(**data["noise"]) if data.get("noise") else None,
+        attacks={norm: suite(d) for norm, d in (data.get("attacks") or {}).items()},
+        sparsity=[LayerSparsity(**d) for d in data.get("sparsity") or []],
+        snr=None if snr is None else SNRResult(snr["sigma"], snr["seed"], snr["input_db"],
+                                               [LayerSNR(**d) for d in snr["layers"]]),
+        filters=data.get("filters"), settings=data.get("settings") or {},
+        seconds=data.get("seconds") or {})
+
+
+def _float(value: float | None) -> float:
+    return float("nan") if value is None else float(value)
+
+
 def _config_dict(model: nn.Module) -> dict[str, Any]:
     config = getattr(model, "config", None)
     return config.to_dict() if hasattr(config, "to_dict") else {"class": type(model).__name__}

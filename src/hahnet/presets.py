@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from hahnet.evaluate import EvalSettings
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -17,12 +19,24 @@ class Preset:
     train: dict[str, Any] = field(default_factory=dict)
     evaluate: dict[str, Any] = field(default_factory=dict)
 
+    def eval_settings(self, **overrides: Any) -> tuple[EvalSettings, int | None]:
+        """The evaluation settings and the test-subset size (None = the whole test set),
+        with ``overrides`` (EvalSettings fields or ``limit``) applied."""
+        values = {**self.evaluate, **overrides}
+        limit = values.pop("limit", None)
+        try:
+            return EvalSettings(**values), limit
+        except TypeError as error:
+            raise ValueError(f"preset {self.name}: {error}") from None
+
     def summary(self) -> str:
         lines = [f"{self.name}: {self.description}"]
         lines += [f"  train.{k} = {v}" for k, v in sorted(self.train.items())]
         lines += [f"  eval.{k} = {v}" for k, v in sorted(self.evaluate.items())]
         return "\n".join(lines)
 
+
+NOISE_CURVE = (0.02, 0.05, 0.1, 0.15, 0.2)
 
 PAPER = Preset(
     "paper",
@@ -32,8 +46,8 @@ PAPER = Preset(
     "Meant for a GPU (a CPU needs days).",
     train=dict(arch="vgg16", width=1.0, epochs=100, batch_size=128, lr=1e-3,
                milestones=(0.6, 0.8), seed=2022, demote=1.0),
-    evaluate=dict(limit=None, attack_limit=None, noise=(0.02, 0.05, 0.1, 0.15, 0.2),
-                  noise_draws=3, eps_linf=2 / 255, eps_l2=0.25, compare_limit=1000),
+    evaluate=dict(limit=None, attack_limit=None, noise_sigmas=NOISE_CURVE, noise_draws=3,
+                  eps_linf=2 / 255, eps_l2=0.25, square_limit=1000),
 )
 
 CPU = Preset(
@@ -46,8 +60,8 @@ CPU = Preset(
     "(clean and noise on all 10,000).",
     train=dict(arch="vgg16", width=0.25, epochs=20, batch_size=128, lr=1e-3,
                milestones=(0.6, 0.8), seed=2022, demote=1.0),
-    evaluate=dict(limit=None, attack_limit=1000, noise=(0.02, 0.05, 0.1, 0.15, 0.2),
-                  noise_draws=3, eps_linf=2 / 255, eps_l2=0.25, compare_limit=200),
+    evaluate=dict(limit=None, attack_limit=1000, noise_sigmas=NOISE_CURVE, noise_draws=3,
+                  eps_linf=2 / 255, eps_l2=0.25, square_limit=200),
 )
 
 DEMO = Preset(
@@ -57,8 +71,9 @@ DEMO = Preset(
     "100. Shows the machinery, not the paper's numbers.",
     train=dict(arch="vgg16", width=0.125, epochs=2, batch_size=128, lr=1e-3,
                milestones=(0.6, 0.8), seed=2022, demote=1.0, limit_train=10_000),
-    evaluate=dict(limit=1000, attack_limit=100, noise=(0.05, 0.1, 0.2), noise_draws=1,
-                  eps_linf=2 / 255, eps_l2=0.25, compare_limit=50),
+    evaluate=dict(limit=1000, attack_limit=100, noise_sigmas=(0.05, 0.1, 0.2), noise_draws=1,
+                  eps_linf=2 / 255, eps_l2=0.25, pgd_restarts=1, square_limit=50,
+                  square_queries=300),
 )
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (PAPER, CPU, DEMO)}

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
-import tempfile
 from dataclasses import asdict, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from hahnet.evaluate import EvalResult
+from hahnet.checkpoint import atomic_write
+from hahnet.evaluate import EvalResult, result_from_dict
 
 FORMAT = "hahnet-eval-1"
 # The paper's CIFAR-10 VGG16 numbers (METHOD.md), in percent.
@@ -25,20 +24,7 @@ PAPER_SETTINGS = {"noise": 0.1, "linf": 2 / 255, "l2": 0.25}
 FILES = ("results.json", "report.md", "noise.png", "sparsity.png", "snr.png", "filters.png")
 
 
-# ------------------------------------------------------------------------ atomic I/O
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` to a temporary file beside ``path``, then os.replace it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
+# ------------------------------------------------------------------------ JSON I/O
 
 def _write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
@@ -84,6 +70,28 @@ def results_json(results: Sequence[EvalResult], data: dict[str, Any] | None = No
 
 
 # --------------------------------------------------------------------------- tables
+
+def read_results(path: str | Path) -> tuple[list[EvalResult], dict[str, Any]]:
+    """The results and data description saved in a results.json by :func:`write_report`.
+    Raises ValueError (one line) for a missing, corrupt or foreign file."""
+    path = Path(path)
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such results file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a readable results.json ({error}); delete it and "
+                         f"re-run the evaluation") from None
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a hahnet evaluation ({FORMAT!r} expected); delete it "
+                         f"and re-run the evaluation")
+    try:
+        results = [result_from_dict(model) for model in document["models"]]
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{path}: incomplete results ({error}); delete it and re-run the "
+                         f"evaluation") from None
+    return results, document.get("data") or {}
+
 
 def labels(results: Sequence[EvalResult]) -> list[str]:
     """Unique column names for the models (their names, numbered when repeated)."""
@@ -231,12 +239,29 @@ def snr_table(results: Sequence[EvalResult]) -> str:
     return _layer_table(results, cell, first)
 
 
+def training_table(histories: dict[str, Sequence[dict[str, Any]]]) -> str:
+    """One row per trained model: epochs, final train and held-out accuracy, time."""
+    rows = []
+    for name, epochs in histories.items():
+        if not epochs:
+            continue
+        last, seconds = epochs[-1], sum(e.get("seconds", 0.0) for e in epochs)
+        rows.append([name, str(last["epoch"] + 1), _pct(last.get("train_acc")),
+                     f"{_pct(last.get('eval_acc'))} ({last.get('eval_split', '?')})",
+                     f"{seconds / 60:.1f} min", f"{seconds / len(epochs):.0f} s"])
+    return _table(["Model", "epochs", "train acc", "eval acc (split)", "training time",
+                   "per epoch"], rows)
+
+
 def render_markdown(results: Sequence[EvalResult], data: dict[str, Any] | None = None,
-                    plots: Sequence[str] = ()) -> str:
-    """The whole report as Markdown."""
+                    plots: Sequence[str] = (), title: str = "HaH evaluation report",
+                    preamble: str = "",
+                    histories: dict[str, Sequence[dict[str, Any]]] | None = None) -> str:
+    """The whole report as Markdown; ``preamble`` (Markdown) follows the title and
+    ``histories`` (per-epoch training metrics per model) adds a training section."""
     data, v = data or {}, versions()
     s = results[0].settings if results else {}
-    parts = ["# HaH evaluation report", "",
+    parts = [f"# {title}", ""] + ([preamble.rstrip(), ""] if preamble else []) + [
              f"Data: `{data.get('path', '?')}` ({data.get('name', '?')}, split "
              f"{data.get('split', 'test')}), {results[0].n_images if results else 0} images"
              + (f" (seeded subset, seed {data.get('limit_seed')})" if data.get("limit") else "")
@@ -249,6 +274,10 @@ def render_markdown(results: Sequence[EvalResult], data: dict[str, Any] | None =
              "## Accuracy (measured vs the paper's CIFAR-10 VGG16)", "", main_table(results), "",
              "Paper rows are full-width VGG16 trained 100 epochs on all 10,000 test images; "
              "measured rows are what this run found.", ""]
+    if histories:
+        parts += ["## Training", "", training_table(histories), "",
+                  "Training time is wall-clock as measured, including any time the machine "
+                  "spent on other work.", ""]
     if any(r.noise for r in results):
         parts += ["## Gaussian noise", "", noise_table(results), ""]
     if any(r.attacks for r in results):
@@ -375,9 +404,36 @@ def plot_filters(results: Sequence[EvalResult], path: Path) -> None:
 
 # ----------------------------------------------------------------------------- all
 
+def plot_training(histories: dict[str, Sequence[dict[str, Any]]], path: Path) -> None:
+    """Training loss and train / held-out accuracy per epoch, one colour per model."""
+    def draw(fig: Any) -> None:
+        axes = fig.subplots(1, 2)
+        for index, (name, epochs) in enumerate(histories.items()):
+            xs, color = [e["epoch"] + 1 for e in epochs], f"C{index}"
+            axes[0].plot(xs, [e["train_loss"] for e in epochs], color=color, label=name)
+            axes[1].plot(xs, [100 * e["train_acc"] for e in epochs], color=color,
+                         linestyle="--", label=f"{name} train")
+            axes[1].plot(xs, [100 * e["eval_acc"] if e.get("eval_acc") is not None else math.nan
+                              for e in epochs], color=color, marker="o", markersize=3,
+                         label=f"{name} {epochs[-1].get('eval_split', 'eval')}")
+        axes[0].set(xlabel="epoch", ylabel="training loss (CE - HaH score for HaH)",
+                    title="Training loss")
+        axes[1].set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
+        for ax in axes:
+            ax.xaxis.set_major_locator(_integer_ticks())
+            ax.grid(alpha=0.3)
+            ax.legend()
+    _figure(path, draw, (11, 4))
+
+
 def write_report(results: Sequence[EvalResult], out_dir: str | Path,
-                 data: dict[str, Any] | None = None) -> dict[str, Path]:
-    """Write results.json, report.md and the PNG plots into ``out_dir``; returns the paths."""
+                 data: dict[str, Any] | None = None, title: str = "HaH evaluation report",
+                 preamble: str = "",
+                 histories: dict[str, Sequence[dict[str, Any]]] | None = None,
+                 extra: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Write results.json, report.md and the PNG plots into ``out_dir``; returns the paths.
+    ``title``, ``preamble`` and ``histories`` shape the report (see :func:`render_markdown`);
+    ``extra`` is stored in results.json as is (e.g. the preset and training runs)."""
     if not results:
         raise ValueError("write_report needs at least one evaluation result")
     out = Path(out_dir)
@@ -394,7 +450,14 @@ def write_report(results: Sequence[EvalResult], out_dir: str | Path,
     if any(r.filters is not None for r in results):
         plot_filters(results, paths["filters.png"])
         plots.append("filters.png")
+    if histories and any(histories.values()):
+        paths["training.png"] = out / "training.png"
+        plot_training({k: v for k, v in histories.items() if v}, paths["training.png"])
+        plots.insert(0, "training.png")
     document = results_json(results, data)
+    if extra:
+        document.update(_jsonable(extra))
     _write_text(paths["results.json"], json.dumps(document, indent=1, allow_nan=False) + "\n")
-    _write_text(paths["report.md"], render_markdown(results, data, plots))
+    _write_text(paths["report.md"], render_markdown(results, data, plots, title, preamble,
+                                                    histories))
     return {k: p for k, p in paths.items() if k in ("results.json", "report.md") or k in plots}
