@@ -395,3 +395,28 @@ def test_errors_are_one_line_from_rank_0_and_every_rank_fails(tmp_path, data):
         assert [l for l in shown if not l.startswith("data: ")] == \
             [f"hahnet train: error: {cases[flags]}"], (flags, err0)
         assert err1 == "" and out1 == "", (flags, err1)
+
+
+def test_torchrun_eval_shards_everything_and_equals_one_process(tmp_path, data):
+    """`hahnet eval` under torchrun: clean, noise and every attack sharded over 2 ranks in
+    whole batches (batch i keeps seed + i), counts summed; the report equals one process's."""
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(data), "--out", str(run), "--epochs", "1", *TRAIN]) == 0
+    args = ["eval", str(run), "--data", str(data), "--noise", "0.05,0.1", "--noise-draws", "2",
+            "--attack-limit", "0", "--apgd-steps", "3", "--pgd-steps", "2", "--pgd-restarts",
+            "2", "--square-limit", "6", "--square-queries", "10", "--batch-size", "4",
+            "--threads", "1"]
+    assert cli.main(args + ["--out", str(tmp_path / "one")]) == 0
+    two = torchrun(tmp_path, args + ["--out", str(tmp_path / "two")])
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("report:") == 1 and two.stderr.count("data: ") == 1
+    one_doc, two_doc = (json.loads((tmp_path / d / "results.json").read_text())
+                        for d in ("one", "two"))
+    (a,), (b,) = one_doc["models"], two_doc["models"]
+    for key in ("seconds", "checkpoint"):
+        a.pop(key), b.pop(key)
+    for suite in (*a["attacks"].values(), *b["attacks"].values()):
+        for attack in ("apgd", "pgd", "square"):
+            suite[attack].pop("seconds")
+    assert a["n_images"] == 16 and len(a["attacks"]["Linf"]["apgd"]["robust"]) == 16
+    assert a == b

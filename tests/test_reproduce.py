@@ -151,3 +151,25 @@ def test_presets_command_prints_every_setting(capsys):
     out = capsys.readouterr().out
     assert out.startswith("cpu: The largest faithful scale-down")
     assert "train.width = 0.25" in out and "eval.attack_limit = 1000" in out
+
+
+def test_eval_on_the_held_out_split_matches_the_accuracy_training_logged(tmp_path, capsys):
+    data, run = write_cifar(tmp_path / "cifar"), tmp_path / "run"
+    assert cli.main(["train", "--data", str(data), "--out", str(run), "--holdout", "0.2",
+                     "--hah", "--width", "0.0625", "--epochs", "1", "--batch-size", "8",
+                     "--threads", "1"]) == 0
+    logged = rp.read_history(run)[-1]
+    assert logged["eval_split"] == "holdout"
+    assert cli.main(["eval", str(run), "--data", str(data), "--split", "holdout",
+                     "--no-attacks", "--out", str(tmp_path / "rep"), "--threads", "1"]) == 0
+    (result,), meta = report.read_results(tmp_path / "rep" / "results.json")
+    assert meta["split"] == "holdout" and result.n_images == 10  # 20% of 50 training images
+    assert result.clean_accuracy == pytest.approx(logged["eval_acc"], abs=1e-12)
+
+    assert cli.main(["train", "--data", str(data), "--out", str(tmp_path / "plain"),
+                     "--width", "0.0625", "--epochs", "1", "--batch-size", "8"]) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", str(tmp_path / "plain"), "--data", str(data), "--split",
+                     "holdout"]) == 2
+    assert "was trained without --holdout, so no training images are held out; evaluate it " \
+           "with --split test" in capsys.readouterr().err

@@ -356,6 +356,9 @@ def add_eval_parser(subparsers) -> None:
                         help="run directory or .safetensors file")
     parser.add_argument("--data", help=f"dataset path (default {DEFAULT_DATA})")
     parser.add_argument("--cache-dir", help="where decoded image folders are cached")
+    parser.add_argument("--split", choices=["test", "holdout"], default="test",
+                        help="test set, or the training images the checkpoints held out "
+                             "(train --holdout F), for choices that must not see the test set")
     parser.add_argument("--limit", type=int, metavar="N", help="a fixed seeded subset of N test images")
     parser.add_argument("--limit-seed", type=int, default=0, metavar="S", help="seed of --limit (0)")
     parser.add_argument("--noise", type=parse_floats, default=(0.1,), metavar="SIGMAS",
@@ -378,11 +381,13 @@ def add_eval_parser(subparsers) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--out", default="eval-report", help="report directory (eval-report)")
+    parser.add_argument("--dist-timeout", type=float, default=120.0, metavar="SECONDS",
+                        help="under torchrun: give up on a dead or hung peer after this long (120)")
     parser.set_defaults(func=cmd_eval)
 
 
 def evaluate_with_progress(model, images, labels, settings, device, path: str,
-                           info: dict[str, Any]):
+                           info: dict[str, Any], env=None):
     """Evaluate one loaded checkpoint under a tqdm bar per phase and print its summary."""
     from tqdm import tqdm
 
@@ -405,7 +410,7 @@ def evaluate_with_progress(model, images, labels, settings, device, path: str,
 
     try:
         result = ev.evaluate_model(model, images, labels, settings, device, progress=open_bar,
-                                   name=name, checkpoint=str(path), info=info)
+                                   name=name, checkpoint=str(path), info=info, env=env)
     except ev.EvalError as error:
         raise UserError(f"{path}: {error}") from None
     finally:
@@ -415,6 +420,27 @@ def evaluate_with_progress(model, images, labels, settings, device, path: str,
                                         if v is not None)
                + f" ({sum(result.seconds.values()):.0f} s)", file=sys.stderr)
     return result
+
+
+def evaluation_split(dataset, split: str, checkpoints: Sequence[tuple[str, dict[str, Any]]]):
+    """The test set, or the training images every checkpoint held out (the same seeded
+    split ``train --holdout`` made); one-line UserErrors when there is none or they differ."""
+    from hahnet.data import split_holdout
+
+    if split == "test":
+        return dataset.test
+    held = set()
+    for path, info in checkpoints:
+        train = info.get("train") or {}
+        if not train.get("holdout"):
+            raise UserError(f"{path} was trained without --holdout, so no training images are "
+                            f"held out; evaluate it with --split test")
+        held.add((float(train["holdout"]), int(train.get("seed", 0))))
+    if len(held) > 1:
+        raise UserError(f"the checkpoints held out different images (holdout, seed: "
+                        f"{sorted(held)}); evaluate them separately")
+    fraction, seed = held.pop()
+    return split_holdout(dataset.train, fraction, seed)[1]
 
 
 def check_and_estimate(path: str, info: dict[str, Any], model, test, settings, device) -> float:
@@ -447,22 +473,53 @@ def minutes(seconds: float) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Load checkpoints and data, print an ETA, evaluate under tqdm bars, write the report."""
+    """Load checkpoints and data, print an ETA, evaluate under tqdm bars, write the report.
+    Under torchrun every rank evaluates its shard; rank 0 alone prints and writes."""
+    import contextlib
+    import io
+
+    from hahnet import distributed
+
+    configure_threads(distributed.default_threads(args.threads))
+    try:
+        device = resolve_device_or_fail(args.device)
+        env = distributed.setup(device, args.dist_timeout)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    try:
+        if env.is_main:
+            return evaluate_and_report(args, env)
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                evaluate_and_report(args, env)
+            except UserError as error:  # rank 0 meets the same problem and reports it
+                error.quiet = True
+                raise
+        return 0
+    finally:
+        distributed.teardown(env)
+
+
+def resolve_device_or_fail(name: str) -> torch.device:
+    from hahnet.train import resolve_device
+
+    try:
+        return resolve_device(name)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+
+
+def evaluate_and_report(args: argparse.Namespace, env) -> int:
     from hahnet import checkpoint, report
     from hahnet import evaluate as ev
     from hahnet.data import subset
-    from hahnet.train import resolve_device
 
-    configure_threads(args.threads)
     for flag in ("noise_draws", "batch_size", "apgd_steps"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if any(s < 0 for s in args.noise) or args.eps_linf < 0 or args.eps_l2 < 0:
         raise UserError("noise sigmas and attack budgets must be >= 0")
-    try:
-        device = resolve_device(args.device)
-    except ValueError as error:
-        raise UserError(str(error)) from None
+    device = env.device
     models = []
     for path in args.checkpoints:
         try:
@@ -470,7 +527,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         except checkpoint.CheckpointError as error:
             raise UserError(str(error)) from None
     dataset = load_data(args.data or DEFAULT_DATA, args.cache_dir)
-    test = subset(dataset.test, args.limit, args.limit_seed) if args.limit else dataset.test
+    test = evaluation_split(dataset, args.split, [(path, info) for path, info, _ in models])
+    test = subset(test, args.limit, args.limit_seed) if args.limit else test
     settings = ev.EvalSettings(
         noise_sigmas=tuple(args.noise), noise_draws=args.noise_draws, noise_seed=args.seed,
         attacks=not args.no_attacks, eps_linf=args.eps_linf, eps_l2=args.eps_l2,
@@ -489,9 +547,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = []
     for path, info, model in models:
         results.append(evaluate_with_progress(model, test.images, test.labels, settings, device,
-                                              path, info))
+                                              path, info, env))
+    if not env.is_main:
+        return 0
     data = {**eval_data(args.data or DEFAULT_DATA, dataset, test, args.limit),
-            "limit_seed": args.limit_seed}
+            "limit_seed": args.limit_seed, "split": args.split}
     paths = report.write_report(results, args.out, data)
     print(report.paper_table(results))
     warn_gradient_masking(results, paths["report.md"])
@@ -717,7 +777,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as error:
-        print(f"hahnet {args.command}: error: {error}", file=sys.stderr)
+        if not getattr(error, "quiet", False):
+            print(f"hahnet {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"hahnet {args.command}: interrupted", file=sys.stderr)

@@ -284,32 +284,50 @@ def worst_case(model: nn.Module, images: Tensor, labels: Tensor, norm: str, eps:
                stages: Sequence[Stage], name: str, params: dict[str, Any],
                batch_size: int = 128, device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32, seed: int = 0,
-               progress: Progress | None = None) -> AttackResult:
+               progress: Progress | None = None, env: Any = None) -> AttackResult:
     """Run attack stages in order, each only on images no earlier stage broke; an image
     counts robust only if the model still classifies every returned example correctly
-    (re-checked here, with the eps and [0, 1] bounds verified)."""
+    (re-checked here, with the eps and [0, 1] bounds verified). Batch i is attacked with
+    seed ``seed + i``; with ``env`` (torchrun) each rank attacks its shard of whole
+    batches and the outcomes are summed over ranks: the same result as one process."""
     _check_data(images, labels)
     model = _prepare(model, device, dtype)
-    n, start, largest = len(labels), time.perf_counter(), 0.0
-    robust = torch.zeros(n, dtype=torch.bool)
-    survivors = {stage: 0 for stage, _ in stages}
-    with _eval_mode(model), _rng_guard(device):
-        for index, sl in enumerate(_batches(n, batch_size)):
-            x, y = _to_unit(images[sl], device, dtype), labels[sl].to(device)
-            alive = predict(model, x) == y
-            for stage, run in stages:
-                todo = alive.nonzero().flatten()
-                if len(todo):
-                    adv = run(x[todo], y[todo], seed + index).detach().to(dtype)
-                    largest = max(largest, check_adversarial(x[todo], adv, norm, eps))
-                    alive[todo] = predict(model, adv) == y[todo]
-                survivors[stage] += int(alive.sum())
-            robust[sl] = alive.cpu()
-            if progress:
-                progress(sl.stop - sl.start)
+    n, start, width = len(labels), time.perf_counter(), len(stages)
+    ranks, rank = (env.world_size, env.rank) if env is not None and env.active else (1, 0)
+
+    def attack(part: slice) -> Tensor:
+        # [robust flag per image | images alive after each stage | largest perturbation per rank]
+        out = torch.zeros(n + width + ranks, dtype=torch.float64)
+        with _eval_mode(model), _rng_guard(device):
+            for index, sl in enumerate(_batches(n, batch_size)):
+                if not part.start <= sl.start < part.stop:
+                    continue
+                x, y = _to_unit(images[sl], device, dtype), labels[sl].to(device)
+                alive = predict(model, x) == y
+                for k, (_, run) in enumerate(stages):
+                    todo = alive.nonzero().flatten()
+                    if len(todo):
+                        adv = run(x[todo], y[todo], seed + index).detach().to(dtype)
+                        out[n + width + rank] = max(float(out[n + width + rank]),
+                                                    check_adversarial(x[todo], adv, norm, eps))
+                        alive[todo] = predict(model, adv) == y[todo]
+                    out[n + k] += int(alive.sum())
+                out[sl] = alive.cpu().double()
+                if progress:
+                    progress(sl.stop - sl.start)
+        return out
+
+    if ranks > 1:
+        from hahnet.distributed import sum_over_shards
+
+        total = sum_over_shards(env, n, batch_size, attack)
+    else:
+        total = attack(slice(0, n))
+    robust = total[:n] > 0.5
+    survivors = {stage: float(total[n + k]) / max(n, 1) for k, (stage, _) in enumerate(stages)}
     return AttackResult(name, norm, eps, n, robust.double().mean().item() if n else float("nan"),
-                        robust.tolist(), {k: v / max(n, 1) for k, v in survivors.items()},
-                        largest, time.perf_counter() - start, params)
+                        robust.tolist(), survivors, float(total[n + width:].max()),
+                        time.perf_counter() - start, params)
 
 
 def adversarial_accuracy(model: nn.Module, images: Tensor, labels: Tensor,
@@ -317,7 +335,7 @@ def adversarial_accuracy(model: nn.Module, images: Tensor, labels: Tensor,
                          seed: int = 0, num_classes: int | None = None,
                          batch_size: int = 128, device: torch.device | str = "cpu",
                          dtype: torch.dtype = torch.float32,
-                         progress: Progress | None = None) -> AttackResult:
+                         progress: Progress | None = None, env: Any = None) -> AttackResult:
     """The paper's attack: AutoAttack's APGD-CE then APGD-T (targeted DLR, every other
     class as target), one restart each, worst case per image. APGD-T needs >= 4 classes."""
     ta, eps = _attacks_module(), _norm_eps(norm, eps)
@@ -335,14 +353,14 @@ def adversarial_accuracy(model: nn.Module, images: Tensor, labels: Tensor,
     params = {"steps": steps, "n_restarts": 1, "seed": seed, "n_classes": classes,
               "apgd_t": classes >= 4}
     return worst_case(model, images, labels, norm, eps, stages, "APGD-CE+APGD-T", params,
-                      batch_size, device, dtype, seed, progress)
+                      batch_size, device, dtype, seed, progress, env)
 
 
 def pgd_accuracy(model: nn.Module, images: Tensor, labels: Tensor, norm: str = "Linf",
                  eps: float | None = None, steps: int = 50, restarts: int = 5, seed: int = 0,
                  batch_size: int = 128, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32,
-                 progress: Progress | None = None) -> AttackResult:
+                 progress: Progress | None = None, env: Any = None) -> AttackResult:
     """PGD (l_inf) or PGD-L2 with CE loss, step 2.5 eps / steps, random starts; worst case
     over ``restarts`` runs: a check that more steps and restarts find little more."""
     ta, eps = _attacks_module(), _norm_eps(norm, eps)
@@ -358,14 +376,14 @@ def pgd_accuracy(model: nn.Module, images: Tensor, labels: Tensor, norm: str = "
     params = {"steps": steps, "restarts": restarts, "alpha": alpha, "seed": seed}
     return worst_case(model, images, labels, norm, eps, [restart(r) for r in range(restarts)],
                       f"PGD-{steps}x{restarts}", params, batch_size, device, dtype, seed,
-                      progress)
+                      progress, env)
 
 
 def square_accuracy(model: nn.Module, images: Tensor, labels: Tensor, norm: str = "Linf",
                     eps: float | None = None, queries: int = 1000, seed: int = 0,
                     batch_size: int = 128, device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32,
-                    progress: Progress | None = None) -> AttackResult:
+                    progress: Progress | None = None, env: Any = None) -> AttackResult:
     """The black-box Square attack (margin loss, one restart): uses no gradients, so
     thresholding or divisive normalization cannot mask anything from it."""
     ta, eps = _attacks_module(), _norm_eps(norm, eps)
@@ -378,7 +396,7 @@ def square_accuracy(model: nn.Module, images: Tensor, labels: Tensor, norm: str 
 
     return worst_case(model, images, labels, norm, eps, [("Square", square)],
                       f"Square-{queries}", {"queries": queries, "seed": seed}, batch_size,
-                      device, dtype, seed, progress)
+                      device, dtype, seed, progress, env)
 
 
 @dataclass
@@ -652,8 +670,9 @@ def evaluate_model(model: nn.Module, images: Tensor, labels: Tensor, settings: E
                    info: dict[str, Any] | None = None, env: Any = None) -> EvalResult:
     """Run every measurement ``settings`` asks for; ``progress(phase, total)`` returns the
     callback for that phase's loop (the CLI opens a tqdm bar per phase). With ``env``
-    (torchrun, :func:`hahnet.distributed.setup`) clean and noise accuracy are sharded
-    over the processes; the other measurements run whole on every process."""
+    (torchrun, :func:`hahnet.distributed.setup`) clean and noise accuracy and the attacks
+    are sharded over the processes (same numbers as one process); sparsity and SNR, which
+    are cheap, run whole on every process."""
     _check_data(images, labels)
     s, seconds, bs = settings, {}, settings.batch_size
     model = _prepare(model, device, dtype)
@@ -685,7 +704,7 @@ def evaluate_model(model: nn.Module, images: Tensor, labels: Tensor, settings: E
         order = torch.randperm(n, generator=torch.Generator().manual_seed(s.attack_seed))[:m]
         for norm in s.norms:
             suites[norm] = timed(f"attacks_{norm}", lambda norm=norm: _suite(
-                model, images, labels, order, norm, s, device, dtype, progress))
+                model, images, labels, order, norm, s, device, dtype, progress, env))
     filters = first_layer_filters(model)
     return EvalResult(name, checkpoint, _config_dict(model), info or {}, n, clean, noise,
                       suites, layers, snr, None if filters is None else filters.tolist(),
@@ -730,20 +749,21 @@ def _config_dict(model: nn.Module) -> dict[str, Any]:
 
 def _suite(model: nn.Module, all_images: Tensor, all_labels: Tensor, order: Tensor, norm: str,
            s: EvalSettings, device: torch.device | str, dtype: torch.dtype,
-           progress: PhaseProgress | None) -> AttackSuite:
+           progress: PhaseProgress | None, env: Any = None) -> AttackSuite:
     images, labels = all_images[order], all_labels[order]
     eps, m, bs, seed = s.eps(norm), len(labels), s.attack_batch_size, s.attack_seed
     apgd = adversarial_accuracy(model, images, labels, norm, eps, s.apgd_steps, seed, None, bs,
-                                device, dtype, _phase(progress, f"APGD {norm}", m))
+                                device, dtype, _phase(progress, f"APGD {norm}", m), env)
     pgd = None
     if s.pgd_steps > 0 and s.pgd_restarts > 0:
         pgd = pgd_accuracy(model, images, labels, norm, eps, s.pgd_steps, s.pgd_restarts, seed,
-                           bs, device, dtype, _phase(progress, f"PGD {norm}", m))
+                           bs, device, dtype, _phase(progress, f"PGD {norm}", m), env)
     square = None
     k = min(m, s.square_limit)
     if k > 0 and s.square_queries > 0:
         square = square_accuracy(model, images[:k], labels[:k], norm, eps, s.square_queries,
-                                 seed, bs, device, dtype, _phase(progress, f"Square {norm}", k))
+                                 seed, bs, device, dtype, _phase(progress, f"Square {norm}", k),
+                                 env)
     return AttackSuite(norm, eps, order.tolist(), apgd, pgd, square,
                        compare_attacks(apgd, pgd, square))
 
