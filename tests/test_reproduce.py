@@ -149,7 +149,7 @@ def test_reproduce_bad_options_are_one_line_errors(argv, message, capsys):
 def test_presets_command_prints_every_setting(capsys):
     assert cli.main(["presets", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("cpu: The largest faithful scale-down")
+    assert out.startswith("cpu: A faithful scale-down")
     assert "train.width = 0.25" in out and "eval.attack_limit = 1000" in out
 
 

@@ -646,7 +646,6 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from hahnet import reproduce as rp
     from hahnet.data import subset
     from hahnet.presets import get_preset
-    from hahnet.train import resolve_device
 
     if distributed.launched():
         raise UserError("reproduce runs in one process; under torchrun use `hahnet train` for "
@@ -662,10 +661,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/{preset.name}")
     data, download = default_data(args.data, args.download)
     configure_threads(distributed.default_threads(args.threads))
-    try:
-        device = resolve_device(args.device)
-    except ValueError as error:
-        raise UserError(str(error)) from None
+    device = resolve_device_or_fail(args.device)
     runs = rp.run_dirs(out)
 
     for name, run_dir in runs.items():
