@@ -19,8 +19,9 @@ declare -A VARIANTS=(
   [hah-no-cost]="--hah --alphas 0,0,0,0,0,0"
   [hah-alpha2x]="--hah --alphas 0.009,0.005,0.0026,0.002,0.0016,0.001"
   [hah-no-threshold]="--hah --keep 1.0"
+  [hah-sigma1]="--hah --sigma 1.0"
 )
-ORDER=(standard hah hah-demote0.1 hah-no-cost hah-alpha2x hah-no-threshold)
+ORDER=(standard hah hah-demote0.1 hah-no-cost hah-alpha2x hah-no-threshold hah-sigma1)
 
 mkdir -p "$OUT"
 # two trainings at a time, one thread each (this machine has 2 cores)
