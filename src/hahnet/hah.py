@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hahnet.layers import HaHBlock, WNConv2d, eager_mode
+from hahnet.layers import HaHBlock, WNConv2d, batch_chunks, eager_mode
 
 PAPER_ALPHAS: tuple[float, ...] = (0.0045, 0.0025, 0.0013, 0.001, 0.0008, 0.0005)
 
@@ -87,20 +87,6 @@ def _score_gradient(z: Tensor, top_indices: Tensor, k: int, demote: float) -> Te
 FAST_WINNERS_MAX_K = 32
 
 
-# The score's several passes over a layer's activations run on batch chunks of about
-# this many elements, so that they stay in cache (and the scratch buffers stay small);
-# measured in docs/performance.md.
-CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32
-UNCHUNKED_ELEMENTS = 1 << 16
-
-
-def _chunks(batch: int, per_image: int) -> list[tuple[int, int]]:
-    if batch * per_image <= UNCHUNKED_ELEMENTS:  # small enough to stay in cache as a whole
-        return [(0, batch)]
-    step = max(1, CHUNK_ELEMENTS // max(1, per_image))
-    return [(start, min(batch, start + step)) for start in range(0, batch, step)]
-
-
 class _Winners:
     """Who won the channel top-K at each position, compactly: the positive winners are
     ``z >= threshold`` (N1HW), except at the few positions where values tie across the
@@ -118,7 +104,7 @@ def _winners_by_threshold(z: Tensor, k: int, accumulate: torch.dtype
     winners' and of all rectified values; ``None`` if z is not finite. Exact: only max,
     compare and 0/1 products (in one scratch buffer), plus topk at tied positions."""
     n, c, h, w = z.shape
-    chunks = _chunks(n, c * h * w)
+    chunks = batch_chunks(n, c * h * w)  # cache-sized, as the fused layers
     scratch = torch.empty_like(z[: chunks[0][1]])
     threshold = torch.empty((n, 1, h, w), dtype=z.dtype, device=z.device)
     counts = torch.empty((n, 1, h, w), dtype=z.dtype, device=z.device)
@@ -171,7 +157,7 @@ def _weight_gradient_input(z: Tensor, grad_z: Tensor, grad_score: Tensor, found:
     boost = torch.tensor((1.0 / k - loser) * scale, dtype=z.dtype).item()
     factor = grad_score.to(z.dtype)
     out = torch.empty_like(z)
-    chunks = _chunks(n, c * h * w)
+    chunks = batch_chunks(n, c * h * w)  # cache-sized, as the fused layers
     local_scratch = torch.empty_like(z[: chunks[0][1]])
     won_scratch = torch.empty_like(local_scratch)
     for start, stop in chunks:
