@@ -135,8 +135,9 @@ def add_train_parser(subparsers) -> None:
 def run_training(overrides: dict[str, Any], data: str | None, out: str | None,
                  resume: str | None, device_name: str, cache_dir: str | None = None,
                  download: bool = False, tensorboard: bool = False, sync_bn: bool = False,
-                 quiet: bool = False, dist_timeout: float = 120.0) -> Path:
+                 quiet: bool = False, dist_timeout: float = 120.0, dataset: Any = None) -> Path:
     """Train (or resume) one run and return its directory; shared by train and reproduce.
+    ``dataset``: already loaded from ``data`` (one process only), so it is not read again.
 
     Under torchrun every rank runs this (see :mod:`hahnet.distributed`): rank 0 decides
     what to run and reads the checkpoint, the decision and state are broadcast, and errors
@@ -208,15 +209,17 @@ def run_training(overrides: dict[str, Any], data: str | None, out: str | None,
                 with contextlib.redirect_stderr(io.StringIO()):  # rank 0 reports the data
                     return load_data(data, cache_dir, download)
 
-            if download and env.active:  # one download per node, then the other ranks read it
-                dataset, first_failure = None, None
+            if dataset is None and download and env.active:  # one download per node, then
+                first_failure = None                            # the other ranks read it
                 if env.local_rank == 0:
                     try:
                         dataset = read()
                     except Exception as error:  # noqa: BLE001 - shared by check()
                         first_failure = error
                 distributed.check(env, first_failure)
-            if not (download and env.active and env.local_rank == 0):
+                if env.local_rank != 0:
+                    dataset = read()
+            elif dataset is None:
                 dataset = read()
             trainer = Trainer(config, dataset, out_dir, env.device, env.rank, env.world_size,
                               wrap=distributed.wrapper(env, sync_bn))
@@ -324,14 +327,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from hahnet import distributed
 
     configure_threads(distributed.default_threads(args.threads))
-    try:
-        out = run_training(train_overrides(args), args.data, args.out, args.resume, args.device,
-                           args.cache_dir, args.download, args.tensorboard, args.sync_bn,
-                           dist_timeout=args.dist_timeout)
-    except UserError as error:
-        if getattr(error, "quiet", False):  # rank 0 reports it; this rank just fails
-            return 2
-        raise
+    out = run_training(train_overrides(args), args.data, args.out, args.resume, args.device,
+                       args.cache_dir, args.download, args.tensorboard, args.sync_bn,
+                       dist_timeout=args.dist_timeout)  # a quiet UserError: main() exits 2
     if distributed.env_rank() == 0:
         print(f"checkpoint: {out}")
     return 0
@@ -663,7 +661,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     configure_threads(distributed.default_threads(args.threads))
     device = resolve_device_or_fail(args.device)
     runs = rp.run_dirs(out)
-
+    to_train = {}
     for name, run_dir in runs.items():
         wanted = {**train, "hah": name == "hah"}
         try:
@@ -678,11 +676,14 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                 and (run_dir / checkpoint.MODEL_FILE).exists():
             print(f"{name}: trained ({train['epochs']} epochs) in {run_dir}; reusing it",
                   file=sys.stderr)
-            continue
-        run_training(wanted, data, str(run_dir), "auto", args.device,
-                     args.cache_dir, download)
+        else:
+            to_train[run_dir] = wanted
 
-    dataset = load_data(data, args.cache_dir, download)
+    dataset = load_data(data, args.cache_dir, download)  # once, for training and evaluation
+    for run_dir, wanted in to_train.items():
+        run_training(wanted, data, str(run_dir), "auto", args.device, args.cache_dir,
+                     download, dataset=dataset)
+
     test = subset(dataset.test, limit, 0) if limit else dataset.test
     results = []
     for name, run_dir in runs.items():
