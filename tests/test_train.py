@@ -155,3 +155,58 @@ def test_config_errors_are_one_line():
                 rank=0, world_size=3)
     with pytest.raises(ValueError, match="only 8 training images"):
         Trainer(tiny_config(limit_train=8), tiny_dataset(), "unused", torch.device("cpu"))
+
+
+def test_snapshots_keep_the_weights_of_the_named_epochs(tmp_path):
+    trainer = Trainer(tiny_config(epochs=3, snapshots=(1, 3)), tiny_dataset(), tmp_path,
+                      torch.device("cpu"))
+    trainer.fit()
+    from hahnet.train import snapshot_path
+
+    first, last = snapshot_path(tmp_path, 1), snapshot_path(tmp_path, 3)
+    assert first.exists() and last.exists() and not snapshot_path(tmp_path, 2).exists()
+    assert checkpoint.read_info(first)["epoch"] == 0 and checkpoint.read_info(last)["epoch"] == 2
+    assert last.read_bytes() == (tmp_path / checkpoint.MODEL_FILE).read_bytes()
+    assert first.read_bytes() != last.read_bytes()
+    with pytest.raises(ValueError, match="snapshots are epochs in 1..3"):
+        tiny_config(epochs=3, snapshots=(4,))
+
+
+def test_gradient_ratio_probe_matches_separate_gradients_and_leaves_model_untouched():
+    from hahnet.hah import hah_score
+    from hahnet.train import gradient_ratios
+
+    config = tiny_config(alphas=(0.5, 0.25))
+    trainer = Trainer(config, tiny_dataset(), "unused", torch.device("cpu"))
+    model = trainer.model
+    before = weights(model)
+    x, y = trainer.images[:16].float() / 255, trainer.labels[:16]
+    ratios = gradient_ratios(model, config, x, y)
+    assert {k: torch.equal(v, before[k]) for k, v in weights(model).items()} == \
+        {k: True for k in before}
+    assert all(p.grad is None for p in model.parameters())
+    # reference: alpha * dH_l/dW_l from the layer's own pre-activation, CE gradient apart
+    import copy
+    from hahnet.hah import hah_convs
+
+    ref = copy.deepcopy(model).train()
+    convs = hah_convs(ref)[:2]
+    captured = []
+    hooks = [c.register_forward_hook(lambda m, i, o: captured.append(o)) for c in convs]
+    ce = torch.nn.functional.cross_entropy(ref(x), y)
+    for h in hooks:
+        h.remove()
+    expected = []
+    for alpha, conv, z in zip(config.alphas, convs, captured):
+        g_ce, = torch.autograd.grad(ce, conv.weight, retain_graph=True)
+        g_hah, = torch.autograd.grad(-alpha * hah_score(z, config.ratio, config.demote),
+                                     conv.weight, retain_graph=True)
+        expected.append(float(g_hah.norm() / g_ce.norm()))
+    assert ratios == pytest.approx(expected, rel=1e-4)
+
+
+def test_hah_runs_record_gradient_ratios_per_epoch(tmp_path):
+    trainer = Trainer(tiny_config(epochs=1), tiny_dataset(), tmp_path, torch.device("cpu"))
+    trainer.fit()
+    line = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert len(line["grad_ratios"]) == 6 and all(r > 0 for r in line["grad_ratios"])

@@ -41,6 +41,14 @@ def parse_floats(text: str) -> tuple[float, ...]:
     return tuple(values)
 
 
+def parse_epochs(text: str) -> tuple[int, ...]:
+    """'10,20,40' -> (10, 20, 40): 1-based epoch numbers."""
+    try:
+        return tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of epochs: {text!r}") from None
+
+
 def configure_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
@@ -68,6 +76,7 @@ TRAIN_OPTIONS = {  # flag -> TrainConfig field, parsed type
     "milestones": ("milestones", parse_floats), "gamma": ("gamma", float),
     "seed": ("seed", int), "limit_train": ("limit_train", int),
     "holdout": ("holdout", float), "precision": ("precision", str),
+    "snapshots": ("snapshots", parse_epochs),
 }
 
 
@@ -95,6 +104,9 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--holdout", type=float,
                        help="hold out this fraction of the training set and report accuracy on it")
     group.add_argument("--no-augment", dest="augment", action="store_false", default=None)
+    group.add_argument("--snapshots", type=parse_epochs, metavar="E1,E2,...",
+                       help="also keep the weights after these epochs (RUN/snapshots/epochE."
+                            "safetensors; evaluate them as RUN@E)")
     speed = parser.add_argument_group("speed")
     speed.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     speed.add_argument("--precision", choices=["fp32", "bf16"])

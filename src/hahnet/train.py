@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -28,7 +29,10 @@ from hahnet.models import VGG, ModelConfig, build_model
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "train_config.json"
 # Options that change speed, not the experiment: they may differ when resuming.
-RUNTIME_OPTIONS = frozenset({"precision", "channels_last", "compile", "eval_batch_size"})
+RUNTIME_OPTIONS = frozenset({"precision", "channels_last", "compile", "eval_batch_size",
+                             "snapshots"})
+SNAPSHOT_DIR = "snapshots"
+GRAD_PROBE_SIZE = 128  # images in the fixed batch of the per-epoch gradient-ratio probe
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,7 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     eval_batch_size: int = 500
+    snapshots: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         problems = []
@@ -72,6 +77,8 @@ class TrainConfig:
             problems.append(f"holdout must be in [0, 1) (got {self.holdout})")
         if any(not 0.0 < m <= 1.0 for m in self.milestones):
             problems.append(f"milestones are fractions of the epochs in (0, 1] (got {self.milestones})")
+        if any(not 1 <= e <= self.epochs for e in self.snapshots):
+            problems.append(f"snapshots are epochs in 1..{self.epochs} (got {self.snapshots})")
         if self.limit_train is not None and self.limit_train < 1:
             problems.append(f"limit_train must be >= 1 (got {self.limit_train})")
         if problems:
@@ -84,7 +91,7 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
-        for key in ("alphas", "milestones"):
+        for key in ("alphas", "milestones", "snapshots"):
             if key in values:
                 values[key] = tuple(values[key])
         return cls(**values)
@@ -112,6 +119,7 @@ class EpochMetrics:
     hah_scores: list[float]
     seconds: float
     images_per_second: float
+    grad_ratios: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,6 +146,31 @@ def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int,
     for start in range(0, num_images - batch_size + 1, batch_size):
         stop = start + batch_size
         yield order[start:stop], (None if params is None else tuple(p[start:stop] for p in params))
+
+
+def snapshot_path(run_dir: str | Path, epoch: int) -> Path:
+    """Where ``train --snapshots`` keeps the weights after (1-based) ``epoch``."""
+    return Path(run_dir) / SNAPSHOT_DIR / f"epoch{epoch}.safetensors"
+
+
+def gradient_ratios(model: VGG, config: TrainConfig, x: Tensor, y: Tensor) -> list[float]:
+    """Per HaH layer: RMS of the alpha-weighted HaH gradient / RMS of the cross-entropy
+    gradient of that layer's weight, on one batch. Measured on a copy of ``model`` (train
+    mode, as in a step) so the run's weights, batch-norm statistics and RNG are untouched."""
+    import copy
+
+    probe = copy.deepcopy(model).train()
+    objective = HaHObjective(probe, config.alphas, config.ratio, config.demote)
+    weights = [conv.weight for conv in objective.layers]
+
+    def grads(loss_fn: Callable[[], Tensor]) -> list[Tensor]:
+        return [g.detach().clone() for g in torch.autograd.grad(loss_fn(), weights)]
+
+    with torch.random.fork_rng(devices=[]):
+        total = grads(lambda: objective(x, y)[1])
+        objective.detach()
+        cross_entropy = grads(lambda: F.cross_entropy(probe(x), y))
+    return [float((t - c).norm() / c.norm().clamp_min(1e-30)) for t, c in zip(total, cross_entropy)]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -323,6 +356,10 @@ class Trainer:
         checkpoint.save_model(self.out_dir, self.model, {
             "epoch": epoch, "epochs": self.config.epochs, "dataset": dataset,
             "train": self.config.to_dict(), "metrics": metrics.to_dict()})
+        if epoch + 1 in self.config.snapshots:
+            target = snapshot_path(self.out_dir, epoch + 1)
+            checkpoint.atomic_write(target, lambda tmp: shutil.copyfile(
+                self.out_dir / checkpoint.MODEL_FILE, tmp))
         with open(self.out_dir / METRICS_FILE, "a") as handle:
             handle.write(json.dumps(metrics.to_dict()) + "\n")
 
@@ -341,7 +378,8 @@ class Trainer:
             eval_acc = self.evaluate()
             scores = self.objective.scores if self.objective is not None else []
             metrics = EpochMetrics(epoch, learning_rate(self.config, epoch), loss, acc, eval_acc,
-                                   self.eval_split_name, scores, seconds, seen * self.world_size / seconds)
+                                   self.eval_split_name, scores, seconds, seen * self.world_size / seconds,
+                                   self.probe_gradients())
             failure = None
             try:  # only rank 0 writes; check() tells every rank whether it failed
                 self.save(epoch, metrics)
@@ -352,6 +390,18 @@ class Trainer:
             if on_epoch is not None:
                 on_epoch(metrics)
         return history
+
+    def probe_gradients(self) -> list[float]:
+        """HaH / cross-entropy gradient ratio per HaH layer on a fixed batch (the first
+        training images, unaugmented); empty for a standard run."""
+        if self.objective is None or not self.is_main:
+            return []
+        count = min(GRAD_PROBE_SIZE, len(self.labels))
+        x = to_float(self.images[:count])
+        if self.config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.config.precision):
+            return gradient_ratios(self.model, self.config, x, self.labels[:count])
 
     def evaluate(self) -> float:
         """Accuracy on the eval split; under several processes each evaluates a shard
