@@ -26,6 +26,7 @@ INFO_FILE = "model.json"
 STATE_FILE = "train_state.safetensors"
 STATE_INFO_FILE = "train_state.json"
 FORMAT = "hahnet-checkpoint-1"
+SNAPSHOT_DIR = "snapshots"
 
 
 class CheckpointError(ValueError):
@@ -80,8 +81,38 @@ def save_model(run_dir: Path, model: nn.Module, info: dict[str, Any]) -> None:
     write_json(run_dir / INFO_FILE, info)
 
 
+def snapshot_path(run_dir: str | Path, epoch: int) -> Path:
+    """Where ``train --snapshots`` keeps the weights after (1-based) ``epoch``."""
+    return Path(run_dir) / SNAPSHOT_DIR / f"epoch{epoch}.safetensors"
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint file from ``RUN_DIR``, a ``.safetensors`` file or ``RUN_DIR@EPOCH``
+    (the snapshot after that 1-based epoch, or the final weights if that is their epoch)."""
+    text = str(path)
+    if "@" not in text or Path(text).exists():
+        return _model_file(Path(text))
+    run, _, epoch_text = text.rpartition("@")
+    if not epoch_text.isdigit() or int(epoch_text) < 1:
+        raise CheckpointError(f"{text}: expected RUN_DIR@EPOCH with a 1-based epoch number, "
+                              f"e.g. runs/x@10")
+    epoch = int(epoch_text)
+    snapshot = snapshot_path(run, epoch)
+    if snapshot.exists():
+        return snapshot
+    final = Path(run) / MODEL_FILE
+    if final.exists() and _read_header(final).get("epoch") == epoch - 1:
+        return final
+    kept = sorted(int(p.stem[5:]) for p in (Path(run) / SNAPSHOT_DIR).glob("epoch*.safetensors")
+                  if p.stem[5:].isdigit())
+    raise CheckpointError(f"{text}: no weights after epoch {epoch} in {run} (snapshots kept: "
+                          f"{kept or 'none'}); train with --snapshots {epoch} or pick one of those")
+
+
 def _model_file(path: Path) -> Path:
     path = Path(path)
+    if "@" in path.name and not path.exists():
+        return resolve(path)
     if path.is_dir():
         path = path / MODEL_FILE
     if not path.exists():

@@ -776,7 +776,58 @@ def build_parser() -> argparse.ArgumentParser:
     add_reproduce_parser(subparsers)
     add_presets_parser(subparsers)
     add_bench_parser(subparsers)
+    add_sweep_parser(subparsers)
     return parser
+
+
+# ---------------------------------------------------------------- sweep
+
+def add_sweep_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "sweep", help="train a declared grid of runs over seeds, evaluate on held-out images",
+        description="Run the sweep file's grid (resumable: finished runs and evaluations are "
+                    "reused, runs with other settings refused), evaluate every run on its "
+                    "held-out images, write OUT/report.md, results.json and plots with mean +- "
+                    "sd over seeds and the HaH-minus-standard gain paired by seed.")
+    parser.add_argument("file", help="sweep file (TOML; see docs/sweep.md)")
+    parser.add_argument("--out", help="sweep directory (default runs/sweeps/<name>)")
+    parser.add_argument("--data", help=f"dataset path (default: the file's, else {DEFAULT_DATA})")
+    parser.add_argument("--cache-dir", help="where decoded image folders are cached")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (2)")
+    parser.add_argument("--threads", type=int, default=1, help="threads per run (1)")
+    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--re-evaluate", action="store_true", help="evaluate again even when saved")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only summarise what is finished (no training or evaluation)")
+    parser.set_defaults(func=cmd_sweep)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from hahnet import sweep as sw
+    from hahnet import sweep_report
+
+    for flag in ("jobs", "threads"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    try:
+        spec = sw.load(args.file)
+        out = Path(args.out or f"runs/sweeps/{spec.name}")
+        data = args.data or spec.data or DEFAULT_DATA
+        if not args.report_only:
+            if not Path(data).exists():
+                raise UserError(f"no data at {data}; pass --data PATH")
+            resolve_device_or_fail(args.device)
+            sw.run(spec, out, data, args.cache_dir, args.jobs, args.threads, args.device,
+                   args.re_evaluate, progress=lambda line: print(line, file=sys.stderr, flush=True))
+        else:
+            sw.check(spec, out)
+        summary = sweep_report.summarise(spec, out)
+    except sw.SweepError as error:
+        raise UserError(str(error)) from None
+    paths = sweep_report.write(summary, spec, out, "hahnet " + " ".join(shlex.quote(a) for a in args.argv))
+    print(sweep_report.gains_table(summary))
+    print(f"report: {paths['report.md']}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hahnet import checkpoint, distributed
+from hahnet.checkpoint import snapshot_path
 from hahnet.data import Dataset, ImageDataset, crop_flip, crop_flip_params, to_float
 from hahnet.hah import PAPER_ALPHAS, HaHObjective
 from hahnet.models import VGG, ModelConfig, build_model
@@ -31,7 +32,6 @@ CONFIG_FILE = "train_config.json"
 # Options that change speed, not the experiment: they may differ when resuming.
 RUNTIME_OPTIONS = frozenset({"precision", "channels_last", "compile", "eval_batch_size",
                              "snapshots"})
-SNAPSHOT_DIR = "snapshots"
 GRAD_PROBE_SIZE = 128  # images in the fixed batch of the per-epoch gradient-ratio probe
 
 
@@ -146,11 +146,6 @@ def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int,
     for start in range(0, num_images - batch_size + 1, batch_size):
         stop = start + batch_size
         yield order[start:stop], (None if params is None else tuple(p[start:stop] for p in params))
-
-
-def snapshot_path(run_dir: str | Path, epoch: int) -> Path:
-    """Where ``train --snapshots`` keeps the weights after (1-based) ``epoch``."""
-    return Path(run_dir) / SNAPSHOT_DIR / f"epoch{epoch}.safetensors"
 
 
 def gradient_ratios(model: VGG, config: TrainConfig, x: Tensor, y: Tensor) -> list[float]:

@@ -1,0 +1,270 @@
+"""Summaries of a sweep: per setting and epoch, every metric as mean +- sd over seeds;
+per HaH setting, its gain over its standard partner paired by seed; the report
+(Markdown) and its plots."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Sequence
+
+from hahnet.evaluate import EvalResult
+from hahnet.reproduce import read_history
+from hahnet.sweep import Sweep, eval_file, partner, read_eval, run_dir
+
+def metrics_of(result: EvalResult) -> dict[str, float]:
+    """The numbers a sweep compares: clean, noise at every sigma, APGD per norm, and the
+    mean non-zero fraction of the HaH-block positions (standard: the same conv layers)."""
+    values: dict[str, float] = {"clean": result.clean_accuracy}
+    if result.noise is not None:
+        for sigma in result.noise.sigmas:
+            if sigma > 0:
+                values[f"noise{sigma:g}"] = result.noise.at(sigma)
+    for norm, suite in result.attacks.items():
+        values[f"apgd_{norm.lower()}"] = suite.apgd.accuracy
+    early = [layer.nonzero_fraction for layer in result.sparsity[:6]]
+    if early:
+        values["nonzero_first6"] = sum(early) / len(early)
+    return values
+
+
+def _stats(values: Sequence[float]) -> dict[str, Any]:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    mean = statistics.fmean(finite) if finite else float("nan")
+    sd = statistics.stdev(finite) if len(finite) > 1 else 0.0
+    return {"mean": mean, "sd": sd, "n": len(finite), "values": list(values)}
+
+
+def summarise(sweep: Sweep, out: str | Path) -> dict[str, Any]:
+    """Per run and epoch: the metrics and training state; per setting and epoch: mean +- sd
+    over seeds; per HaH setting and epoch: HaH - standard paired by seed."""
+    out = Path(out)
+    runs, per = [], {}
+    for run in sweep.runs:
+        history = {h["epoch"] + 1: h for h in read_history(run_dir(out, run))}
+        for epoch in sweep.epochs_of(run):
+            path = eval_file(out, run, epoch)
+            if not path.exists():
+                continue
+            metrics = metrics_of(read_eval(path))
+            h = history.get(epoch, {})
+            metrics["train_acc"] = h.get("train_acc", float("nan"))
+            entry = {"name": run.name, "seed": run.seed, "epoch": epoch, "metrics": metrics,
+                     "grad_ratios": h.get("grad_ratios", []), "train_seconds": sum(
+                         x.get("seconds", 0.0) for e, x in history.items() if e <= epoch)}
+            runs.append(entry)
+            per[(run.name, epoch, run.seed)] = metrics
+    names = list(dict.fromkeys(r.name for r in sweep.runs))
+    seeds = sorted({r.seed for r in sweep.runs})
+    table, gains = [], []
+    for name in names:
+        epochs = sorted({e for (n, e, _) in per if n == name})
+        for epoch in epochs:
+            rows = [per[(name, epoch, s)] for s in seeds if (name, epoch, s) in per]
+            keys = list(dict.fromkeys(k for row in rows for k in row))
+            table.append({"name": name, "epoch": epoch, "seeds": len(rows),
+                          "metrics": {k: _stats([row.get(k, float("nan")) for row in rows]) for k in keys}})
+            base = partner(sweep, name) if dict(next(r.train for r in sweep.runs if r.name == name)).get("hah") else None
+            if base is None:
+                continue
+            paired = [s for s in seeds if (name, epoch, s) in per and (base, epoch, s) in per]
+            if paired:
+                gains.append({"name": name, "baseline": base, "epoch": epoch, "seeds": paired,
+                              "metrics": {k: _stats([per[(name, epoch, s)][k] - per[(base, epoch, s)][k]
+                                                     for s in paired]) for k in keys
+                                          if k in per[(base, epoch, paired[0])]}})
+    return {"sweep": sweep.name, "settings": sweep.settings_dict(),
+            "runs_spec": [{"name": r.name, "seed": r.seed, "train": r.train} for r in sweep.runs],
+            "runs": runs, "table": table, "gains": gains, "curves": _curves(sweep, out)}
+
+
+def _curves(sweep: Sweep, out: Path) -> dict[str, list[dict[str, Any]]]:
+    """Per setting, per epoch (1-based): training and held-out accuracy and the HaH /
+    cross-entropy gradient ratios, averaged over the seeds that reached that epoch."""
+    curves: dict[str, list[dict[str, Any]]] = {}
+    for name in dict.fromkeys(r.name for r in sweep.runs):
+        by_epoch: dict[int, list[dict[str, Any]]] = {}
+        for run in (r for r in sweep.runs if r.name == name):
+            for h in read_history(run_dir(out, run)):
+                by_epoch.setdefault(h["epoch"] + 1, []).append(h)
+        rows = []
+        for epoch, entries in sorted(by_epoch.items()):
+            ratios = [e.get("grad_ratios") or [] for e in entries]
+            width = min(len(r) for r in ratios)
+            rows.append({"epoch": epoch, "seeds": len(entries),
+                         "train_acc": statistics.fmean(e["train_acc"] for e in entries),
+                         "eval_acc": statistics.fmean(e["eval_acc"] for e in entries),
+                         "grad_ratios": [statistics.fmean(r[i] for r in ratios) for i in range(width)]})
+        curves[name] = rows
+    return curves
+
+
+# ------------------------------------------------------------------ Markdown
+
+HEADLINE = ("clean", "noise0.05", "noise0.1", "noise0.2", "apgd_linf", "apgd_l2",
+            "nonzero_first6", "train_acc")
+
+
+def _columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+    present = list(dict.fromkeys(k for row in rows for k in row["metrics"]))
+    return [k for k in HEADLINE if k in present] + [k for k in present if k not in HEADLINE]
+
+
+def _cell(stats: dict[str, Any] | None, signed: bool = False) -> str:
+    if stats is None or not math.isfinite(stats["mean"]):
+        return "-"
+    sign = "+" if signed else ""
+    text = f"{100 * stats['mean']:{sign}.1f} ± {100 * stats['sd']:.1f}"
+    if signed and stats["n"] > 1 and abs(stats["mean"]) > stats["sd"]:
+        text = f"**{text}**"
+    return text
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def metrics_table(summary: dict[str, Any]) -> str:
+    rows = summary["table"]
+    columns = _columns(rows)
+    return _table(["setting", "epoch", "seeds", *columns],
+                  [[r["name"], str(r["epoch"]), str(r["seeds"]),
+                    *(_cell(r["metrics"].get(k)) for k in columns)] for r in rows])
+
+
+def gains_table(summary: dict[str, Any]) -> str:
+    rows = summary["gains"]
+    if not rows:
+        return "(no HaH setting has a standard partner with finished evaluations)"
+    columns = _columns(rows)
+    return _table(["HaH setting", "vs", "epoch", "seeds", *columns],
+                  [[r["name"], r["baseline"], str(r["epoch"]), str(len(r["seeds"])),
+                    *(_cell(r["metrics"].get(k), signed=True) for k in columns)] for r in rows])
+
+
+def render_markdown(summary: dict[str, Any], sweep: Sweep, command: str = "") -> str:
+    """The sweep's report: settings, the per-setting table, the paired gains, the plots."""
+    settings = summary["settings"]
+    shared = _shared_train(sweep)
+    lines = [f"# Sweep `{summary['sweep']}`", ""]
+    if command:
+        lines += [f"Command: `{command}`", ""]
+    lines += [f"Evaluated on the **{settings['split']}** split"
+              + (f", a seeded {settings['limit']} images" if settings.get("limit") else "")
+              + f"; attacks on {settings.get('attack_limit') or 'all'} of them "
+              f"(APGD-CE + APGD-T, {settings['apgd_steps']} steps, l_inf {settings['eps_linf']:.5g},"
+              f" l_2 {settings['eps_l2']:g}); seeds {sorted({r.seed for r in sweep.runs})}.",
+              "", "Shared training settings: "
+              + ", ".join(f"{k}={v}" for k, v in sorted(shared.items())) + ".", "",
+              "Settings: " + "; ".join(f"`{name}`: " + (", ".join(f"{k}={v}" for k, v in diff.items()) or "-")
+                                       for name, diff in _differences(sweep, shared).items()) + ".",
+              "", "## Every setting (accuracy in %, mean ± sd over seeds)", "",
+              metrics_table(summary), "",
+              "## HaH minus its standard partner, paired by seed (points, mean ± sd)", "",
+              "Bold: the mean gain exceeds the seed-to-seed sd.", "", gains_table(summary), "",
+              "## Plots", "", "![metrics vs epoch](metrics.png)", "", "![gains vs epoch](gains.png)",
+              "", "![gradient ratios](grad_ratios.png)", ""]
+    return "\n".join(lines)
+
+
+def _shared_train(sweep: Sweep) -> dict[str, Any]:
+    trains = [r.train for r in sweep.runs]
+    return {k: v for k, v in trains[0].items() if all(t.get(k) == v for t in trains)}
+
+
+def _differences(sweep: Sweep, shared: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {r.name: {k: v for k, v in r.train.items() if k not in shared} for r in sweep.runs}
+
+
+# ------------------------------------------------------------------ plots
+
+PLOTTED = ("clean", "noise0.1", "apgd_linf", "apgd_l2")
+
+
+def _figure(path: Path, panels: int, draw) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4), squeeze=False)
+    draw(axes[0])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _errorbars(axes, rows: Sequence[dict[str, Any]], keys: Sequence[str], zero_line: bool) -> None:
+    for ax, key in zip(axes, keys):
+        for name in dict.fromkeys(r["name"] for r in rows):
+            mine = [r for r in rows if r["name"] == name and key in r["metrics"]]
+            if mine:
+                ax.errorbar([r["epoch"] for r in mine], [100 * r["metrics"][key]["mean"] for r in mine],
+                            yerr=[100 * r["metrics"][key]["sd"] for r in mine], marker="o",
+                            capsize=3, label=name)
+        if zero_line:
+            ax.axhline(0, color="grey", lw=0.8)
+        ax.set_title(key)
+        ax.set_xlabel("epoch")
+    axes[0].set_ylabel("points" if zero_line else "accuracy (%)")
+    axes[-1].legend(fontsize=7)
+
+
+def plot_metrics(summary: dict[str, Any], path: Path) -> None:
+    keys = [k for k in PLOTTED if any(k in r["metrics"] for r in summary["table"])]
+    if keys:
+        _figure(path, len(keys), lambda axes: _errorbars(axes, summary["table"], keys, False))
+
+
+def plot_gains(summary: dict[str, Any], path: Path) -> None:
+    keys = [k for k in PLOTTED if any(k in r["metrics"] for r in summary["gains"])]
+    if keys:
+        _figure(path, len(keys), lambda axes: _errorbars(axes, summary["gains"], keys, True))
+
+
+def plot_grad_ratios(summary: dict[str, Any], path: Path) -> None:
+    curves = {n: rows for n, rows in summary["curves"].items() if rows and rows[-1]["grad_ratios"]}
+    if not curves:
+        return
+
+    def draw(axes) -> None:
+        ax = axes[0]
+        for name, rows in curves.items():
+            layers = len(rows[-1]["grad_ratios"])
+            for layer in range(layers):
+                pts = [(r["epoch"], r["grad_ratios"][layer]) for r in rows if len(r["grad_ratios"]) > layer]
+                ax.plot(*zip(*pts), label=f"{name} L{layer + 1}", lw=1)
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("RMS(alpha dH/dW) / RMS(dCE/dW)")
+        ax.legend(fontsize=6, ncol=2)
+
+    _figure(path, 1, draw)
+
+
+def write(summary: dict[str, Any], sweep: Sweep, out: str | Path, command: str = "") -> dict[str, Path]:
+    """results.json, report.md and the plots in ``out``; returns their paths."""
+    from hahnet.checkpoint import atomic_write, write_json
+
+    out = Path(out)
+    paths = {name: out / name for name in ("results.json", "report.md", "metrics.png",
+                                           "gains.png", "grad_ratios.png")}
+    write_json(paths["results.json"], _finite(summary))
+    atomic_write(paths["report.md"], lambda tmp: tmp.write_text(render_markdown(summary, sweep, command)))
+    plot_metrics(summary, paths["metrics.png"])
+    plot_gains(summary, paths["gains.png"])
+    plot_grad_ratios(summary, paths["grad_ratios.png"])
+    return {k: p for k, p in paths.items() if p.exists()}
+
+
+def _finite(value: Any) -> Any:
+    """JSON without NaN (null instead)."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -1,0 +1,166 @@
+"""hahnet sweep: parsing and refusal of bad files, the whole grid run on a tiny data set
+(two processes), reuse of finished runs and evaluations, resuming a half-trained run,
+refusing a run directory trained with other settings, and the seed-paired gain."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from hahnet import cli, sweep as sw, sweep_report
+from test_distributed import write_cifar
+
+BASE = """
+name = "tiny"
+seeds = [1, 2]
+
+[train]
+width = 0.0625
+epochs = 2
+batch_size = 16
+holdout = 0.25
+snapshots = [1, 2]
+
+[grid]
+hah = [false, true]
+"""
+EXTRA_RUN = """
+[[runs]]
+name = "hah-alphas-x2"
+hah = true
+alphas = [0.009, 0.005, 0.0026, 0.002, 0.0016, 0.001]
+"""
+EVAL = """
+[eval]
+epochs = [1, 2]
+limit = 8
+noise_sigmas = [0.1]
+noise_draws = 1
+attack_limit = 3
+apgd_steps = 2
+"""
+SWEEP = BASE + EXTRA_RUN + EVAL
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One complete sweep: (sweep file, out dir, data dir, progress lines)."""
+    root = tmp_path_factory.mktemp("sweep")
+    data = write_cifar(root / "data", n_train=60, n_test=8)
+    file = root / "tiny.toml"
+    file.write_text(SWEEP)
+    lines: list[str] = []
+    sw.run(sw.load(file), root / "out", str(data), cache_dir=str(root / "cache"), jobs=2,
+           threads=1, progress=lines.append)
+    return file, root / "out", data, lines
+
+
+def test_parse_grid_runs_names_and_partners():
+    spec = sw.parse(__import__("tomllib").loads(SWEEP), "tiny.toml")
+    assert [r.key for r in spec.runs] == ["std-seed1", "std-seed2", "hah-seed1", "hah-seed2",
+                                          "hah-alphas-x2-seed1", "hah-alphas-x2-seed2"]
+    assert spec.runs[2].config.hah and spec.runs[2].config.seed == 1
+    assert spec.settings.pgd_steps == 0 and spec.settings.square_limit == 0
+    assert spec.epochs_of(spec.runs[0]) == (1, 2)
+    assert sw.partner(spec, "hah") == "std" and sw.partner(spec, "hah-alphas-x2") == "std"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("seeds = []", "seeds must be a non-empty list"),
+    ("[train]\nwidht = 1.0", r"unknown training setting\(s\) \['widht'\]"),
+    ("[grid]\nwidth = 0.5", "every entry is a non-empty list"),
+    ("[eval]\nsplit = 'train'", "split must be 'holdout' or 'test'"),
+    ("[eval]\nattack_limt = 3", r"unknown setting\(s\) \['attack_limt'\]"),
+    ("[train]\nepochs = 0", "epochs must be >= 1"),
+    ("[[runs]]\nhah = true", "needs a name"),
+    ("bogus = 1", r"unknown top-level key\(s\) \['bogus'\]"),
+])
+def test_bad_sweep_files_are_refused_with_the_reason(text, message):
+    with pytest.raises(sw.SweepError, match=message):
+        sw.parse(__import__("tomllib").loads(text), "bad.toml")
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(sw.SweepError, match="no sweep file at"):
+        sw.load(tmp_path / "missing.toml")
+    (tmp_path / "bad.toml").write_text("name = ")
+    with pytest.raises(sw.SweepError, match="is not valid TOML"):
+        sw.load(tmp_path / "bad.toml")
+
+
+def test_whole_sweep_trains_evaluates_and_reports_progress(finished):
+    file, out, _, lines = finished
+    spec = sw.load(file)
+    assert lines[0].startswith("tiny: 6 runs, 0 of 18 tasks already done; 6 to train, 12 to evaluate")
+    assert lines[-1].startswith("[18/18] evaluated ") and "ETA 0 min" in lines[-1]
+    for run in spec.runs:
+        assert (sw.run_dir(out, run) / "snapshots" / "epoch1.safetensors").exists()
+        for epoch in (1, 2):
+            assert sw.eval_file(out, run, epoch).exists()
+
+
+def test_summary_gain_is_paired_by_seed(finished):
+    file, out, _, _ = finished
+    spec = sw.load(file)
+    summary = sweep_report.summarise(spec, out)
+    per = {(r["name"], r["seed"], r["epoch"]): r["metrics"] for r in summary["runs"]}
+    assert len(per) == 12
+    gain = next(g for g in summary["gains"] if g["name"] == "hah" and g["epoch"] == 2)
+    assert gain["baseline"] == "std" and gain["seeds"] == [1, 2]
+    for key in ("clean", "noise0.1", "apgd_linf", "apgd_l2"):
+        diffs = [per[("hah", s, 2)][key] - per[("std", s, 2)][key] for s in (1, 2)]
+        assert gain["metrics"][key]["values"] == pytest.approx(diffs)
+        assert gain["metrics"][key]["mean"] == pytest.approx(sum(diffs) / 2)
+        assert gain["metrics"][key]["sd"] == pytest.approx(abs(diffs[0] - diffs[1]) / math.sqrt(2))
+    row = next(t for t in summary["table"] if t["name"] == "std" and t["epoch"] == 1)
+    assert row["seeds"] == 2 and row["metrics"]["clean"]["values"] == \
+        [per[("std", s, 1)]["clean"] for s in (1, 2)]
+    hah_curve = summary["curves"]["hah"]
+    assert [c["epoch"] for c in hah_curve] == [1, 2] and len(hah_curve[0]["grad_ratios"]) == 6
+    assert summary["curves"]["std"][0]["grad_ratios"] == []
+
+
+def test_second_run_reuses_everything_and_cli_writes_the_report(finished, capsys):
+    file, out, data, _ = finished
+    before = {p: p.stat().st_mtime_ns for p in (out / "evals").iterdir()}
+    assert cli.main(["sweep", str(file), "--out", str(out), "--data", str(data), "--jobs", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "18 of 18 tasks already done; 0 to train, 0 to evaluate" in err
+    assert {p: p.stat().st_mtime_ns for p in (out / "evals").iterdir()} == before
+    report = (out / "report.md").read_text()
+    assert "| hah | std | 2 | 2 |" in report and (out / "metrics.png").exists()
+    assert json.loads((out / "results.json").read_text())["sweep"] == "tiny"
+
+
+def test_run_with_other_settings_is_refused_before_any_work(finished, tmp_path, capsys):
+    file, out, data, _ = finished
+    changed = tmp_path / "tiny.toml"
+    changed.write_text(SWEEP.replace("epochs = 2", "epochs = 3"))
+    before = sorted(p.name for p in (out / "evals").iterdir())
+    assert cli.main(["sweep", str(changed), "--out", str(out), "--data", str(data)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds a run with other settings (epochs 2 there vs 3 wanted)" in err[0]
+    assert sorted(p.name for p in (out / "evals").iterdir()) == before
+
+
+def test_half_trained_run_is_resumed_not_restarted(tmp_path):
+    import torch
+
+    from hahnet.data import load_dataset
+    from hahnet.train import EpochMetrics, Trainer
+
+    data = write_cifar(tmp_path / "data", n_train=60, n_test=8)
+    spec = sw.parse(__import__("tomllib").loads((BASE + EVAL)
+                                                 .replace("seeds = [1, 2]", "seeds = [1]")
+                                                 .replace("hah = [false, true]", "hah = [true]")), "one")
+    run = spec.runs[0]
+    trainer = Trainer(run.config, load_dataset(data), sw.run_dir(tmp_path, run), torch.device("cpu"))
+    loss, acc, _ = trainer.train_epoch(0)  # the first epoch only, as a killed run leaves it
+    trainer.save(0, EpochMetrics(0, 1e-3, loss, acc, 0.0, "holdout", [], 1.0, 1.0))
+    trains, evals = sw.plan(spec, tmp_path)
+    assert [t.label for t in trains] == ["hah-seed1"] and len(evals) == 2
+    sw.run(spec, tmp_path, str(data), jobs=1)
+    lines = [json.loads(l) for l in (sw.run_dir(tmp_path, run) / "metrics.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == [0, 1] and lines[0]["seconds"] == 1.0
