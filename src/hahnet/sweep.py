@@ -384,8 +384,8 @@ def run(sweep: Sweep, out: str | Path, data: str, cache_dir: str | None = None,
                            asdict(sweep.settings), sweep.split, sweep.limit, sweep.limit_seed,
                            data, cache_dir, threads, device)
 
-    for phase in (trains, evals):  # evaluations need every run trained first
-        _run_tasks(sorted(phase, key=lambda t: -t.cost), submit, jobs, counter)
+    _run_tasks(sorted(trains, key=lambda t: -t.cost) + sorted(evals, key=lambda t: -t.cost),
+               submit, jobs, counter)
 
 
 class _Counter:
@@ -409,15 +409,21 @@ class _Counter:
 
 def _run_tasks(tasks: list[Task], submit: Callable[[Any, Task], Future], jobs: int,
                counter: _Counter) -> None:
+    """Run ``tasks`` in order, ``jobs`` at a time; a run's evaluations wait until it is
+    trained, and meanwhile later tasks go first so that no process idles."""
     if not tasks:
         return
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
         pending: dict[Future, Task] = {}
         queue = list(tasks)
         while queue or pending:
-            while queue and len(pending) < jobs:
-                task = queue.pop(0)
-                pending[submit(pool, task)] = task
+            while len(pending) < jobs:
+                training = {t.run.key for t in [*queue, *pending.values()] if t.kind == "train"}
+                ready = [t for t in queue if t.kind == "train" or t.run.key not in training]
+                if not ready:
+                    break
+                queue.remove(ready[0])
+                pending[submit(pool, ready[0])] = ready[0]
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 task = pending.pop(future)
