@@ -1,0 +1,98 @@
+"""Training within a time budget: a short warm-up measures how fast this machine trains a
+configuration, and the number of epochs is chosen so that training (and what must follow
+it) fits. The schedule keeps its shape: milestones stay fractions of the chosen epochs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Sequence
+
+import torch
+
+from hahnet.data import Dataset
+from hahnet.train import TrainConfig, Trainer, epoch_batches
+
+EVAL_SPEEDUP = 3.0  # a forward pass costs about a third of a training step
+
+
+class BudgetError(ValueError):
+    """A budget too small for even one epoch; the message says how much is needed."""
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """What the warm-up measured for one configuration on one device."""
+
+    images_per_second: float
+    train_images: int
+    eval_images: int
+    warmup_seconds: float
+
+    def epoch_seconds(self) -> float:
+        """One epoch: the training steps plus the per-epoch accuracy pass."""
+        ips = self.images_per_second
+        return self.train_images / ips + self.eval_images / (ips * EVAL_SPEEDUP)
+
+
+def measure(config: TrainConfig, dataset: Dataset, device: torch.device, steps: int = 8,
+            warmup_steps: int = 3) -> Throughput:
+    """Time ``steps`` optimizer steps (after ``warmup_steps`` untimed ones: allocator,
+    autotuning, compilation) on a throwaway copy of the run's model and data."""
+    started = time.perf_counter()
+    probe = replace(config, epochs=max(config.epochs, 1), snapshots=())
+    trainer = Trainer(probe, dataset, out_dir="unused-budget-probe", device=device)
+    batches = epoch_batches(len(trainer.train_split.labels), probe.batch_size, probe.seed, 0,
+                            probe.augment)
+    timed_from, images = None, 0
+    for step, (indices, params) in enumerate(batches):
+        if step == warmup_steps:
+            _sync(device)
+            timed_from = time.perf_counter()
+        if step >= warmup_steps + steps:
+            break
+        x, y = trainer.local_batch(indices, params)
+        loss, _ = trainer.train_step(x, y)
+        if step >= warmup_steps:
+            images += len(y)
+    float(loss)  # one host sync at the end
+    _sync(device)
+    if timed_from is None or images == 0:
+        raise BudgetError(f"the warm-up needs {warmup_steps + 1} batches of {probe.batch_size} "
+                          f"training images; use more data or a smaller --batch-size")
+    seconds = time.perf_counter() - timed_from
+    return Throughput(images / seconds, len(trainer.train_split.labels),
+                      len(trainer.eval_split.labels), time.perf_counter() - started)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def epochs_within(budget_seconds: float, epoch_seconds: Sequence[float],
+                  reserved_seconds: float = 0.0, most: int | None = None) -> int:
+    """The most epochs E such that every run of ``epoch_seconds`` trained for E epochs,
+    plus ``reserved_seconds`` (evaluation, start-up), fits in ``budget_seconds``."""
+    per_epoch = sum(epoch_seconds)
+    available = budget_seconds - reserved_seconds
+    if per_epoch <= 0:
+        raise BudgetError("epoch time must be positive")
+    epochs = math.floor(available / per_epoch)
+    if epochs < 1:
+        need = (per_epoch + reserved_seconds) / 60
+        raise BudgetError(f"a time budget of {budget_seconds / 60:.1f} min does not fit one epoch "
+                          f"(~{need:.1f} min needed with what follows training here); give "
+                          f"more minutes or use less data / a smaller --width")
+    return min(epochs, most) if most else epochs
+
+
+def plan_record(budget_minutes: float, throughputs: dict[str, Throughput], epochs: int,
+                reserved_seconds: float) -> dict[str, Any]:
+    """What goes into model.json and the report: the budget, the measured speed, the choice."""
+    return {"minutes": budget_minutes, "epochs": epochs,
+            "reserved_seconds": round(reserved_seconds, 1),
+            "measured": {name: {**asdict(t), "epoch_seconds": round(t.epoch_seconds(), 2)}
+                         for name, t in throughputs.items()}}
