@@ -436,24 +436,13 @@ def evaluate_with_progress(model, images, labels, settings, device, path: str,
 
 
 def evaluation_split(dataset, split: str, checkpoints: Sequence[tuple[str, dict[str, Any]]]):
-    """The test set, or the training images every checkpoint held out (the same seeded
-    split ``train --holdout`` made); one-line UserErrors when there is none or they differ."""
-    from hahnet.data import split_holdout
+    """:func:`hahnet.eval.runner.evaluation_split`, its errors as one-line UserErrors."""
+    from hahnet.eval.runner import EvalError, evaluation_split as split_of
 
-    if split == "test":
-        return dataset.test
-    held = set()
-    for path, info in checkpoints:
-        train = info.get("train") or {}
-        if not train.get("holdout"):
-            raise UserError(f"{path} was trained without --holdout, so no training images are "
-                            f"held out; evaluate it with --split test")
-        held.add((float(train["holdout"]), int(train.get("seed", 0))))
-    if len(held) > 1:
-        raise UserError(f"the checkpoints held out different images (holdout, seed: "
-                        f"{sorted(held)}); evaluate them separately")
-    fraction, seed = held.pop()
-    return split_holdout(dataset.train, fraction, seed)[1]
+    try:
+        return split_of(dataset, split, checkpoints)
+    except EvalError as error:
+        raise UserError(str(error)) from None
 
 
 def check_and_estimate(path: str, info: dict[str, Any], model, test, settings, device) -> float:
