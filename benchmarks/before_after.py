@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from hahnet import HaHObjective, vgg16
-from hahnet.layers import DivisiveNorm2d, TopFractionThreshold, WNConv2d
+from hahnet.nn.layers import DivisiveNorm2d, TopFractionThreshold, WNConv2d
 
 
 def load_revision(rev: str) -> tuple[types.ModuleType, types.ModuleType]:

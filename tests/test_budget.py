@@ -8,7 +8,7 @@ import torch
 
 from hahnet import budget
 from hahnet.train import TrainConfig
-from test_train import tiny_dataset
+from conftest import make_tiny_dataset as tiny_dataset
 
 
 def test_epochs_within_is_the_largest_count_that_fits():

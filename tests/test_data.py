@@ -21,7 +21,7 @@ from PIL import Image
 from hahnet import data
 from hahnet.data import (CIFAR10_CLASSES, FASHION_MNIST_CLASSES, DataError, ImageDataset,
                          channel_stats, crop_flip, crop_flip_params, download_cifar10,
-                         load_dataset, split_holdout, subset, to_float)
+                         load_dataset, split_holdout, to_float)
 
 RNG = np.random.default_rng(0)
 
@@ -379,7 +379,7 @@ def _split_ds(n: int = 20) -> ImageDataset:
 
 def test_limit_subset_and_holdout_are_seeded_and_disjoint():
     ds = _split_ds()
-    a, b = ds.limit(7, seed=3), subset(ds, 7, seed=3)
+    a, b = ds.limit(7, seed=3), ds.limit(7, seed=3)
     assert len(a) == 7 and torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
     assert not torch.equal(ds.limit(7, seed=4).images, a.images)
     assert ds.limit(50, seed=0) is ds

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import signal
 import socket
 import subprocess
@@ -15,7 +14,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -25,7 +23,9 @@ from hahnet import checkpoint, cli, distributed
 from hahnet.data import load_dataset
 from hahnet.train import Trainer, accuracy, epoch_batches
 
-from test_train import tiny_config, tiny_dataset
+from conftest import make_cifar as write_cifar
+from conftest import make_tiny_config as tiny_config
+from conftest import make_tiny_dataset as tiny_dataset
 
 TESTS = Path(__file__).resolve().parent
 TIMEOUT = 180  # seconds for one launch: a hang fails the test instead of blocking it
@@ -62,25 +62,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def write_cifar(root: Path, n_train: int = 50, n_test: int = 16, seed: int = 0) -> Path:
-    """A tiny data set in CIFAR-10's python format (4 classes, a little signal)."""
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-
-    def batch(n: int) -> dict:
-        labels = np.arange(n) % 4
-        data = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
-        for i, label in enumerate(labels):
-            data[i, label % 3] //= 2
-        return {b"data": data.reshape(n, 3072), b"labels": labels.tolist()}
-
-    for i in range(1, 6):
-        (root / f"data_batch_{i}").write_bytes(pickle.dumps(batch(n_train // 5)))
-    (root / "test_batch").write_bytes(pickle.dumps(batch(n_test)))
-    (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"a", b"b", b"c", b"d"]}))
-    return root
 
 
 def child_env(tmp: Path, **extra: str) -> dict[str, str]:
@@ -215,9 +196,10 @@ def test_sync_batchnorm_keeps_checkpoint_keys_and_is_batchnorm_in_one_process():
 WORKER = textwrap.dedent("""
     import sys, torch
     from hahnet import distributed
-    from hahnet import evaluate as ev
+    from hahnet.eval import metrics as ev
     from hahnet.train import Trainer, accuracy, epoch_batches
-    from test_train import tiny_config, tiny_dataset
+    from conftest import make_tiny_config as tiny_config
+    from conftest import make_tiny_dataset as tiny_dataset
 
     torch.set_num_threads(1)
     out = sys.argv[1]
@@ -253,7 +235,7 @@ def test_two_ranks_gradient_and_sharded_evaluation_equal_one_process(tmp_path):
         assert rc == 0, err
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
-    from hahnet import evaluate as ev
+    from hahnet.eval import metrics as ev
     for hah in (True, False):
         single = Trainer(tiny_config(hah=hah), tiny_dataset(n_test=37), tmp_path,
                          torch.device("cpu"))

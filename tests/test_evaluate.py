@@ -9,8 +9,13 @@ import torch
 from torch import nn
 
 import hahnet
-from hahnet import evaluate as ev
-from hahnet.layers import HaHBlock, VGGBlock, threshold_rank
+from conftest import make_random_uint8 as random_uint8
+from conftest import make_tiny_net
+from hahnet import eval as evaluation
+from hahnet.config import PAPER_EPS, parse_numbers
+from hahnet.eval import attacks, metrics, results, runner
+from hahnet.hah import winners
+from hahnet.nn.layers import HaHBlock, threshold_rank
 from hahnet.models import VGG, ModelConfig
 
 pytest.importorskip("torchattacks")
@@ -61,25 +66,7 @@ def half_images(n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def tiny_net(hah: bool = True) -> nn.Module:
-    """A few blocks on 8x8 inputs: fast enough for the whole driver in a test."""
-    torch.manual_seed(0)
-
-    class Tiny(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            first = HaHBlock(3, 8) if hah else VGGBlock(3, 8)
-            self.features = nn.Sequential(first, nn.MaxPool2d(2), VGGBlock(8, 8))
-            self.classifier = nn.Linear(8, CLASSES)
-
-        def forward(self, x):
-            return self.classifier(self.features(x - 0.5).amax(dim=(2, 3)))
-
-    return Tiny().eval()
-
-
-def random_uint8(n: int, size: int = 8, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 256, (n, 3, size, size), generator=torch.Generator().manual_seed(seed),
-                         dtype=torch.uint8)
+    return make_tiny_net(hah, CLASSES)
 
 
 # ------------------------------------------------------------------ clean and noise
@@ -88,10 +75,10 @@ def test_clean_accuracy_uint8_equals_float():
     model = tiny_net()
     x = random_uint8(20)
     y = torch.arange(20) % CLASSES
-    a = ev.clean_accuracy(model, x, y, batch_size=7)
-    b = ev.clean_accuracy(model, x.float() / 255, y, batch_size=20)
+    a = metrics.clean_accuracy(model, x, y, batch_size=7)
+    b = metrics.clean_accuracy(model, x.float() / 255, y, batch_size=20)
     assert a == b
-    assert ev.correct_mask(model, x, y).float().mean().item() == pytest.approx(a)
+    assert metrics.correct_mask(model, x, y).float().mean().item() == pytest.approx(a)
 
 
 def test_noise_zero_equals_clean_exactly_and_is_seeded():
@@ -100,9 +87,9 @@ def test_noise_zero_equals_clean_exactly_and_is_seeded():
     with torch.no_grad():
         y = model(x.float() / 255).argmax(1)
     y[::3] = (y[::3] + 1) % CLASSES  # some wrong labels
-    clean = ev.clean_accuracy(model, x, y, batch_size=5)
-    r1 = ev.noise_accuracy(model, x, y, sigmas=(0.0, 0.3), draws=2, seed=3, batch_size=5)
-    r2 = ev.noise_accuracy(model, x, y, sigmas=(0.0, 0.3), draws=2, seed=3, batch_size=5)
+    clean = metrics.clean_accuracy(model, x, y, batch_size=5)
+    r1 = metrics.noise_accuracy(model, x, y, sigmas=(0.0, 0.3), draws=2, seed=3, batch_size=5)
+    r2 = metrics.noise_accuracy(model, x, y, sigmas=(0.0, 0.3), draws=2, seed=3, batch_size=5)
     assert r1.mean[0] == clean and r1.std[0] == 0.0 and r1.at(0.0) == clean
     assert r1 == r2
     assert r1.at(0.2) is None
@@ -122,7 +109,7 @@ def test_noise_accuracy_matches_gaussian_probability():
     # pixel 0.6, label "> 0.5": correct iff noise > -0.1, probability Phi(0.1 / sigma).
     x = torch.full((4000, 1, 1, 1), 0.6)
     y = torch.ones(4000, dtype=torch.long)
-    r = ev.noise_accuracy(SignOfFirstPixel(), x, y, sigmas=(0.1, 0.05), draws=3, batch_size=4000)
+    r = metrics.noise_accuracy(SignOfFirstPixel(), x, y, sigmas=(0.1, 0.05), draws=3, batch_size=4000)
     phi = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))  # noqa: E731
     assert r.mean[0] == pytest.approx(phi(1.0), abs=0.015)
     assert r.mean[1] == pytest.approx(phi(2.0), abs=0.01)
@@ -138,19 +125,19 @@ def test_nan_logits_raise_one_line_error():
         def forward(self, x):
             return torch.full((len(x), CLASSES), float("nan")) + self.p
 
-    with pytest.raises(ev.EvalError, match="NaN"):
-        ev.clean_accuracy(NaNNet(), *half_images())
+    with pytest.raises(evaluation.EvalError, match="NaN"):
+        metrics.clean_accuracy(NaNNet(), *half_images())
 
 
 def test_bad_inputs_are_rejected():
-    with pytest.raises(ev.EvalError, match=r"\[0, 1\]"):
-        ev.clean_accuracy(tiny_net(), torch.full((2, 3, 8, 8), 2.0), torch.zeros(2, dtype=torch.long))
-    with pytest.raises(ev.EvalError):
-        ev.clean_accuracy(tiny_net(), random_uint8(3), torch.zeros(2, dtype=torch.long))
-    assert ev.parse_fraction("2/255") == pytest.approx(2 / 255)
-    assert ev.parse_fraction("0.25") == 0.25
-    with pytest.raises(ev.EvalError):
-        ev.parse_fraction("two")
+    with pytest.raises(evaluation.EvalError, match=r"\[0, 1\]"):
+        metrics.clean_accuracy(tiny_net(), torch.full((2, 3, 8, 8), 2.0), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(evaluation.EvalError):
+        metrics.clean_accuracy(tiny_net(), random_uint8(3), torch.zeros(2, dtype=torch.long))
+    assert parse_numbers("2/255") == pytest.approx((2 / 255,))
+    assert parse_numbers("0.25,1/4") == (0.25, 0.25)
+    with pytest.raises(ValueError, match="two"):
+        parse_numbers("two")
 
 
 # ---------------------------------------------------------------------- attacks
@@ -160,38 +147,38 @@ def test_constant_model_is_unattackable(norm):
     model = ConstantLogits()
     x = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))  # Square L2: >= 5x5
     y = torch.tensor([0, 0, 0, 1, 2, 0])  # class 0 always predicted: clean acc 4/6
-    clean = ev.clean_accuracy(model, x, y)
-    apgd = ev.adversarial_accuracy(model, x, y, norm, steps=5)
-    pgd = ev.pgd_accuracy(model, x, y, norm, steps=3, restarts=2)
-    square = ev.square_accuracy(model, x, y, norm, queries=20)
+    clean = metrics.clean_accuracy(model, x, y)
+    apgd = attacks.adversarial_accuracy(model, x, y, norm, steps=5)
+    pgd = attacks.pgd_accuracy(model, x, y, norm, steps=3, restarts=2)
+    square = attacks.square_accuracy(model, x, y, norm, queries=20)
     assert clean == pytest.approx(4 / 6)
     for result in (apgd, pgd, square):
         assert result.accuracy == clean
         assert result.robust == [True, True, True, False, False, True]
     assert list(apgd.stages) == ["APGD-CE", "APGD-T"]
-    assert not ev.compare_attacks(apgd, pgd, square).black_box_beats_gradient
+    assert not attacks.compare_attacks(apgd, pgd, square).black_box_beats_gradient
 
 
 @pytest.mark.parametrize("norm,dual", [("Linf", 1.0), ("L2", 1 / math.sqrt(D))])
 def test_linear_margin_robust_iff_margin_exceeds_budget(norm, dual):
-    eps = ev.DEFAULT_EPS[norm]
+    eps = PAPER_EPS[norm]
     x, y = half_images()
-    safe = ev.adversarial_accuracy(LinearMargin(2.0 * eps * dual), x, y, norm, steps=10)
-    broken = ev.adversarial_accuracy(LinearMargin(0.5 * eps * dual), x, y, norm, steps=10)
+    safe = attacks.adversarial_accuracy(LinearMargin(2.0 * eps * dual), x, y, norm, steps=10)
+    broken = attacks.adversarial_accuracy(LinearMargin(0.5 * eps * dual), x, y, norm, steps=10)
     assert safe.accuracy == 1.0
     assert broken.accuracy == 0.0 and broken.stages["APGD-CE"] == 0.0
     assert broken.max_perturbation <= eps * (1 + 1e-5)
-    pgd = ev.pgd_accuracy(LinearMargin(0.5 * eps * dual), x, y, norm, steps=10, restarts=1)
+    pgd = attacks.pgd_accuracy(LinearMargin(0.5 * eps * dual), x, y, norm, steps=10, restarts=1)
     assert pgd.accuracy == 0.0
-    assert ev.pgd_accuracy(LinearMargin(2.0 * eps * dual), x, y, norm, steps=10,
+    assert attacks.pgd_accuracy(LinearMargin(2.0 * eps * dual), x, y, norm, steps=10,
                            restarts=2).accuracy == 1.0
 
 
 def test_square_breaks_weak_linear_model_and_respects_eps():
     eps = 2 / 255
     x, y = half_images(3)
-    broken = ev.square_accuracy(LinearMargin(0.5 * eps), x, y, "Linf", eps, queries=300)
-    safe = ev.square_accuracy(LinearMargin(2.0 * eps), x, y, "Linf", eps, queries=50)
+    broken = attacks.square_accuracy(LinearMargin(0.5 * eps), x, y, "Linf", eps, queries=300)
+    safe = attacks.square_accuracy(LinearMargin(2.0 * eps), x, y, "Linf", eps, queries=50)
     assert broken.accuracy == 0.0 and safe.accuracy == 1.0
     assert broken.max_perturbation <= eps * (1 + 1e-5)
 
@@ -202,20 +189,20 @@ def test_adversarial_examples_respect_eps_and_range():
         adv_model = LinearMargin(0.0)
         with torch.no_grad():
             y = adv_model(x).argmax(1)
-        result = ev.pgd_accuracy(adv_model, x, y, norm, eps, steps=5, restarts=1)
+        result = attacks.pgd_accuracy(adv_model, x, y, norm, eps, steps=5, restarts=1)
         assert 0 < result.max_perturbation <= eps * (1 + 1e-5)
-    with pytest.raises(ev.EvalError, match="budget"):
-        ev.check_adversarial(x, (x + 0.1).clamp(0, 1), "Linf", 0.05)
-    with pytest.raises(ev.EvalError, match=r"\[0, 1\]"):
-        ev.check_adversarial(x, x + 1.0, "L2", 100.0)
-    assert ev.check_adversarial(x, x, "L2", 0.0) == 0.0
+    with pytest.raises(evaluation.EvalError, match="budget"):
+        attacks.check_adversarial(x, (x + 0.1).clamp(0, 1), "Linf", 0.05)
+    with pytest.raises(evaluation.EvalError, match=r"\[0, 1\]"):
+        attacks.check_adversarial(x, x + 1.0, "L2", 100.0)
+    assert attacks.check_adversarial(x, x, "L2", 0.0) == 0.0
 
 
 def test_worst_case_rejects_attack_that_leaves_the_ball():
     x, y = half_images(2)
     cheat = ("cheat", lambda xs, ys, seed: (xs + 0.5).clamp(0, 1))
-    with pytest.raises(ev.EvalError, match="budget"):
-        ev.worst_case(LinearMargin(1.0), x, y, "Linf", 0.01, [cheat], "cheat", {})
+    with pytest.raises(evaluation.EvalError, match="budget"):
+        attacks.worst_case(LinearMargin(1.0), x, y, "Linf", 0.01, [cheat], "cheat", {})
 
 
 def test_worst_case_is_per_image_across_stages():
@@ -233,7 +220,7 @@ def test_worst_case_is_per_image_across_stages():
         seen.append(len(xs))
         return xs
 
-    r = ev.worst_case(LinearMargin(0.0), x, y, "Linf", 0.05,
+    r = attacks.worst_case(LinearMargin(0.0), x, y, "Linf", 0.05,
                       [("a", break_first_two), ("b", identity)], "t", {}, batch_size=4)
     assert seen == [4, 2]  # stage b only sees what stage a did not break
     assert r.robust == [False, False, True, True] and r.stages == {"a": 0.5, "b": 0.5}
@@ -248,14 +235,14 @@ def test_attacks_leave_global_rng_untouched_and_are_deterministic():
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    a = ev.adversarial_accuracy(model, x, y, "Linf", 8 / 255, steps=3, seed=5)
+    a = attacks.adversarial_accuracy(model, x, y, "Linf", 8 / 255, steps=3, seed=5)
     assert torch.equal(torch.rand(3), expected)
-    b = ev.adversarial_accuracy(model, x, y, "Linf", 8 / 255, steps=3, seed=5)
+    b = attacks.adversarial_accuracy(model, x, y, "Linf", 8 / 255, steps=3, seed=5)
     assert a.robust == b.robust and a.max_perturbation == b.max_perturbation
 
 
 def result(robust, attack="x"):
-    return ev.AttackResult(attack, "Linf", 0.1, len(robust), sum(robust) / len(robust), robust,
+    return evaluation.results.AttackResult(attack, "Linf", 0.1, len(robust), sum(robust) / len(robust), robust,
                            {}, 0.0, 0.0, {})
 
 
@@ -263,11 +250,11 @@ def test_compare_attacks_flags_black_box_win():
     apgd = result([True, True, True, False])
     pgd = result([True, False, True, False])
     square = result([False, True])  # only first 2 images, breaks image 0
-    c = ev.compare_attacks(apgd, pgd, square)
+    c = attacks.compare_attacks(apgd, pgd, square)
     assert c.n_images == 2 and c.apgd == 1.0 and c.pgd == 0.5 and c.square == 0.5
     assert c.gradient == 0.5 and c.all_attacks == 0.0 and c.square_only == 1
     assert not c.black_box_beats_gradient  # equal, not lower
-    c2 = ev.compare_attacks(apgd, None, square)
+    c2 = attacks.compare_attacks(apgd, None, square)
     assert c2.gradient == 1.0 and c2.black_box_beats_gradient
 
 
@@ -276,16 +263,16 @@ def test_compare_attacks_flags_black_box_win():
 def test_sparsity_sums_of_known_tensors():
     t = torch.relu(torch.tensor([-1.0, 2.0, 0.0, 3.0, -5.0, 1.0, 0.0, 0.0, 0.0, 4.0]))
     act = t.reshape(1, 10, 1, 1)
-    nz, total, share, positions, mass = ev.sparsity_sums(act, 1).tolist()
+    nz, total, share, positions, mass = metrics.sparsity_sums(act, 1).tolist()
     assert (nz, total, positions) == (4, 10, 1)
     assert share == pytest.approx(4 / 10) and mass == 10
     one_hot = torch.nn.functional.one_hot(torch.tensor([[2, 0], [1, 3]]), 5).permute(2, 0, 1)[None]
-    assert ev.sparsity_sums(one_hot.float(), 1)[2].item() == 4.0  # share 1 at each of 4 positions
+    assert metrics.sparsity_sums(one_hot.float(), 1)[2].item() == 4.0  # share 1 at each of 4 positions
     uniform = torch.ones(2, 10, 3, 3)
-    sums = ev.sparsity_sums(uniform, 1).tolist()
+    sums = metrics.sparsity_sums(uniform, 1).tolist()
     assert sums[2] / sums[3] == pytest.approx(0.1)
-    assert ev.sparsity_sums(torch.zeros(1, 4, 2, 2), 1)[3].item() == 0  # no active positions
-    assert [ev.top_k_count(c) for c in (1, 3, 10, 64, 512)] == [1, 1, 1, 7, 52]
+    assert metrics.sparsity_sums(torch.zeros(1, 4, 2, 2), 1)[3].item() == 0  # no active positions
+    assert [winners(c, 0.1) for c in (1, 3, 10, 64, 512)] == [1, 1, 1, 7, 52]
 
 
 def test_sparsity_measures_vgg_relu_before_batchnorm():
@@ -298,24 +285,24 @@ def test_sparsity_measures_vgg_relu_before_batchnorm():
             conv.weight[c, c, 1, 1] = 1.0
     x = torch.zeros(2, 3, 32, 32)
     x[:, 0, :16] = 0.7  # one channel on in the top half, nothing below: one-hot maps
-    points = ev.probe_points(model)
+    points = metrics.probe_points(model)
     assert [kind for _, kind, _ in points] == ["vgg"] * 8 and points[0][2] is model.features[0].relu
-    layer = ev.sparsity(model, x, batch_size=1)[0]
+    layer = metrics.sparsity(model, x, batch_size=1)[0]
     assert layer.nonzero_fraction == pytest.approx(1 / 6)
     assert layer.top_k == 1 and layer.top_k_share == pytest.approx(1.0)
     assert layer.mean_active == pytest.approx(0.7)
 
 
 def test_probe_points_of_hah_vgg16():
-    points = ev.probe_points(hahnet.vgg16(hah=True, width=0.0625))
+    points = metrics.probe_points(hahnet.vgg16(hah=True, width=0.0625))
     assert [kind for _, kind, _ in points] == ["hah"] * 6 + ["vgg"] * 7
     assert isinstance(points[0][2], HaHBlock) and isinstance(points[6][2], nn.ReLU)
-    with pytest.raises(ev.EvalError):
-        ev.probe_points(ConstantLogits())
+    with pytest.raises(evaluation.EvalError):
+        metrics.probe_points(ConstantLogits())
 
 
 def test_hah_blocks_are_sparse():
-    layers = ev.sparsity(tiny_net(hah=True), random_uint8(4))
+    layers = metrics.sparsity(tiny_net(hah=True), random_uint8(4))
     kept = 64 - threshold_rank(64, 0.2)  # per 8x8 map the threshold keeps at most 13
     assert layers[0].kind == "hah" and 0 < layers[0].nonzero_fraction <= kept / 64
     assert layers[1].kind == "vgg" and layers[1].nonzero_fraction > kept / 64
@@ -335,12 +322,12 @@ def test_snr_of_identity_layer_equals_input_snr():
     model = Passthrough()
     x = random_uint8(6, 32)
     points = [("id", "identity", model.features[0])]
-    r = ev.snr_db(model, x, sigma=0.1, seed=4, batch_size=4, points=points)
+    r = metrics.snr_db(model, x, sigma=0.1, seed=4, batch_size=4, points=points)
     assert r.layers[0].db == r.input_db
     # A scaled copy has the same SNR; the value is the analytic one away from clamping.
     flat = torch.full((5, 3, 32, 32), 0.5)
     scaled = Passthrough(3.0)
-    r2 = ev.snr_db(scaled, flat, sigma=0.01, points=[("id", "identity", scaled.features[0])])
+    r2 = metrics.snr_db(scaled, flat, sigma=0.01, points=[("id", "identity", scaled.features[0])])
     assert r2.input_db == pytest.approx(10 * math.log10(0.25 / 1e-4), abs=0.1)
     assert r2.layers[0].db == pytest.approx(r2.input_db)
 
@@ -348,13 +335,13 @@ def test_snr_of_identity_layer_equals_input_snr():
 def test_snr_per_image_values():
     clean = torch.ones(2, 4)
     noisy = clean + torch.tensor([[0.1, 0, 0, 0], [1, 1, 1, 1.0]])
-    db = ev.snr_per_image(clean, noisy)
+    db = metrics.snr_per_image(clean, noisy)
     assert db.tolist() == pytest.approx([10 * math.log10(4 / 0.01), 0.0])
 
 
 # ------------------------------------------------------------------------ driver
 
-FAST = ev.EvalSettings(noise_sigmas=(0.0, 0.1), noise_draws=2, attack_limit=4, apgd_steps=2,
+FAST = evaluation.EvalSettings(noise_sigmas=(0.0, 0.1), noise_draws=2, attack_limit=4, apgd_steps=2,
                        pgd_steps=2, pgd_restarts=1, square_limit=2, square_queries=5,
                        batch_size=8, attack_batch_size=4)
 
@@ -368,7 +355,7 @@ def test_evaluate_model_runs_everything_with_progress():
         ticks[phase] = 0
         return lambda n: ticks.__setitem__(phase, ticks[phase] + n)
 
-    r = ev.evaluate_model(model, x, y, FAST, progress=progress, name="tiny")
+    r = runner.evaluate_model(model, x, y, FAST, progress=progress, name="tiny")
     assert r.noise.at(0.0) == r.clean_accuracy
     assert set(r.attacks) == {"Linf", "L2"}
     suite = r.attacks["Linf"]
@@ -377,7 +364,7 @@ def test_evaluate_model_runs_everything_with_progress():
     assert [layer.kind for layer in r.sparsity] == ["hah", "vgg"]
     assert len(r.snr.layers) == 2 and len(r.filters) == 8
     assert ticks["clean"] == 10 and ticks["APGD Linf"] == 4 and ticks["Square L2"] == 2
-    estimate = ev.estimate_seconds(model, FAST, 10, image_shape=(3, 8, 8))
+    estimate = runner.estimate_seconds(model, FAST, 10, image_shape=(3, 8, 8))
     assert estimate["total"] == pytest.approx(sum(v for k, v in estimate.items() if k != "total"))
     assert estimate["attacks_Linf"] > 0
 
@@ -385,13 +372,22 @@ def test_evaluate_model_runs_everything_with_progress():
 def test_check_compatible_rejects_mismatched_data():
     model = hahnet.vgg16(width=0.0625)
     y = torch.arange(4)
-    ev.check_compatible(model, random_uint8(4, 32), y, classes=[str(i) for i in range(10)])
-    with pytest.raises(ev.EvalError, match="channels"):
-        ev.check_compatible(model, torch.zeros(4, 1, 32, 32, dtype=torch.uint8), y)
-    with pytest.raises(ev.EvalError, match="classes"):
-        ev.check_compatible(model, random_uint8(4, 32), y, classes=["a", "b"])
-    with pytest.raises(ev.EvalError, match="at least 32x32"):
-        ev.check_compatible(model, random_uint8(4, 8), y)
+    runner.check_compatible(model, random_uint8(4, 32), y, classes=[str(i) for i in range(10)])
+    with pytest.raises(evaluation.EvalError, match="channels"):
+        runner.check_compatible(model, torch.zeros(4, 1, 32, 32, dtype=torch.uint8), y)
+    with pytest.raises(evaluation.EvalError, match="classes"):
+        runner.check_compatible(model, random_uint8(4, 32), y, classes=["a", "b"])
+    with pytest.raises(evaluation.EvalError, match="at least 32x32"):
+        runner.check_compatible(model, random_uint8(4, 8), y)
+
+
+def evaluate_checkpoint(path, images, labels, settings):
+    """The library's pieces as ``hahnet eval`` puts them together for one checkpoint."""
+    from hahnet import checkpoint
+
+    model = hahnet.load(path)
+    return runner.evaluate_model(model, images, labels, settings, name=runner.checkpoint_name(path),
+                                 checkpoint=path, info=checkpoint.read_info(path))
 
 
 def test_evaluate_checkpoint_round_trip(tmp_path):
@@ -401,9 +397,9 @@ def test_evaluate_checkpoint_round_trip(tmp_path):
     model = hahnet.vgg11(width=0.0625).eval()
     checkpoint.save_model(tmp_path / "run", model, {"epoch": 1, "dataset": {"name": "x"}})
     x, y = random_uint8(4, 32), torch.arange(4)
-    settings = ev.EvalSettings(noise_sigmas=(), attacks=False, batch_size=4)
-    r = ev.evaluate_checkpoint(str(tmp_path / "run"), x, y, settings)
+    settings = evaluation.EvalSettings(noise_sigmas=(), attacks=False, batch_size=4)
+    r = evaluate_checkpoint(str(tmp_path / "run"), x, y, settings)
     assert r.name == "run" and r.checkpoint == str(tmp_path / "run")
-    assert r.clean_accuracy == ev.clean_accuracy(model, x, y)
+    assert r.clean_accuracy == metrics.clean_accuracy(model, x, y)
     with pytest.raises(ValueError):
-        ev.evaluate_checkpoint(str(tmp_path / "missing"), x, y, settings)
+        evaluate_checkpoint(str(tmp_path / "missing"), x, y, settings)

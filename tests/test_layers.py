@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hahnet.layers import (DivisiveNorm2d, HaHBlock, InputNormalize, TopFractionThreshold,
+from hahnet.nn.layers import (DivisiveNorm2d, HaHBlock, InputNormalize, TopFractionThreshold,
                            VGGBlock, WNConv2d, threshold_rank)
 
 

@@ -9,15 +9,18 @@ import pytest
 import torch
 from torch import nn
 
-from hahnet import evaluate as ev
+from hahnet import eval as evaluation
+from hahnet.config import PAPER_EPS, PAPER_TABLE, parse_numbers
+from hahnet.eval import attacks, metrics, results, runner
+from hahnet.hah import winners
 from hahnet import report
-from hahnet.layers import HaHBlock, VGGBlock
+from hahnet.nn.layers import HaHBlock, VGGBlock
 
 pytest.importorskip("torchattacks")
 pytest.importorskip("matplotlib")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-SETTINGS = ev.EvalSettings(noise_sigmas=(0.05, 0.1), noise_draws=2, attack_limit=4, apgd_steps=2,
+SETTINGS = evaluation.EvalSettings(noise_sigmas=(0.05, 0.1), noise_draws=2, attack_limit=4, apgd_steps=2,
                            pgd_steps=2, pgd_restarts=1, square_limit=2, square_queries=5,
                            batch_size=8, attack_batch_size=4)
 
@@ -41,7 +44,7 @@ def results():
     x = torch.randint(0, 256, (10, 3, 8, 8), generator=torch.Generator().manual_seed(0),
                       dtype=torch.uint8)
     y = torch.arange(10) % 10
-    out = [ev.evaluate_model(Tiny(hah).eval(), x, y, SETTINGS, name=name, checkpoint=f"runs/{name}")
+    out = [runner.evaluate_model(Tiny(hah).eval(), x, y, SETTINGS, name=name, checkpoint=f"runs/{name}")
            for hah, name in ((False, "standard"), (True, "hah"))]
     torch.set_num_threads(threads)
     return out
@@ -58,7 +61,7 @@ def test_write_report_files_are_complete_and_parseable(results, tmp_path):
     paths = report.write_report(results, tmp_path / "out", data)
     assert set(paths) == set(report.FILES)
     doc = json.loads(paths["results.json"].read_text())
-    assert doc["format"] == report.FORMAT and doc["data"]["limit_seed"] == 7
+    assert doc["format"] == evaluation.results.FORMAT and doc["data"]["limit_seed"] == 7
     assert doc["checkpoints"] == ["runs/standard", "runs/hah"]
     assert {"torch", "torchattacks", "hahnet", "python"} <= set(doc["versions"])
     model = doc["models"][1]
@@ -90,8 +93,8 @@ def test_paper_table_shows_only_comparable_numbers(results):
     table = report.paper_table(results)
     assert "| metric | Standard (paper) | HaH (paper) | standard | hah |" in table
     assert "| Clean | 92.5% | 87.3% |" in table and "| APGD l_2 0.25 | 13.9% | 27.6% |" in table
-    assert report.PAPER_TABLE["HaH"] == {"clean": 87.3, "noise": 64.0, "linf": 21.5, "l2": 27.6}
-    other = ev.EvalSettings(**{**SETTINGS.__dict__, "eps_linf": 8 / 255})
+    assert PAPER_TABLE["HaH"] == {"clean": 87.3, "noise": 64.0, "linf": 21.5, "l2": 27.6}
+    other = evaluation.EvalSettings(**{**SETTINGS.__dict__, "eps_linf": 8 / 255})
     assert other.eps("Linf") == pytest.approx(8 / 255)
     changed = results[0].__class__(**{**results[0].__dict__})
     changed.attacks = {"Linf": results[0].attacks["Linf"].__class__(
@@ -130,8 +133,8 @@ def test_json_is_strict_even_with_nan(results, tmp_path):
 
 def test_report_without_attacks_or_layers(tmp_path):
     x = torch.rand(4, 3, 8, 8)
-    settings = ev.EvalSettings(noise_sigmas=(), attacks=False, layer_stats=False, batch_size=4)
-    r = ev.evaluate_model(Tiny(False).eval(), x, torch.arange(4), settings, name="bare")
+    settings = evaluation.EvalSettings(noise_sigmas=(), attacks=False, layer_stats=False, batch_size=4)
+    r = runner.evaluate_model(Tiny(False).eval(), x, torch.arange(4), settings, name="bare")
     paths = report.write_report([r], tmp_path)
     assert set(paths) == {"results.json", "report.md", "noise.png", "filters.png"}
     md = paths["report.md"].read_text()

@@ -10,22 +10,27 @@ import pytest
 import torch
 
 from hahnet import cli, report
-from hahnet import evaluate as ev
+from hahnet import eval as evaluation
+from hahnet.config import PAPER_EPS, parse_numbers
+from hahnet.eval import attacks, metrics, results, runner
+from hahnet.hah import winners
 from hahnet import reproduce as rp
 from hahnet.presets import PRESETS, get_preset
-from test_distributed import write_cifar
-from test_evaluate import random_uint8, tiny_net
+from conftest import make_cifar as write_cifar
+from conftest import make_random_uint8 as random_uint8
+from conftest import make_tiny_net as tiny_net
+from hahnet.rundir import RunDir
 
 TINY = ["--width", "0.0625", "--epochs", "1", "--batch-size", "16", "--limit", "12", "--attack-limit", "3",
         "--apgd-steps", "2", "--square-limit", "2", "--noise", "0.1", "--threads", "1"]
 
 
-def tiny_result(seed: int = 0) -> ev.EvalResult:
+def tiny_result(seed: int = 0) -> evaluation.results.EvalResult:
     images, labels = random_uint8(6, seed=seed), torch.arange(6) % 3
-    settings = ev.EvalSettings(noise_sigmas=(0.05, 0.1), noise_draws=2, attack_limit=4,
+    settings = evaluation.EvalSettings(noise_sigmas=(0.05, 0.1), noise_draws=2, attack_limit=4,
                                apgd_steps=2, pgd_steps=2, pgd_restarts=1, square_limit=2,
                                square_queries=5)
-    return ev.evaluate_model(tiny_net(), images, labels, settings, name="tiny",
+    return runner.evaluate_model(tiny_net(), images, labels, settings, name="tiny",
                              info={"epoch": 3})
 
 
@@ -48,7 +53,7 @@ def test_presets_are_complete_and_valid():
 def test_saved_results_read_back_to_the_same_report(tmp_path):
     result = tiny_result()
     report.write_report([result], tmp_path, {"path": "x", "name": "tiny"})
-    (back,), data = report.read_results(tmp_path / "results.json")
+    (back,), data = evaluation.results.read_results(tmp_path / "results.json")
     assert data["name"] == "tiny"
     assert report.summary(back) == report.summary(result)
     for table in (report.main_table, report.noise_table, report.attack_table,
@@ -69,12 +74,12 @@ def test_bad_results_files_give_one_line_errors(tmp_path, content, message):
     if content is not None:
         path.write_text(content)
     with pytest.raises(ValueError, match=message) as error:
-        report.read_results(path)
+        evaluation.results.read_results(path)
     assert "\n" not in str(error.value)
 
 
 def test_a_saved_evaluation_is_reused_only_for_the_same_checkpoint_and_settings():
-    settings = ev.EvalSettings(attack_limit=4)
+    settings = evaluation.EvalSettings(attack_limit=4)
     cached = replace(tiny_result(), settings=rp.settings_record(settings, 100),
                      info={"epoch": 3, "config": {"width": 0.25}})
     info = {"epoch": 3, "config": {"width": 0.25}}
@@ -87,12 +92,12 @@ def test_a_saved_evaluation_is_reused_only_for_the_same_checkpoint_and_settings(
 def test_history_keeps_the_last_entry_of_each_epoch_and_rejects_broken_lines(tmp_path):
     lines = [{"epoch": 0, "train_acc": 0.1}, {"epoch": 1, "train_acc": 0.2},
              {"epoch": 1, "train_acc": 0.3}]  # epoch 1 logged again after a resume
-    (tmp_path / rp.METRICS_FILE).write_text("".join(json.dumps(x) + "\n" for x in lines))
-    assert [e["train_acc"] for e in rp.read_history(tmp_path)] == [0.1, 0.3]
-    assert rp.read_history(tmp_path / "missing") == []
-    (tmp_path / rp.METRICS_FILE).write_text('{"epoch": 0}\n{"epo')
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert [e["train_acc"] for e in RunDir(tmp_path).history()] == [0.1, 0.3]
+    assert RunDir(tmp_path / "missing").history() == []
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 0}\n{"epo')
     with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a metrics line"):
-        rp.read_history(tmp_path)
+        RunDir(tmp_path).history()
 
 
 def test_reproduce_trains_evaluates_reports_and_reuses(tmp_path, capsys):
@@ -107,7 +112,7 @@ def test_reproduce_trains_evaluates_reports_and_reuses(tmp_path, capsys):
     assert "hahnet reproduce --preset demo" in text
     for name in ("training.png", "noise.png", "sparsity.png", "snr.png", "filters.png"):
         assert (out / name).stat().st_size > 1000
-    results, _ = report.read_results(out / "results.json")
+    results, _ = evaluation.results.read_results(out / "results.json")
     assert [r.name for r in results] == ["standard", "hah"]
     assert [r.model["hah"] for r in results] == [False, True]
     assert results[0].n_images == 12 and results[0].attacks["L2"].apgd.n_images == 3
@@ -158,11 +163,11 @@ def test_eval_on_the_held_out_split_matches_the_accuracy_training_logged(tmp_pat
     assert cli.main(["train", "--data", str(data), "--out", str(run), "--holdout", "0.2",
                      "--hah", "--width", "0.0625", "--epochs", "1", "--batch-size", "8",
                      "--threads", "1"]) == 0
-    logged = rp.read_history(run)[-1]
+    logged = RunDir(run).history()[-1]
     assert logged["eval_split"] == "holdout"
     assert cli.main(["eval", str(run), "--data", str(data), "--split", "holdout",
                      "--no-attacks", "--out", str(tmp_path / "rep"), "--threads", "1"]) == 0
-    (result,), meta = report.read_results(tmp_path / "rep" / "results.json")
+    (result,), meta = evaluation.results.read_results(tmp_path / "rep" / "results.json")
     assert meta["split"] == "holdout" and result.n_images == 10  # 20% of 50 training images
     assert result.clean_accuracy == pytest.approx(logged["eval_acc"], abs=1e-12)
 

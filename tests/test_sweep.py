@@ -10,7 +10,7 @@ import math
 import pytest
 
 from hahnet import cli, sweep as sw, sweep_report
-from test_distributed import write_cifar
+from conftest import make_cifar as write_cifar
 
 BASE = """
 name = "tiny"

@@ -7,27 +7,12 @@ import torch
 
 import hahnet
 from hahnet import checkpoint
-from hahnet.data import Dataset, ImageDataset
+from hahnet import io as hio
 from hahnet.train import (TrainConfig, Trainer, epoch_batches, learning_rate)
 
-CLASSES = ("a", "b", "c", "d")
-
-
-def tiny_dataset(n_train: int = 48, n_test: int = 16, seed: int = 0) -> Dataset:
-    g = torch.Generator().manual_seed(seed)
-
-    def split(n):
-        labels = torch.arange(n) % len(CLASSES)
-        images = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
-        images[:, labels % 3] //= 2  # a little signal per class
-        return ImageDataset(images, labels.long(), CLASSES)
-
-    return Dataset("tiny", "synthetic", split(n_train), split(n_test), "memory")
-
-
-def tiny_config(**overrides) -> TrainConfig:
-    base = dict(hah=True, width=0.0625, epochs=3, batch_size=16, seed=7, eval_batch_size=16)
-    return TrainConfig(**{**base, **overrides})
+from conftest import CLASSES
+from conftest import make_tiny_config as tiny_config
+from conftest import make_tiny_dataset as tiny_dataset
 
 
 def weights(model):
@@ -135,14 +120,14 @@ def test_truncated_and_foreign_files_are_refused(tmp_path):
 
 def test_atomic_write_keeps_old_file_when_writer_fails(tmp_path):
     target = tmp_path / "x.json"
-    checkpoint.write_json(target, {"v": 1})
+    hio.write_json(target, {"v": 1})
 
     def broken(tmp):
         tmp.write_text("partial")
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        checkpoint.atomic_write(target, broken)
+        hio.atomic_write(target, broken)
     assert json.loads(target.read_text()) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
 
@@ -161,7 +146,7 @@ def test_snapshots_keep_the_weights_of_the_named_epochs(tmp_path):
     trainer = Trainer(tiny_config(epochs=3, snapshots=(1, 3)), tiny_dataset(), tmp_path,
                       torch.device("cpu"))
     trainer.fit()
-    from hahnet.train import snapshot_path
+    from hahnet.checkpoint import snapshot_path
 
     first, last = snapshot_path(tmp_path, 1), snapshot_path(tmp_path, 3)
     assert first.exists() and last.exists() and not snapshot_path(tmp_path, 2).exists()

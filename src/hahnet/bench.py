@@ -38,14 +38,16 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hahnet.hah import PAPER_ALPHAS, HaHObjective, hah_convs, winners
-from hahnet.layers import DivisiveNorm2d, TopFractionThreshold, WNConv2d
+from hahnet.config import PAPER_ALPHAS, PAPER_DEMOTE, PAPER_EPS, PAPER_RATIO
+from hahnet.device import autocast
+from hahnet.hah import HaHObjective, hah_convs, reference_score
+from hahnet.nn.layers import DivisiveNorm2d, TopFractionThreshold, WNConv2d
 from hahnet.models import scaled, vgg16
 
 TARGETS = {  # ratio -> (comparison, bound, where it applies)
@@ -170,31 +172,11 @@ def summary(times: Sequence[float]) -> dict[str, Any]:
             "times_s": [round(t, 6) for t in times]}
 
 
-def autocast(precision: str) -> contextlib.AbstractContextManager:
-    if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
 # ------------------------------------------------------------ the training steps
-
-
-def reference_score(z: Tensor, ratio: float = 0.1, demote: float = 1.0) -> Tensor:
-    """The HaH score as plain autograd code, literally as docs/METHOD.md states it (and as
-    tests/test_hah.py's reference does): sort relu(z) over the channels, mean of the top K
-    minus ``demote`` times the mean of the rest. Deliberately independent of
-    :mod:`hahnet.hah`'s one-pass implementation."""
-    channels = z.shape[1]
-    k = winners(channels, ratio)
-    rectified = torch.relu(z).to(torch.promote_types(z.dtype, torch.float32))
-    ordered = rectified.sort(dim=1, descending=True).values
-    top = ordered[:, :k].mean(dim=1)
-    rest = ordered[:, k:].mean(dim=1) if channels > k else torch.zeros_like(top)
-    return (top - demote * rest).mean()
 
 
 class ReferenceStep:
@@ -211,8 +193,8 @@ class ReferenceStep:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 alphas: Sequence[float] = PAPER_ALPHAS, ratio: float = 0.1,
-                 demote: float = 1.0) -> None:
+                 alphas: Sequence[float] = PAPER_ALPHAS, ratio: float = PAPER_RATIO,
+                 demote: float = PAPER_DEMOTE) -> None:
         self.model, self.optimizer = model, optimizer
         self.convs = hah_convs(model)[: len(alphas)]
         self.alphas, self.ratio, self.demote = tuple(alphas), ratio, demote
@@ -222,49 +204,29 @@ class ReferenceStep:
         hooks = [conv.register_forward_hook(
             lambda module, inputs, output, key=j: outputs.__setitem__(key, output))
             for j, conv in enumerate(self.convs)]
-        saved = [conv.score_spec for conv in self.convs]
-        for conv in self.convs:
-            conv.score_spec = None  # plain convolutions: the reference does its own scores
         try:
             self.optimizer.zero_grad(set_to_none=True)
-            with autocast(precision):
+            with autocast("cpu", precision):
                 self.model(x)
         finally:
             for hook in hooks:
                 hook.remove()
-        try:
-            hah_grads = []
-            for j in reversed(range(len(self.convs))):
-                self.convs[j].weight.grad = None
-                with autocast(precision):
-                    cost = -self.alphas[j] * reference_score(outputs[j], self.ratio, self.demote)
-                cost.backward(retain_graph=j > 0)
-                hah_grads.append(self.convs[j].weight.grad)
-            outputs.clear()
-            self.optimizer.zero_grad(set_to_none=True)
-            with autocast(precision):
-                loss = F.cross_entropy(self.model(x), y)
-            loss.backward()
-            for conv, grad in zip(reversed(self.convs), hah_grads):
-                conv.weight.grad.add_(grad)
-            self.optimizer.step()
-        finally:
-            for conv, spec in zip(self.convs, saved):
-                conv.score_spec = spec
+        hah_grads = []
+        for j in reversed(range(len(self.convs))):
+            self.convs[j].weight.grad = None
+            with autocast("cpu", precision):
+                cost = -self.alphas[j] * reference_score(outputs[j], self.ratio, self.demote)
+            cost.backward(retain_graph=j > 0)
+            hah_grads.append(self.convs[j].weight.grad)
+        outputs.clear()
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast("cpu", precision):
+            loss = F.cross_entropy(self.model(x), y)
+        loss.backward()
+        for conv, grad in zip(reversed(self.convs), hah_grads):
+            conv.weight.grad.add_(grad)
+        self.optimizer.step()
         return loss.detach()
-
-
-@contextlib.contextmanager
-def scores_off(objective: HaHObjective) -> Iterator[None]:
-    """The objective's network without HaH scores (a plain cross-entropy network)."""
-    saved = [conv.score_spec for conv in objective.layers]
-    for conv in objective.layers:
-        conv.score_spec = None
-    try:
-        yield
-    finally:
-        for conv, spec in zip(objective.layers, saved):
-            conv.score_spec = spec
 
 
 def step_functions(width: float, batch_size: int, precision: str, channels_last: bool,
@@ -283,25 +245,24 @@ def step_functions(width: float, batch_size: int, precision: str, channels_last:
 
     def hah_step() -> None:
         hah_optimizer.zero_grad(set_to_none=True)
-        with autocast(precision):
+        with autocast("cpu", precision):
             _, loss = objective(x, y)
         loss.backward()
         hah_optimizer.step()
 
     def plain_step() -> None:
-        with scores_off(objective):
-            hah_optimizer.zero_grad(set_to_none=True)
-            with autocast(precision):
-                loss = F.cross_entropy(hah_model(x), y)
-            loss.backward()
-            hah_optimizer.step()
+        hah_optimizer.zero_grad(set_to_none=True)  # the same network, without the objective
+        with autocast("cpu", precision):
+            loss = F.cross_entropy(hah_model(x), y)
+        loss.backward()
+        hah_optimizer.step()
 
     def reference_step() -> None:
         reference(x, y, precision)
 
     def standard_step() -> None:
         std_optimizer.zero_grad(set_to_none=True)
-        with autocast(precision):
+        with autocast("cpu", precision):
             loss = F.cross_entropy(std_model(x), y)
         loss.backward()
         std_optimizer.step()
@@ -330,7 +291,7 @@ def block_functions(width: float, batch_size: int, precision: str, channels_last
             params = [p for p in module.parameters()]
 
             def run(module=module, x=x, params=params) -> None:
-                with autocast(precision):
+                with autocast("cpu", precision):
                     out = module(x)
                 grad = torch.ones_like(out)
                 torch.autograd.grad(out, [x, *params], grad)
@@ -356,7 +317,7 @@ def eval_throughput(width: float, batch_size: int, precision: str, channels_last
     x = torch.rand(batch_size, 3, 32, 32).contiguous(memory_format=fmt)
 
     def clean() -> None:
-        with torch.no_grad(), autocast(precision):
+        with torch.no_grad(), autocast("cpu", precision):
             model(x)
 
     clean()  # warm-up
@@ -376,11 +337,11 @@ def eval_throughput(width: float, batch_size: int, precision: str, channels_last
             self.inner = model
 
         def forward(self, images: Tensor) -> Tensor:
-            with autocast(precision):
+            with autocast("cpu", precision):
                 return self.inner(images.contiguous(memory_format=fmt)).float()
 
     wrapped = Wrapped().eval()
-    attack = torchattacks.APGD(wrapped, norm="Linf", eps=2 / 255, steps=apgd_steps,
+    attack = torchattacks.APGD(wrapped, norm="Linf", eps=PAPER_EPS["Linf"], steps=apgd_steps,
                                n_restarts=1, loss="ce", seed=seed)
     images = torch.rand(apgd_batch_size, 3, 32, 32)
     with torch.no_grad():  # APGD only attacks correctly classified images: make them all so

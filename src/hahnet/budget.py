@@ -13,7 +13,8 @@ from typing import Any, Sequence
 import torch
 
 from hahnet.data import Dataset
-from hahnet.train import TrainConfig, Trainer, epoch_batches
+from hahnet.config import TrainConfig
+from hahnet.train import Trainer, epoch_batches
 
 EVAL_SPEEDUP = 3.0  # a forward pass costs about a third of a training step
 

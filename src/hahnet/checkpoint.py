@@ -9,17 +9,17 @@ settings, for people and tools) and ``train_state.safetensors``/``.json`` (Adam 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from hahnet.models import VGG, ModelConfig, build_model
+from hahnet.config import ModelConfig
+from hahnet.io import atomic_write, read_json, write_json
+from hahnet.models import VGG, build_model
 
 MODEL_FILE = "model.safetensors"
 INFO_FILE = "model.json"
@@ -31,26 +31,6 @@ SNAPSHOT_DIR = "snapshots"
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt, inconsistent or for another model."""
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over
-    ``path``: readers never see a half-written file, and a crash leaves the old one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically."""
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -160,7 +160,10 @@ def run_training(overrides: dict[str, Any], data: str | None, out: str | None,
     import io
 
     from hahnet import checkpoint, distributed
-    from hahnet.train import CONFIG_FILE, TrainConfig, Trainer, resolve_device
+    from hahnet.device import resolve_device
+    from hahnet.config import TrainConfig
+    from hahnet.rundir import CONFIG_FILE, RunDir
+    from hahnet.train import Trainer
 
     def user_error(error: BaseException, message: str | None = None,
                    quiet_error: bool | None = None) -> UserError:
@@ -180,19 +183,19 @@ def run_training(overrides: dict[str, Any], data: str | None, out: str | None,
             if out is None:
                 raise UserError("--resume auto needs --out DIR (the run directory to continue or create)")
             run_dir = Path(out) if (Path(out) / checkpoint.MODEL_FILE).exists() else None
-        saved: dict[str, Any] = {}
-        data_path = data
+        saved, data_path = None, data
         if run_dir is not None:
-            if not (run_dir / CONFIG_FILE).exists() or not (run_dir / checkpoint.MODEL_FILE).exists():
+            if not RunDir(run_dir).has_checkpoint():
                 raise UserError(f"cannot resume {run_dir}: no checkpoint there "
                                 f"({CONFIG_FILE} and {checkpoint.MODEL_FILE} expected); "
                                 f"start a fresh run with --out {run_dir}")
-            saved = json.loads((run_dir / CONFIG_FILE).read_text())
-            # {"config", "data"} as written below, or the flat config Trainer.save writes
-            data_path = data_path or saved.get("data") or \
-                checkpoint.read_info(run_dir).get("dataset", {}).get("source")
+            try:
+                saved, saved_data = RunDir(run_dir).read_config()
+            except ValueError as error:
+                raise UserError(str(error)) from None
+            data_path = data_path or saved_data
         try:
-            config = TrainConfig.from_dict({**saved.get("config", saved), **overrides})
+            config = TrainConfig.from_dict({**(saved.to_dict() if saved else {}), **overrides})
         except (ValueError, TypeError) as error:
             raise UserError(str(error)) from None
         out_dir = run_dir or Path(out or f"runs/{config.arch}-{'hah' if config.hah else 'std'}"
@@ -249,7 +252,7 @@ def run_training(overrides: dict[str, Any], data: str | None, out: str | None,
 
         def prepare() -> int | None:  # rank 0: load the checkpoint, record the run
             next_epoch = trainer.resume() if run["resume"] else None
-            checkpoint.write_json(out_dir / CONFIG_FILE, {"config": config.to_dict(), "data": data})
+            RunDir(out_dir).write_config(config, data)
             return next_epoch
 
         next_epoch = distributed.from_rank0(env, prepare)
@@ -401,8 +404,8 @@ def evaluate_with_progress(model, images, labels, settings, device, path: str,
     """Evaluate one loaded checkpoint under a tqdm bar per phase and print its summary."""
     from tqdm import tqdm
 
-    from hahnet import evaluate as ev
     from hahnet import report
+    from hahnet.eval import runner as ev
 
     bar: dict[str, Any] = {"current": None}
     name = ev.checkpoint_name(path)
@@ -433,30 +436,19 @@ def evaluate_with_progress(model, images, labels, settings, device, path: str,
 
 
 def evaluation_split(dataset, split: str, checkpoints: Sequence[tuple[str, dict[str, Any]]]):
-    """The test set, or the training images every checkpoint held out (the same seeded
-    split ``train --holdout`` made); one-line UserErrors when there is none or they differ."""
-    from hahnet.data import split_holdout
+    """:func:`hahnet.eval.runner.evaluation_split`, its errors as one-line UserErrors."""
+    from hahnet.eval.runner import EvalError, evaluation_split as split_of
 
-    if split == "test":
-        return dataset.test
-    held = set()
-    for path, info in checkpoints:
-        train = info.get("train") or {}
-        if not train.get("holdout"):
-            raise UserError(f"{path} was trained without --holdout, so no training images are "
-                            f"held out; evaluate it with --split test")
-        held.add((float(train["holdout"]), int(train.get("seed", 0))))
-    if len(held) > 1:
-        raise UserError(f"the checkpoints held out different images (holdout, seed: "
-                        f"{sorted(held)}); evaluate them separately")
-    fraction, seed = held.pop()
-    return split_holdout(dataset.train, fraction, seed)[1]
+    try:
+        return split_of(dataset, split, checkpoints)
+    except EvalError as error:
+        raise UserError(str(error)) from None
 
 
 def check_and_estimate(path: str, info: dict[str, Any], model, test, settings, device) -> float:
     """Check the test data fit the model (one-line UserError if not); print and return
     the estimated evaluation seconds."""
-    from hahnet import evaluate as ev
+    from hahnet.eval import runner as ev
 
     try:
         ev.check_compatible(model, test.images, test.labels, test.classes,
@@ -511,7 +503,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def resolve_device_or_fail(name: str) -> torch.device:
-    from hahnet.train import resolve_device
+    from hahnet.device import resolve_device
 
     try:
         return resolve_device(name)
@@ -521,8 +513,7 @@ def resolve_device_or_fail(name: str) -> torch.device:
 
 def evaluate_and_report(args: argparse.Namespace, env) -> int:
     from hahnet import checkpoint, report
-    from hahnet import evaluate as ev
-    from hahnet.data import subset
+    from hahnet import eval as ev
 
     for flag in ("noise_draws", "batch_size", "apgd_steps"):
         if getattr(args, flag) < 1:
@@ -538,7 +529,7 @@ def evaluate_and_report(args: argparse.Namespace, env) -> int:
             raise UserError(str(error)) from None
     dataset = load_data(args.data or DEFAULT_DATA, args.cache_dir)
     test = evaluation_split(dataset, args.split, [(path, info) for path, info, _ in models])
-    test = subset(test, args.limit, args.limit_seed) if args.limit else test
+    test = test.limit(args.limit, args.limit_seed) if args.limit else test
     settings = ev.EvalSettings(
         noise_sigmas=tuple(args.noise), noise_draws=args.noise_draws, noise_seed=args.seed,
         attacks=not args.no_attacks, eps_linf=args.eps_linf, eps_l2=args.eps_l2,
@@ -654,7 +645,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     """Train both networks of a preset, evaluate them (reusing what is done), report."""
     from hahnet import checkpoint, distributed, report
     from hahnet import reproduce as rp
-    from hahnet.data import subset
+    from hahnet.config import TrainConfig
+    from hahnet.eval.results import read_results
+    from hahnet.rundir import RunDir
     from hahnet.presets import get_preset
 
     if distributed.launched():
@@ -677,8 +670,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     for name, run_dir in runs.items():
         wanted = {**train, "hah": name == "hah"}
         try:
-            mismatch = rp.config_mismatch(run_dir, wanted)
-            history = rp.read_history(run_dir)
+            mismatch = RunDir(run_dir).mismatch(TrainConfig.from_dict(wanted))
+            history = RunDir(run_dir).history()
         except ValueError as error:
             raise UserError(str(error)) from None
         if mismatch:
@@ -696,7 +689,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         run_training(wanted, data, str(run_dir), "auto", args.device, args.cache_dir,
                      download, dataset=dataset)
 
-    test = subset(dataset.test, limit, 0) if limit else dataset.test
+    test = dataset.test.limit(limit, 0) if limit else dataset.test
     results = []
     for name, run_dir in runs.items():
         try:
@@ -706,7 +699,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         saved = run_dir / rp.EVAL_DIR / "results.json"
         if saved.exists() and not args.re_evaluate:
             try:
-                cached = report.read_results(saved)[0][0]
+                cached = read_results(saved)[0][0]
             except (ValueError, IndexError) as error:
                 raise UserError(f"{error}") from None
             if rp.reusable(cached, info, settings, limit):
@@ -730,7 +723,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         results, out, eval_data(data, dataset, test, limit),
         title=f"Reproducing the paper: preset {preset.name}",
         preamble=rp.preamble(preset, train, command, label),
-        histories={name: rp.read_history(run_dir) for name, run_dir in runs.items()},
+        histories={name: RunDir(run_dir).history() for name, run_dir in runs.items()},
         extra={"preset": preset.name, "train": train, "runs": {k: str(v) for k, v in runs.items()}})
     print(report.paper_table(results))
     warn_gradient_masking(results, paths["report.md"])

@@ -105,11 +105,6 @@ class Dataset:
                 f"{len(self.test)} test, {c}x{h}x{w}{padded}, {len(self.train.classes)} classes")
 
 
-def subset(ds: ImageDataset, n: int, seed: int = 0) -> ImageDataset:
-    """A fixed random (not stratified) subset of ``n`` images; same as ``ds.limit(n, seed)``."""
-    return ds.limit(n, seed)
-
-
 def split_holdout(ds: ImageDataset, fraction: float,
                   seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
     """Split into (train_part, heldout_part) with ``fraction`` held out, seeded, disjoint."""

@@ -274,6 +274,16 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
     return module
 
 
+def unsynced(module: nn.Module) -> nn.Module:
+    """``module`` (a copy: this changes it in place) with every synchronized batch norm
+    made a plain, process-local BatchNorm2d again, for work that only one rank does
+    (a synchronized one would wait forever for the others)."""
+    for child in module.modules():
+        if isinstance(child, (SyncBatchNorm2d, nn.SyncBatchNorm)):
+            child.__class__ = nn.BatchNorm2d
+    return module
+
+
 def wrapper(env: DistEnv, sync_bn: bool) -> Callable[[nn.Module], nn.Module] | None:
     """The function that wraps a model for this environment (None: use it as it is).
 

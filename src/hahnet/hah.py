@@ -6,21 +6,24 @@ strongest rectified channels are rewarded and the rest penalised:
 Training minimises ``CE - sum_l alpha_l H_l`` where ``H_l`` trains only layer l's
 weights. :class:`HaHObjective` gets that gradient from ONE forward and ONE backward:
 the convolution's backward receives the HaH gradient separately and adds it to the
-weight gradient only, so it never reaches earlier layers.
+weight gradient only, so it never reaches earlier layers (docs/method.md states it all).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hahnet.layers import HaHBlock, WNConv2d, batch_chunks, eager_mode
+from hahnet.config import PAPER_ALPHAS, PAPER_DEMOTE, PAPER_RATIO
+from hahnet.nn.fused import batch_chunks, eager_mode
+from hahnet.nn.layers import HaHBlock, WNConv2d, conv_override
 
-PAPER_ALPHAS: tuple[float, ...] = (0.0045, 0.0025, 0.0013, 0.001, 0.0008, 0.0005)
+__all__ = ["PAPER_ALPHAS", "HaHObjective", "hah_score", "reference_score", "winners",
+           "hah_convs", "scored_conv2d"]
 
 
 def winners(channels: int, ratio: float) -> int:
@@ -60,13 +63,28 @@ def _score_from_sums(top_sum: Tensor, positive_sum: Tensor, channels: int, k: in
     return per_position.mean()
 
 
-def hah_score(z: Tensor, ratio: float = 0.1, demote: float = 1.0) -> Tensor:
+def hah_score(z: Tensor, ratio: float = PAPER_RATIO, demote: float = PAPER_DEMOTE) -> Tensor:
     """The HaH score H of pre-activations ``z`` (NCHW): a differentiable scalar, at least fp32."""
     if z.dim() != 4:
         raise ValueError(f"hah_score expects NCHW pre-activations, got shape {tuple(z.shape)}")
     k = winners(z.shape[1], ratio)
     rectified, top_values, _ = _score_terms(z, k)
     return _score_from_terms(rectified, top_values, k, demote)
+
+
+def reference_score(z: Tensor, ratio: float = PAPER_RATIO,
+                    demote: float = PAPER_DEMOTE) -> Tensor:
+    """The HaH score as plain autograd code, literally as docs/method.md states it: sort
+    relu(z) over the channels, mean of the top K minus ``demote`` times the mean of the
+    rest. Deliberately independent of the one-pass code above; the tests and the
+    benchmark's reference step check against it."""
+    channels = z.shape[1]
+    k = winners(channels, ratio)
+    rectified = torch.relu(z).to(torch.promote_types(z.dtype, torch.float32))
+    ordered = rectified.sort(dim=1, descending=True).values
+    top = ordered[:, :k].mean(dim=1)
+    rest = ordered[:, k:].mean(dim=1) if channels > k else torch.zeros_like(top)
+    return (top - demote * rest).mean()
 
 
 def _score_gradient(z: Tensor, top_indices: Tensor, k: int, demote: float) -> Tensor:
@@ -261,13 +279,15 @@ class HaHObjective:
     """Cross-entropy minus alpha-weighted, layer-local HaH scores, in one pass.
 
     ``logits, loss = objective(x, y)``; ``loss.backward()`` then leaves in every
-    ``.grad`` the gradient of the HaH method. Attaching sets ``score_spec`` on the
-    first ``len(alphas)`` HaH convolutions of ``model``; :meth:`detach` removes it.
-    ``objective.scores`` holds the last per-layer scores as floats.
+    ``.grad`` the gradient of the HaH method. The first ``len(alphas)`` HaH convolutions
+    of ``model`` are scored during the objective's own forward pass only (through
+    :func:`hahnet.nn.layers.conv_override`): the model itself is never modified, and
+    calling it directly is a plain forward. ``objective.scores`` holds the last
+    per-layer scores as floats.
     """
 
     def __init__(self, model: nn.Module, alphas: Sequence[float] = PAPER_ALPHAS,
-                 ratio: float = 0.1, demote: float = 1.0) -> None:
+                 ratio: float = PAPER_RATIO, demote: float = PAPER_DEMOTE) -> None:
         convs = hah_convs(model)
         if len(alphas) > len(convs):
             raise ValueError(f"HaHObjective: {len(alphas)} alphas given but the model has "
@@ -281,26 +301,28 @@ class HaHObjective:
         self.demote = float(demote)
         self.layers = convs[: len(self.alphas)]
         self._scores: Tensor | None = None
-        for conv in self.layers:
-            conv.score_spec = (self.ratio, self.demote)
 
-    def detach(self) -> None:
-        """Stop computing HaH scores in the model's forward pass."""
-        for conv in self.layers:
-            conv.score_spec = None
-            conv.last_score = None
+    def _scorer(self, found: dict[nn.Module, Tensor], conv: nn.Module
+                ) -> Callable[[Tensor, Tensor, tuple, tuple], Tensor]:
+        def convolve(x: Tensor, weight: Tensor, stride: tuple, padding: tuple) -> Tensor:
+            if not torch.is_grad_enabled():
+                return F.conv2d(x, weight, None, stride, padding)
+            z, found[conv] = scored_conv2d(x, weight, stride, padding, self.ratio, self.demote)
+            return z
+        return convolve
 
     def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        logits = self.model(x)
+        found: dict[nn.Module, Tensor] = {}
+        with conv_override({conv: self._scorer(found, conv) for conv in self.layers}):
+            logits = self.model(x)
         loss = F.cross_entropy(logits, y)
         scores = []
         for alpha, conv in zip(self.alphas, self.layers):
-            score, conv.last_score = conv.last_score, None
-            if score is None:
+            if conv not in found:
                 raise RuntimeError("HaHObjective: a HaH layer produced no score; call the "
                                    "objective with gradients enabled (not under no_grad)")
-            scores.append(score)
-            loss = loss - alpha * score
+            scores.append(found[conv])
+            loss = loss - alpha * found[conv]
         self._scores = torch.stack(scores).detach() if scores else None
         return logits, loss
 

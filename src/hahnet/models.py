@@ -7,13 +7,14 @@ convolutions, as in the paper. Models take inputs in [0, 1] and normalize themse
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from hahnet.layers import HaHBlock, InputNormalize, VGGBlock
+from hahnet.config import ModelConfig
+from hahnet.nn.layers import HaHBlock, InputNormalize, VGGBlock
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
@@ -29,37 +30,6 @@ VGG_LAYOUTS: dict[str, tuple[int | str, ...]] = {
     "vgg19": (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
               512, 512, 512, 512, "M"),
 }
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Everything needed to rebuild a model (stored in checkpoints)."""
-
-    arch: str = "vgg16"
-    hah: bool = False
-    width: float = 1.0
-    num_classes: int = 10
-    in_channels: int = 3
-    hah_layers: int = 6
-    sigma: float = 0.1
-    keep: float = 0.2
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; expected a subset of {sorted(known)}")
-        values = dict(data)
-        for key in ("mean", "std"):
-            if values.get(key) is not None:
-                values[key] = tuple(float(v) for v in values[key])
-        return cls(**values)
 
 
 def default_normalization(in_channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -131,14 +101,11 @@ def build_model(config: ModelConfig) -> VGG:
     return VGG(config)
 
 
-def vgg16(hah: bool = False, width: float = 1.0, num_classes: int = 10,
-          in_channels: int = 3, hah_layers: int = 6, sigma: float = 0.1, keep: float = 0.2,
-          mean: tuple[float, ...] | None = None,
-          std: tuple[float, ...] | None = None) -> VGG:
+def vgg16(hah: bool = False, width: float = 1.0, **options: Any) -> VGG:
     """VGG16 for 32x32 inputs in [0, 1]; ``hah=True`` makes its first ``hah_layers``
-    convolutions HaH blocks and the rest WN convolutions. ``width`` scales channels."""
-    return VGG(ModelConfig("vgg16", hah, width, num_classes, in_channels, hah_layers,
-                           sigma, keep, mean, std))
+    convolutions HaH blocks and the rest WN convolutions. ``width`` scales channels;
+    other options are :class:`ModelConfig` fields (num_classes, in_channels, sigma...)."""
+    return VGG(ModelConfig(arch="vgg16", hah=hah, width=width, **options))
 
 
 def vgg11(**options: Any) -> VGG:
@@ -154,3 +121,24 @@ def vgg13(**options: Any) -> VGG:
 def vgg19(**options: Any) -> VGG:
     """VGG19; takes the same keyword options as :func:`vgg16`."""
     return VGG(ModelConfig(arch="vgg19", **options))
+
+
+# name -> (architecture, HaH?): "vgg16" is the standard network, "vgg16_hah" the paper's.
+MODELS: dict[str, tuple[str, bool]] = {
+    **{arch: (arch, False) for arch in VGG_LAYOUTS},
+    **{f"{arch}_hah": (arch, True) for arch in VGG_LAYOUTS},
+}
+
+
+def list_models() -> list[str]:
+    """The names :func:`create_model` accepts."""
+    return sorted(MODELS)
+
+
+def create_model(name: str, **options: Any) -> VGG:
+    """A fresh model by name, e.g. ``create_model("vgg16_hah", width=0.25)``; ``options``
+    are :class:`ModelConfig` fields (width, num_classes, in_channels, hah_layers, ...)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {list_models()}")
+    arch, hah = MODELS[name]
+    return VGG(ModelConfig(**{"hah": hah, **options, "arch": arch}))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from hahnet.evaluate import EvalSettings
+from hahnet.config import EvalSettings
 
 
 @dataclass(frozen=True)

@@ -3,95 +3,19 @@ several side by side (as in the paper's table). Every file is written atomically
 
 from __future__ import annotations
 
-import json
 import math
-import platform
-from dataclasses import asdict, is_dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from hahnet.checkpoint import atomic_write
-from hahnet.evaluate import EvalResult, result_from_dict
+from hahnet.config import PAPER_EPS, PAPER_NOISE_SIGMA, PAPER_TABLE
+from hahnet.eval.results import EvalResult, results_document, versions
+from hahnet.io import atomic_write, write_text
 
-FORMAT = "hahnet-eval-1"
-# The paper's CIFAR-10 VGG16 numbers (METHOD.md), in percent.
-PAPER_TABLE: dict[str, dict[str, float]] = {
-    "Standard": {"clean": 92.5, "noise": 26.6, "linf": 10.4, "l2": 13.9},
-    "HaH": {"clean": 87.3, "noise": 64.0, "linf": 21.5, "l2": 27.6},
-}
-PAPER_SETTINGS = {"noise": 0.1, "linf": 2 / 255, "l2": 0.25}
+# The settings of the paper's table (docs/method.md).
+PAPER_SETTINGS = {"noise": PAPER_NOISE_SIGMA, "linf": PAPER_EPS["Linf"], "l2": PAPER_EPS["L2"]}
 FILES = ("results.json", "report.md", "noise.png", "sparsity.png", "snr.png", "filters.png")
 
-
-# ------------------------------------------------------------------------ JSON I/O
-
-def _write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def _jsonable(value: Any) -> Any:
-    """Dataclasses, tuples and non-finite floats as strict JSON (NaN/inf -> None)."""
-    if is_dataclass(value) and not isinstance(value, type):
-        value = asdict(value)
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
-
-
-def versions() -> dict[str, str]:
-    """Versions of python, torch, torchattacks, hahnet and matplotlib."""
-    import torch
-
-    import hahnet
-
-    out = {"python": platform.python_version(), "torch": torch.__version__,
-           "hahnet": getattr(hahnet, "__version__", "unknown")}
-    for name in ("torchattacks", "matplotlib"):
-        try:
-            out[name] = __import__(name).__version__
-        except ImportError:
-            out[name] = "not installed"
-    return out
-
-
-def results_json(results: Sequence[EvalResult], data: dict[str, Any] | None = None) -> dict:
-    """Every number and setting of the evaluation as one JSON-able document."""
-    return _jsonable({"format": FORMAT, "created": datetime.now(timezone.utc).isoformat(),
-                      "versions": versions(), "data": data or {},
-                      "checkpoints": [r.checkpoint for r in results],
-                      "models": [asdict(r) for r in results]})
-
-
 # --------------------------------------------------------------------------- tables
-
-def read_results(path: str | Path) -> tuple[list[EvalResult], dict[str, Any]]:
-    """The results and data description saved in a results.json by :func:`write_report`.
-    Raises ValueError (one line) for a missing, corrupt or foreign file."""
-    path = Path(path)
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such results file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: not a readable results.json ({error}); delete it and "
-                         f"re-run the evaluation") from None
-    if not isinstance(document, dict) or document.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a hahnet evaluation ({FORMAT!r} expected); delete it "
-                         f"and re-run the evaluation")
-    try:
-        results = [result_from_dict(model) for model in document["models"]]
-    except (KeyError, TypeError) as error:
-        raise ValueError(f"{path}: incomplete results ({error}); delete it and re-run the "
-                         f"evaluation") from None
-    return results, document.get("data") or {}
-
 
 def labels(results: Sequence[EvalResult]) -> list[str]:
     """Unique column names for the models (their names, numbered when repeated)."""
@@ -454,10 +378,8 @@ def write_report(results: Sequence[EvalResult], out_dir: str | Path,
         paths["training.png"] = out / "training.png"
         plot_training({k: v for k, v in histories.items() if v}, paths["training.png"])
         plots.insert(0, "training.png")
-    document = results_json(results, data)
-    if extra:
-        document.update(_jsonable(extra))
-    _write_text(paths["results.json"], json.dumps(document, indent=1, allow_nan=False) + "\n")
-    _write_text(paths["report.md"], render_markdown(results, data, plots, title, preamble,
+    document = results_document(results, data, extra)
+    write_text(paths["results.json"], document)
+    write_text(paths["report.md"], render_markdown(results, data, plots, title, preamble,
                                                     histories))
     return {k: p for k, p in paths.items() if k in ("results.json", "report.md") or k in plots}

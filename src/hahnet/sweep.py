@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from hahnet import checkpoint
-from hahnet.evaluate import EvalResult, EvalSettings
-from hahnet.reproduce import config_mismatch, read_history, reusable, settings_record
-from hahnet.train import TrainConfig
+from hahnet.config import EvalSettings, TrainConfig
+from hahnet.eval.results import EvalResult, result_from_dict, results_json
+from hahnet.io import write_json
+from hahnet.reproduce import reusable, settings_record
+from hahnet.rundir import RunDir
 
 RUNS_DIR = "runs"
 EVALS_DIR = "evals"
@@ -214,7 +216,7 @@ def eval_file(out: Path, run: RunSpec, epoch: int) -> Path:
 
 
 def _trained(directory: Path, epochs: int) -> bool:
-    history = read_history(directory)
+    history = RunDir(directory).history()
     return bool(history) and history[-1]["epoch"] + 1 >= epochs \
         and (directory / checkpoint.MODEL_FILE).exists()
 
@@ -240,8 +242,8 @@ def check(sweep: Sweep, out: Path) -> None:
     for run in sweep.runs:
         directory = run_dir(out, run)
         try:
-            mismatch = config_mismatch(directory, {**run.train, "seed": run.seed})
-            read_history(directory)
+            mismatch = RunDir(directory).mismatch(run.config)
+            RunDir(directory).history()
         except ValueError as error:
             raise SweepError(str(error)) from None
         if mismatch:
@@ -260,7 +262,7 @@ def plan(sweep: Sweep, out: Path, re_evaluate: bool = False) -> tuple[list[Task]
         config = run.config
         directory = run_dir(out, run)
         if not _trained(directory, config.epochs):
-            done = len(read_history(directory))
+            done = len(RunDir(directory).history())
             trains.append(Task("train", run, cost=_train_cost(config, done)))
         for epoch in sweep.epochs_of(run):
             if re_evaluate or not _saved_eval_matches(sweep, out, run, epoch):
@@ -288,8 +290,6 @@ def read_eval(path: Path) -> EvalResult:
 
 
 def _result(saved: dict[str, Any]) -> EvalResult:
-    from hahnet.evaluate import result_from_dict
-
     return result_from_dict(saved["result"])
 
 
@@ -306,7 +306,8 @@ def train_task(directory: str, train: dict[str, Any], data: str, cache_dir: str 
     """Train (or resume) one run in ``directory``; returns the seconds it took."""
     import torch
 
-    from hahnet.train import Trainer, resolve_device
+    from hahnet.device import resolve_device
+    from hahnet.train import Trainer
 
     started = time.perf_counter()
     torch.set_num_threads(threads)
@@ -325,10 +326,9 @@ def eval_task(checkpoint_path: str, target: str, settings: dict[str, Any], split
     the result JSON to ``target``; returns the seconds it took."""
     import torch
 
-    from hahnet.evaluate import evaluate_model
-    from hahnet.report import results_json
     from hahnet.data import split_holdout
-    from hahnet.train import resolve_device
+    from hahnet.device import resolve_device
+    from hahnet.eval.runner import evaluate_model
 
     started = time.perf_counter()
     torch.set_num_threads(threads)
@@ -350,7 +350,7 @@ def eval_task(checkpoint_path: str, target: str, settings: dict[str, Any], split
     result.settings["limit"] = limit  # what reproduce.reusable compares
     record = {"split": split, "limit_seed": limit_seed,
               "result": results_json([result])["models"][0]}
-    checkpoint.write_json(Path(target), record)
+    write_json(Path(target), record)
     return time.perf_counter() - started
 
 

@@ -9,8 +9,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
-from hahnet.evaluate import EvalResult
-from hahnet.reproduce import read_history
+from hahnet.eval.results import EvalResult
+from hahnet.rundir import RunDir
 from hahnet.sweep import Sweep, eval_file, partner, read_eval, run_dir
 
 def metrics_of(result: EvalResult) -> dict[str, float]:
@@ -42,7 +42,7 @@ def summarise(sweep: Sweep, out: str | Path) -> dict[str, Any]:
     out = Path(out)
     runs, per = [], {}
     for run in sweep.runs:
-        history = {h["epoch"] + 1: h for h in read_history(run_dir(out, run))}
+        history = {h["epoch"] + 1: h for h in RunDir(run_dir(out, run)).history()}
         for epoch in sweep.epochs_of(run):
             path = eval_file(out, run, epoch)
             if not path.exists():
@@ -86,7 +86,7 @@ def _curves(sweep: Sweep, out: Path) -> dict[str, list[dict[str, Any]]]:
     for name in dict.fromkeys(r.name for r in sweep.runs):
         by_epoch: dict[int, list[dict[str, Any]]] = {}
         for run in (r for r in sweep.runs if r.name == name):
-            for h in read_history(run_dir(out, run)):
+            for h in RunDir(run_dir(out, run)).history():
                 by_epoch.setdefault(h["epoch"] + 1, []).append(h)
         rows = []
         for epoch, entries in sorted(by_epoch.items()):
@@ -246,7 +246,7 @@ def plot_grad_ratios(summary: dict[str, Any], path: Path) -> None:
 
 def write(summary: dict[str, Any], sweep: Sweep, out: str | Path, command: str = "") -> dict[str, Path]:
     """results.json, report.md and the plots in ``out``; returns their paths."""
-    from hahnet.checkpoint import atomic_write, write_json
+    from hahnet.io import atomic_write, write_json
 
     out = Path(out)
     paths = {name: out / name for name in ("results.json", "report.md", "metrics.png",

@@ -9,9 +9,7 @@ replayed exactly after a crash, and several processes can draw the same global b
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -24,86 +22,13 @@ from torch import Tensor, nn
 from hahnet import checkpoint, distributed
 from hahnet.checkpoint import snapshot_path
 from hahnet.data import Dataset, ImageDataset, crop_flip, crop_flip_params, to_float
-from hahnet.hah import PAPER_ALPHAS, HaHObjective
-from hahnet.models import VGG, ModelConfig, build_model
+from hahnet.config import RUNTIME_OPTIONS, ModelConfig, TrainConfig
+from hahnet.device import autocast, resolve_device
+from hahnet.hah import HaHObjective
+from hahnet.models import VGG, build_model
+from hahnet.rundir import CONFIG_FILE, METRICS_FILE, RunDir
 
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "train_config.json"
-# Options that change speed, not the experiment: they may differ when resuming.
-RUNTIME_OPTIONS = frozenset({"precision", "channels_last", "compile", "eval_batch_size",
-                             "snapshots"})
 GRAD_PROBE_SIZE = 128  # images in the fixed batch of the per-epoch gradient-ratio probe
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """What to train and how; the paper's recipe by default (METHOD.md)."""
-
-    arch: str = "vgg16"
-    hah: bool = False
-    width: float = 1.0
-    hah_layers: int = 6
-    sigma: float = 0.1
-    keep: float = 0.2
-    alphas: tuple[float, ...] = PAPER_ALPHAS
-    ratio: float = 0.1
-    demote: float = 1.0
-    epochs: int = 100
-    batch_size: int = 128
-    lr: float = 1e-3
-    milestones: tuple[float, ...] = (0.6, 0.8)
-    gamma: float = 0.1
-    seed: int = 2022
-    augment: bool = True
-    limit_train: int | None = None
-    holdout: float = 0.0
-    precision: str = "fp32"
-    channels_last: bool = False
-    compile: bool = False
-    eval_batch_size: int = 500
-    snapshots: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.epochs < 1:
-            problems.append(f"epochs must be >= 1 (got {self.epochs})")
-        if self.batch_size < 1:
-            problems.append(f"batch_size must be >= 1 (got {self.batch_size})")
-        if self.lr <= 0:
-            problems.append(f"lr must be positive (got {self.lr})")
-        if self.precision not in ("fp32", "bf16"):
-            problems.append(f"precision must be fp32 or bf16 (got {self.precision!r})")
-        if not 0.0 <= self.holdout < 1.0:
-            problems.append(f"holdout must be in [0, 1) (got {self.holdout})")
-        if any(not 0.0 < m <= 1.0 for m in self.milestones):
-            problems.append(f"milestones are fractions of the epochs in (0, 1] (got {self.milestones})")
-        if any(not 1 <= e <= self.epochs for e in self.snapshots):
-            problems.append(f"snapshots are epochs in 1..{self.epochs} (got {self.snapshots})")
-        if self.limit_train is not None and self.limit_train < 1:
-            problems.append(f"limit_train must be >= 1 (got {self.limit_train})")
-        if problems:
-            raise ValueError("invalid training config: " + "; ".join(problems))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
-        for key in ("alphas", "milestones", "snapshots"):
-            if key in values:
-                values[key] = tuple(values[key])
-        return cls(**values)
-
-    def model_config(self, dataset: Dataset) -> ModelConfig:
-        from hahnet.data import channel_stats
-
-        mean, std = channel_stats(dataset.train)
-        shape = dataset.train.images.shape
-        return ModelConfig(self.arch, self.hah, self.width, len(dataset.train.classes),
-                           shape[1], self.hah_layers, self.sigma, self.keep,
-                           tuple(round(m, 4) for m in mean), tuple(round(s, 4) for s in std))
 
 
 @dataclass
@@ -151,10 +76,11 @@ def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int,
 def gradient_ratios(model: VGG, config: TrainConfig, x: Tensor, y: Tensor) -> list[float]:
     """Per HaH layer: RMS of the alpha-weighted HaH gradient / RMS of the cross-entropy
     gradient of that layer's weight, on one batch. Measured on a copy of ``model`` (train
-    mode, as in a step) so the run's weights, batch-norm statistics and RNG are untouched."""
+    mode, as in a step) so the run's weights, batch-norm statistics and RNG are untouched;
+    its batch norms are local, as only rank 0 runs this."""
     import copy
 
-    probe = copy.deepcopy(model).train()
+    probe = distributed.unsynced(copy.deepcopy(model)).train()  # rank 0 alone runs this
     objective = HaHObjective(probe, config.alphas, config.ratio, config.demote)
     weights = [conv.weight for conv in objective.layers]
 
@@ -163,32 +89,8 @@ def gradient_ratios(model: VGG, config: TrainConfig, x: Tensor, y: Tensor) -> li
 
     with torch.random.fork_rng(devices=[]):
         total = grads(lambda: objective(x, y)[1])
-        objective.detach()
         cross_entropy = grads(lambda: F.cross_entropy(probe(x), y))
     return [float((t - c).norm() / c.norm().clamp_min(1e-30)) for t, c in zip(total, cross_entropy)]
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks cuda, then mps, then cpu; an unavailable device is an error."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but CUDA is not available; use --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps requested but MPS is not available; use --device cpu")
-    return device
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on the training device, or nothing for fp32."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -226,6 +128,8 @@ class Trainer:
         self.rank, self.world_size = rank, world_size
         self.env = distributed.DistEnv(rank, world_size, device=device)
         self.out_dir = Path(out_dir)
+        self.run_dir = RunDir(out_dir)
+        self.data_path = dataset.source
         self.dataset = dataset
         self.train_split, self.eval_split = self._splits(dataset)
         self.eval_split_name = "holdout" if config.holdout > 0 else "test"
@@ -248,7 +152,7 @@ class Trainer:
                           if config.hah else None)
 
     def _splits(self, dataset: Dataset) -> tuple[ImageDataset, ImageDataset]:
-        from hahnet.data import split_holdout, subset
+        from hahnet.data import split_holdout
 
         train = dataset.train
         if self.config.holdout > 0:
@@ -256,7 +160,7 @@ class Trainer:
         else:
             held = dataset.test
         if self.config.limit_train is not None and self.config.limit_train < len(train.labels):
-            train = subset(train, self.config.limit_train, self.config.seed)
+            train = train.limit(self.config.limit_train, self.config.seed)
         return train, held
 
     @property
@@ -265,11 +169,8 @@ class Trainer:
 
     def resume(self) -> int:
         """Load weights and optimizer state from ``out_dir``; returns the next epoch."""
-        saved = json.loads((self.out_dir / CONFIG_FILE).read_text()) \
-            if (self.out_dir / CONFIG_FILE).exists() else None
-        theirs = TrainConfig.from_dict(saved).to_dict() if saved is not None else None
-        diff = {k: (theirs[k], v) for k, v in self.config.to_dict().items()
-                if theirs is not None and k not in RUNTIME_OPTIONS and theirs[k] != v}
+        saved, _ = self.run_dir.read_config()
+        diff = saved.differences(self.config) if saved is not None else {}
         if diff:
             raise checkpoint.CheckpointError(
                 f"cannot resume {self.out_dir}: its run used other settings (saved, given): "
@@ -283,7 +184,7 @@ class Trainer:
                 f"delete {checkpoint.STATE_FILE} and {checkpoint.MODEL_FILE} to start over")
         self.start_epoch = info["epoch"] + 1
         if self.is_main:
-            _truncate_metrics(self.out_dir / METRICS_FILE, self.start_epoch)
+            self.run_dir.truncate_metrics(self.start_epoch)
         return self.start_epoch
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -344,7 +245,7 @@ class Trainer:
         """Checkpoint (rank 0 only): weights, optimizer state, then the metrics line."""
         if not self.is_main:
             return
-        checkpoint.write_json(self.out_dir / CONFIG_FILE, self.config.to_dict())
+        self.run_dir.write_config(self.config, self.data_path)
         checkpoint.save_train_state(self.out_dir, self.optimizer, {"epoch": epoch})
         dataset = {"name": self.dataset.name, "source": self.dataset.source,
                    "classes": list(self.dataset.train.classes)}
@@ -352,11 +253,8 @@ class Trainer:
             "epoch": epoch, "epochs": self.config.epochs, "dataset": dataset,
             "train": self.config.to_dict(), "metrics": metrics.to_dict()})
         if epoch + 1 in self.config.snapshots:
-            target = snapshot_path(self.out_dir, epoch + 1)
-            checkpoint.atomic_write(target, lambda tmp: shutil.copyfile(
-                self.out_dir / checkpoint.MODEL_FILE, tmp))
-        with open(self.out_dir / METRICS_FILE, "a") as handle:
-            handle.write(json.dumps(metrics.to_dict()) + "\n")
+            self.run_dir.save_snapshot(epoch + 1)
+        self.run_dir.append_metrics(metrics.to_dict())
 
     def fit(self, on_step: Callable[[int, Tensor], None] | None = None,
             on_epoch: Callable[[EpochMetrics], None] | None = None) -> list[EpochMetrics]:
@@ -415,12 +313,3 @@ class Trainer:
         tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(tensor)
         return float(tensor) / self.world_size
-
-
-def _truncate_metrics(path: Path, next_epoch: int) -> None:
-    """Drop metric lines of epochs that will be re-run after a resume."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["epoch"] < next_epoch]
-    checkpoint.atomic_write(path, lambda tmp: tmp.write_text("".join(l + "\n" for l in kept)))

@@ -1,0 +1,234 @@
+"""The evaluation's results as plain dataclasses, and their one JSON form: results.json
+is written by :func:`results_json` and read back by :func:`read_results` (files of every
+earlier version included)."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from dataclasses import asdict, dataclass, is_dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+FORMAT = "hahnet-eval-1"
+
+
+@dataclass
+class NoiseResult:
+    """Accuracy under N(0, sigma^2) pixel noise: mean and std (ddof=0) over draws."""
+
+    sigmas: list[float]
+    mean: list[float]
+    std: list[float]
+    per_draw: list[list[float]]
+    draws: int
+    seed: int
+
+    def at(self, sigma: float) -> float | None:
+        """Mean accuracy at ``sigma``, or None when it was not measured."""
+        for s, m in zip(self.sigmas, self.mean):
+            if abs(s - sigma) < 1e-12:
+                return m
+        return None
+
+
+@dataclass
+class AttackResult:
+    """Robustness of each image to an attack (worst case over its stages)."""
+
+    attack: str
+    norm: str
+    eps: float
+    n_images: int
+    accuracy: float
+    robust: list[bool]
+    stages: dict[str, float]  # robust accuracy after each stage, in order
+    max_perturbation: float   # largest ||x_adv - x|| in the attack's norm, checked <= eps
+    seconds: float
+    params: dict[str, Any]
+
+
+@dataclass
+class AttackComparison:
+    """APGD vs PGD vs Square on the same images (the first ``n_images`` of each)."""
+
+    norm: str
+    eps: float
+    n_images: int
+    apgd: float
+    pgd: float | None
+    square: float | None
+    gradient: float      # worst case over the gradient attacks (APGD and PGD)
+    all_attacks: float   # worst case over every attack
+    square_only: int     # images only the black-box attack broke
+    black_box_beats_gradient: bool  # Square < gradient attacks: a sign of gradient masking
+
+
+@dataclass
+class LayerSparsity:
+    """Sparsity of one block: fraction of non-zeros, top-K share, mean non-zero value."""
+
+    name: str
+    kind: str
+    channels: int
+    top_k: int
+    nonzero_fraction: float
+    top_k_share: float
+    mean_active: float
+
+
+@dataclass
+class LayerSNR:
+    """Mean over images of the per-image SNR (dB) at one block's output."""
+
+    name: str
+    kind: str
+    db: float
+
+
+@dataclass
+class SNRResult:
+    """Per-layer SNR for clean vs noisy inputs, and the SNR of the input noise itself."""
+
+    sigma: float
+    seed: int
+    input_db: float
+    layers: list[LayerSNR]
+
+
+@dataclass
+class AttackSuite:
+    """All attacks at one norm: APGD (the paper's number), PGD, Square and their comparison."""
+
+    norm: str
+    eps: float
+    indices: list[int]  # attacked images (into the evaluated ones); Square uses the first
+    apgd: AttackResult
+    pgd: AttackResult | None
+    square: AttackResult | None
+    comparison: AttackComparison
+
+
+@dataclass
+class EvalResult:
+    """Every measurement of one model, plus what is needed to report it."""
+
+    name: str
+    checkpoint: str | None
+    model: dict[str, Any]
+    info: dict[str, Any]
+    n_images: int
+    clean_accuracy: float
+    noise: NoiseResult | None
+    attacks: dict[str, AttackSuite]
+    sparsity: list[LayerSparsity]
+    snr: SNRResult | None
+    filters: list | None
+    settings: dict[str, Any]
+    seconds: dict[str, float]
+
+
+
+def result_from_dict(data: dict[str, Any]) -> EvalResult:
+    """Rebuild an :class:`EvalResult` from its JSON form (one entry of results.json's
+    "models"), so saved evaluations can be reported again without re-running them."""
+    def attack(d: dict[str, Any] | None) -> AttackResult | None:
+        if d is None:
+            return None
+        return AttackResult(**{**d, "accuracy": _float(d["accuracy"])})
+
+    def suite(d: dict[str, Any]) -> AttackSuite:
+        return AttackSuite(d["norm"], d["eps"], list(d["indices"]), attack(d["apgd"]),
+                           attack(d.get("pgd")), attack(d.get("square")),
+                           AttackComparison(**d["comparison"]))
+
+    snr = data.get("snr")
+    return EvalResult(
+        name=data["name"], checkpoint=data.get("checkpoint"), model=data.get("model") or {},
+        info=data.get("info") or {}, n_images=data["n_images"],
+        clean_accuracy=_float(data["clean_accuracy"]),
+        noise=NoiseResult(**data["noise"]) if data.get("noise") else None,
+        attacks={norm: suite(d) for norm, d in (data.get("attacks") or {}).items()},
+        sparsity=[LayerSparsity(**d) for d in data.get("sparsity") or []],
+        snr=None if snr is None else SNRResult(snr["sigma"], snr["seed"], snr["input_db"],
+                                               [LayerSNR(**d) for d in snr["layers"]]),
+        filters=data.get("filters"), settings=data.get("settings") or {},
+        seconds=data.get("seconds") or {})
+
+
+def _float(value: float | None) -> float:
+    return float("nan") if value is None else float(value)
+
+
+# ------------------------------------------------------------------ results.json
+
+def _jsonable(value: Any) -> Any:
+    """Dataclasses, tuples and non-finite floats as strict JSON (NaN/inf -> None)."""
+    if is_dataclass(value) and not isinstance(value, type):
+        value = asdict(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def versions() -> dict[str, str]:
+    """Versions of python, torch, torchattacks, hahnet and matplotlib."""
+    import torch
+
+    import hahnet
+
+    out = {"python": platform.python_version(), "torch": torch.__version__,
+           "hahnet": getattr(hahnet, "__version__", "unknown")}
+    for name in ("torchattacks", "matplotlib"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            out[name] = "not installed"
+    return out
+
+
+def results_json(results: Sequence[EvalResult], data: dict[str, Any] | None = None) -> dict:
+    """Every number and setting of the evaluation as one JSON-able document."""
+    return _jsonable({"format": FORMAT, "created": datetime.now(timezone.utc).isoformat(),
+                      "versions": versions(), "data": data or {},
+                      "checkpoints": [r.checkpoint for r in results],
+                      "models": [asdict(r) for r in results]})
+
+
+def results_document(results: Sequence[EvalResult], data: dict[str, Any] | None = None,
+                     extra: dict[str, Any] | None = None) -> str:
+    """results.json's text: :func:`results_json` plus ``extra`` keys, strict JSON."""
+    document = results_json(results, data)
+    if extra:
+        document.update(_jsonable(extra))
+    return json.dumps(document, indent=1, allow_nan=False) + "\n"
+
+
+def read_results(path: str | Path) -> tuple[list[EvalResult], dict[str, Any]]:
+    """The results and data description saved in a results.json by :func:`hahnet.report.write_report`.
+    Raises ValueError (one line) for a missing, corrupt or foreign file."""
+    path = Path(path)
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such results file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a readable results.json ({error}); delete it and "
+                         f"re-run the evaluation") from None
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a hahnet evaluation ({FORMAT!r} expected); delete it "
+                         f"and re-run the evaluation")
+    try:
+        results = [result_from_dict(model) for model in document["models"]]
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{path}: incomplete results ({error}); delete it and re-run the "
+                         f"evaluation") from None
+    return results, document.get("data") or {}

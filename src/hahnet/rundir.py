@@ -1,0 +1,122 @@
+"""A run directory's files, and their one reader and writer.
+
+``RUN/train_config.json`` (the TrainConfig, flat, plus ``"data"``: where the training
+images came from), ``RUN/metrics.jsonl`` (one :class:`hahnet.train.EpochMetrics` line per
+epoch), the checkpoint files of :mod:`hahnet.checkpoint` (``model.safetensors``,
+``model.json``, ``train_state.*``) and ``RUN/snapshots/epochE.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from hahnet import checkpoint
+from hahnet.config import TrainConfig
+from hahnet.io import atomic_write, read_json, write_json, write_text
+
+CONFIG_FILE = "train_config.json"
+METRICS_FILE = "metrics.jsonl"
+SNAPSHOT_DIR = checkpoint.SNAPSHOT_DIR
+
+
+class RunDir:
+    """The files of one training run (see the module docstring)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / METRICS_FILE
+
+    def has_checkpoint(self) -> bool:
+        """Whether a run can be continued from here (settings and weights saved)."""
+        return self.config_file.exists() and (self.path / checkpoint.MODEL_FILE).exists()
+
+    def snapshot_path(self, epoch: int) -> Path:
+        """Where ``train --snapshots`` keeps the weights after (1-based) ``epoch``."""
+        return checkpoint.snapshot_path(self.path, epoch)
+
+    # ------------------------------------------------------------- train_config.json
+
+    def read_config(self) -> tuple[TrainConfig | None, str | None]:
+        """The run's settings and data path; (None, None) before the first save. Reads
+        this version's form (flat, with "data") and the earlier flat and nested
+        ({"config": ..., "data": ...}) forms; ValueError for an unreadable file."""
+        if not self.config_file.exists():
+            return None, None
+        try:
+            saved = read_json(self.config_file)
+            if isinstance(saved.get("config"), dict):  # the older nested form
+                saved = {**saved["config"], "data": saved.get("data")}
+            config = TrainConfig.from_dict(saved)
+        except (OSError, json.JSONDecodeError, AttributeError, TypeError, ValueError) as error:
+            raise ValueError(f"unreadable {self.config_file} ({error})") from None
+        data = saved.get("data")
+        if not data and (self.path / checkpoint.MODEL_FILE).exists():
+            data = checkpoint.read_info(self.path).get("dataset", {}).get("source")
+        return config, data
+
+    def write_config(self, config: TrainConfig, data: str | None) -> None:
+        """Record the run's settings and data path (atomically)."""
+        write_json(self.config_file, {**config.to_dict(), "data": data})
+
+    def mismatch(self, wanted: TrainConfig) -> str | None:
+        """How this run's saved settings differ from ``wanted`` (runtime options such as
+        precision do not count), or None when they match or nothing is saved yet."""
+        try:
+            saved, _ = self.read_config()
+        except ValueError as error:
+            return str(error)
+        if saved is None:
+            return None
+        diffs = saved.differences(wanted)
+        return "; ".join(f"{k} {a!r} there vs {b!r} wanted" for k, (a, b) in diffs.items()) or None
+
+    # ---------------------------------------------------------------- metrics.jsonl
+
+    def history(self) -> list[dict[str, Any]]:
+        """Per-epoch training metrics, the last entry per epoch (a resumed run may have
+        logged an epoch twice); [] when the run has none yet."""
+        if not self.metrics_file.exists():
+            return []
+        by_epoch: dict[int, dict[str, Any]] = {}
+        for number, line in enumerate(self.metrics_file.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                by_epoch[int(entry["epoch"])] = entry
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                raise ValueError(f"{self.metrics_file}:{number}: not a metrics line; delete the "
+                                 f"file's broken lines or the run directory") from None
+        return [by_epoch[e] for e in sorted(by_epoch)]
+
+    def append_metrics(self, metrics: dict[str, Any]) -> None:
+        with open(self.metrics_file, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(metrics) + "\n")
+
+    def truncate_metrics(self, next_epoch: int) -> None:
+        """Drop metric lines of epochs that will be re-run after a resume."""
+        if not self.metrics_file.exists():
+            return
+        kept = [line for line in self.metrics_file.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line)["epoch"] < next_epoch]
+        write_text(self.metrics_file, "".join(line + "\n" for line in kept))
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_snapshot(self, epoch: int) -> None:
+        """Copy the current weights to :meth:`snapshot_path` (1-based ``epoch``)."""
+        atomic_write(self.snapshot_path(epoch), lambda tmp: shutil.copyfile(
+            self.path / checkpoint.MODEL_FILE, tmp))
