@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from hahnet.config import ModelConfig
-from hahnet.io import atomic_write, read_json, write_json
+from hahnet.io import DamagedFileError, atomic_write, read_json, sha256_file, write_json
 from hahnet.models import VGG, build_model
 
 MODEL_FILE = "model.safetensors"
@@ -58,7 +58,30 @@ def save_model(run_dir: Path, model: nn.Module, info: dict[str, Any]) -> None:
     run_dir = Path(run_dir)
     atomic_write(run_dir / MODEL_FILE,
                  lambda tmp: save_file(_contiguous_state(plain), str(tmp), metadata=header))
-    write_json(run_dir / INFO_FILE, info)
+    write_json(run_dir / INFO_FILE, {**info, "sha256": sha256_file(run_dir / MODEL_FILE)})
+
+
+def sidecar(file: Path) -> Path:
+    """The JSON that describes a .safetensors file and records its SHA-256
+    (model.safetensors -> model.json, snapshots/epoch7.safetensors -> epoch7.json)."""
+    return Path(file).with_suffix(".json")
+
+
+def verify(file: str | Path) -> None:
+    """Check a .safetensors file against the SHA-256 its sidecar JSON records (files
+    written before checksums were recorded, or without a sidecar, pass unchecked)."""
+    file = Path(file)
+    described = sidecar(file)
+    if not described.exists():
+        return
+    try:
+        record = read_json(described)
+    except DamagedFileError as error:
+        raise CheckpointError(str(error)) from None
+    expected = record.get("sha256") if isinstance(record, dict) else None
+    if expected and expected != sha256_file(file):
+        raise CheckpointError(f"{file} is damaged: its SHA-256 differs from the one recorded in "
+                              f"{described.name} when it was saved; restore the file or train again")
 
 
 def snapshot_path(run_dir: str | Path, epoch: int) -> Path:
@@ -113,7 +136,15 @@ def _read_header(file: Path) -> dict[str, Any]:
     if "hahnet" not in metadata:
         raise CheckpointError(f"{file} is a safetensors file but not a hahnet checkpoint "
                               f"(no 'hahnet' header); save it with hahnet")
-    return json.loads(metadata["hahnet"])
+    try:
+        info = json.loads(metadata["hahnet"])
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{file} is damaged: its hahnet header is not valid JSON "
+                              f"({error}); restore the file or train again") from None
+    if not isinstance(info, dict) or not isinstance(info.get("model"), dict):
+        raise CheckpointError(f"{file} is damaged: its hahnet header has no model config; "
+                              f"restore the file or train again")
+    return info
 
 
 def read_info(path: str | Path) -> dict[str, Any]:
@@ -126,6 +157,7 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
     the checkpoint's info."""
     file = _model_file(Path(path))
     info = _read_header(file)
+    verify(file)
     plain = unwrap(model)
     saved = ModelConfig.from_dict(info["model"])
     if isinstance(plain, VGG) and saved != plain.config:
@@ -174,7 +206,8 @@ def save_train_state(run_dir: Path, optimizer: torch.optim.Optimizer, info: dict
     atomic_write(run_dir / STATE_FILE,
                  lambda tmp: save_file(tensors, str(tmp), metadata={"epoch": str(info["epoch"])}))
     write_json(run_dir / STATE_INFO_FILE,
-               {**info, "param_groups": state["param_groups"], "scalars": scalars})
+               {**info, "param_groups": state["param_groups"], "scalars": scalars,
+                "sha256": sha256_file(run_dir / STATE_FILE)})
 
 
 def load_train_state(run_dir: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -184,10 +217,11 @@ def load_train_state(run_dir: Path, optimizer: torch.optim.Optimizer) -> dict[st
         if not (run_dir / name).exists():
             raise CheckpointError(f"cannot resume from {run_dir}: {name} is missing; "
                                   f"start a fresh run instead")
+    verify(run_dir / STATE_FILE)
     try:
-        info = json.loads((run_dir / STATE_INFO_FILE).read_text())
+        info = read_json(run_dir / STATE_INFO_FILE)
         tensors = load_file(str(run_dir / STATE_FILE))
-    except (SafetensorError, OSError, json.JSONDecodeError) as error:
+    except (SafetensorError, OSError, DamagedFileError) as error:
         raise CheckpointError(f"cannot resume from {run_dir}: training state is corrupt ({error})") from None
     slots: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():

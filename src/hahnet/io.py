@@ -1,7 +1,8 @@
-"""Files on disk: atomic writes (a crash never leaves half a file) and JSON."""
+"""Files on disk: atomic writes (a crash never leaves half a file), JSON, checksums."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -34,6 +35,24 @@ def write_json(path: str | Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+class DamagedFileError(ValueError):
+    """A file that exists but cannot be parsed; the message names it."""
+
+
 def read_json(path: str | Path) -> Any:
-    """Parse a JSON file."""
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """Parse a JSON file; a damaged one raises :class:`DamagedFileError` naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DamagedFileError(f"{path} is damaged (not valid JSON: {error}); restore it, or "
+                               f"delete the run directory and train again") from None
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -9,6 +9,7 @@ epoch), the checkpoint files of :mod:`hahnet.checkpoint` (``model.safetensors``,
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from hahnet.io import atomic_write, read_json, write_json, write_text
 CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
 SNAPSHOT_DIR = checkpoint.SNAPSHOT_DIR
+SAVING_DIR = ".saving"      # an epoch's checkpoint files are written here first...
+COMMIT_MARK = "COMMITTED"   # ...and moved into the run only once this marker exists
 
 
 class RunDir:
@@ -117,6 +120,68 @@ class RunDir:
     # ------------------------------------------------------------------ checkpoints
 
     def save_snapshot(self, epoch: int) -> None:
-        """Copy the current weights to :meth:`snapshot_path` (1-based ``epoch``)."""
-        atomic_write(self.snapshot_path(epoch), lambda tmp: shutil.copyfile(
-            self.path / checkpoint.MODEL_FILE, tmp))
+        """Copy the current weights (and their description with the checksum) to
+        :meth:`snapshot_path` (1-based ``epoch``)."""
+        target = self.snapshot_path(epoch)
+        atomic_write(target, lambda tmp: shutil.copyfile(self.path / checkpoint.MODEL_FILE, tmp))
+        atomic_write(checkpoint.sidecar(target), lambda tmp: shutil.copyfile(
+            self.path / checkpoint.INFO_FILE, tmp))
+
+    # ------------------------------------------- saving that survives a kill anywhere
+
+    def begin_save(self) -> Path:
+        """An empty staging folder for one epoch's checkpoint files (see :meth:`commit_save`)."""
+        staging = self.path / SAVING_DIR
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        return staging
+
+    def commit_save(self, staging: Path) -> None:
+        """Move the staged files into the run. Writing the marker is the commit point: a
+        kill before it leaves the previous epoch's files whole, a kill after it is finished
+        by :meth:`recover`."""
+        names = sorted(p.name for p in staging.iterdir())
+        write_text(staging / COMMIT_MARK, "\n".join(names) + "\n")
+        self._finish_save(staging)
+
+    def _finish_save(self, staging: Path) -> None:
+        for name in (staging / COMMIT_MARK).read_text(encoding="utf-8").split():
+            if (staging / name).exists():
+                os.replace(staging / name, self.path / name)
+        shutil.rmtree(staging)
+
+    def recover(self, snapshots: tuple[int, ...] = ()) -> None:
+        """Make the run whole after a kill, before resuming it (its owner only): finish a
+        committed save or drop an uncommitted one, drop a half-written metrics line, and
+        add the last saved epoch's metrics line and snapshot if the kill came before them."""
+        staging = self.path / SAVING_DIR
+        if (staging / COMMIT_MARK).exists():
+            self._finish_save(staging)
+        elif staging.exists():
+            shutil.rmtree(staging)
+        self._drop_torn_metrics_line()
+        info_file = self.path / checkpoint.INFO_FILE
+        if not info_file.exists() or not (self.path / checkpoint.MODEL_FILE).exists():
+            return
+        info = read_json(info_file)
+        epoch, metrics = info.get("epoch"), info.get("metrics")
+        done = self.history()
+        if isinstance(metrics, dict) and (not done or done[-1]["epoch"] < epoch):
+            self.append_metrics(metrics)
+        if epoch is not None and epoch + 1 in snapshots and not self.snapshot_path(epoch + 1).exists():
+            self.save_snapshot(epoch + 1)
+
+    def _drop_torn_metrics_line(self) -> None:
+        if not self.metrics_file.exists():
+            return
+        text = self.metrics_file.read_text(encoding="utf-8")
+        lines = text.splitlines()
+        if not lines:
+            return
+        try:
+            json.loads(lines[-1])
+            complete = text.endswith("\n")
+        except json.JSONDecodeError:
+            complete = False
+        if not complete:
+            write_text(self.metrics_file, "".join(line + "\n" for line in lines[:-1]))

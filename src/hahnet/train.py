@@ -169,6 +169,8 @@ class Trainer:
 
     def resume(self) -> int:
         """Load weights and optimizer state from ``out_dir``; returns the next epoch."""
+        if self.is_main:
+            self.run_dir.recover(self.config.snapshots)
         saved, _ = self.run_dir.read_config()
         diff = saved.differences(self.config) if saved is not None else {}
         if diff:
@@ -246,12 +248,14 @@ class Trainer:
         if not self.is_main:
             return
         self.run_dir.write_config(self.config, self.data_path)
-        checkpoint.save_train_state(self.out_dir, self.optimizer, {"epoch": epoch})
+        staging = self.run_dir.begin_save()
+        checkpoint.save_train_state(staging, self.optimizer, {"epoch": epoch})
         dataset = {"name": self.dataset.name, "source": self.dataset.source,
                    "classes": list(self.dataset.train.classes)}
-        checkpoint.save_model(self.out_dir, self.model, {
+        checkpoint.save_model(staging, self.model, {
             "epoch": epoch, "epochs": self.config.epochs, "dataset": dataset,
             "train": self.config.to_dict(), "metrics": metrics.to_dict()})
+        self.run_dir.commit_save(staging)
         if epoch + 1 in self.config.snapshots:
             self.run_dir.save_snapshot(epoch + 1)
         self.run_dir.append_metrics(metrics.to_dict())
