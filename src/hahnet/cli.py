@@ -216,7 +216,7 @@ def default_data(data: str | None, download: bool) -> tuple[str, bool]:
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     """Check every setting, then train both networks, evaluate them and report."""
-    from hahnet import console, distributed, reproduce as rp
+    from hahnet import distributed, reproduce as rp
     from hahnet.presets import get_preset
 
     if distributed.launched():
