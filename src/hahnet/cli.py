@@ -20,9 +20,6 @@ from hahnet.console import say
 from hahnet.errors import UserError
 from hahnet.runs import DEFAULT_DATA, check_out
 
-__all__ = ["main", "build_parser", "UserError"]
-
-
 class Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag as one line (no usage block), exit status 2."""
 
