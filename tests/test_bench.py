@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from hahnet import bench, hah
+from hahnet import bench, cli, hah
 from hahnet.nn import fused
 from hahnet.nn.fused import (_DivisiveNorm, _TopFraction, divisive_norm_reference,
                              top_fraction_reference)
@@ -48,7 +48,7 @@ def test_report_and_cli_write_json(quick_result, tmp_path, capsys):
     text = bench.format_report(quick_result)
     assert "a/b HaH / plain" in text and "c/a reference / HaH" in text and "a/d" in text
     out = tmp_path / "bench.json"
-    code = bench.main(["--quick", "--batch-size", "2", "--sections", "steps",
+    code = cli.main(["bench", "--quick", "--batch-size", "2", "--sections", "steps",
                        "--repeats", "1", "--warmup", "0", "--out", str(out)])
     assert code == 0
     saved = json.loads(out.read_text())
@@ -61,7 +61,7 @@ def test_config_validation():
         bench.BenchConfig(precisions=("fp16",))
     with pytest.raises(ValueError, match="sections"):
         bench.BenchConfig(sections=("nope",))
-    assert bench.main(["--quick", "--sections", "nope"]) == 2
+    assert cli.main(["bench", "--quick", "--sections", "nope"]) == 2
 
 
 def test_reference_step_gives_the_objective_gradient():

@@ -212,7 +212,7 @@ WORKER = textwrap.dedent("""
         trainer.train_step(*trainer.local_batch(indices, params))
         result[hah] = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
     model, test = trainer.model.eval(), trainer.dataset.test
-    result["sharded"] = distributed.sharded_accuracy(model, test, env, batch_size=8)
+    result["sharded"] = accuracy(model, test, env.device, 8, env=env)
     result["clean"] = ev.clean_accuracy(model, test.images, test.labels, 8, env=env)
     result["noise"] = ev.noise_accuracy(model, test.images, test.labels, (0.05, 0.3), 2, 5, 8,
                                         env=env).per_draw

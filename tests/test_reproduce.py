@@ -142,7 +142,7 @@ def test_reproduce_refuses_a_run_directory_with_other_settings(tmp_path, capsys)
 @pytest.mark.parametrize("argv, message", [
     (["reproduce", "--preset", "huge"], "unknown preset 'huge'"),
     (["reproduce", "--hah"], "reproduce trains both networks; drop --hah"),
-    (["reproduce", "--eval-batch-size", "0"], "--eval-batch-size must be >= 1"),
+    (["reproduce", "--eval-batch-size", "0"], "argument --eval-batch-size: '0' is not an integer >= 1"),
     (["presets", "huge"], "unknown preset 'huge'"),
 ])
 def test_reproduce_bad_options_are_one_line_errors(argv, message, capsys):

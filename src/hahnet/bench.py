@@ -22,19 +22,17 @@ that load from other processes hits all of them alike. Ratios a/b, c/a and a/d a
 computed from the medians.
 
 The library never prints; :func:`format_report` renders the result as a table and
-:func:`main` (``python -m hahnet.bench`` or ``hahnet bench``) prints it.
+``hahnet bench`` (:mod:`hahnet.cli`) parses the flags and prints it.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
 import os
 import platform
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hahnet.config import PAPER_ALPHAS, PAPER_DEMOTE, PAPER_EPS, PAPER_RATIO
+from hahnet.config import _check, PAPER_ALPHAS, PAPER_DEMOTE, PAPER_EPS, PAPER_RATIO
 from hahnet.device import autocast
 from hahnet.hah import HaHObjective, hah_convs, reference_score
 from hahnet.nn.layers import DivisiveNorm2d, TopFractionThreshold, WNConv2d
@@ -85,25 +83,23 @@ class BenchConfig:
     clock: str = "wall"
 
     def __post_init__(self) -> None:
-        problems = []
-        if not self.widths or any(w <= 0 for w in self.widths):
-            problems.append(f"widths must be positive, got {self.widths}")
-        if self.batch_size < 1:
-            problems.append(f"batch size must be >= 1, got {self.batch_size}")
-        bad = [p for p in self.precisions if p not in ("fp32", "bf16")]
-        if bad or not self.precisions:
-            problems.append(f"precisions must be fp32 and/or bf16, got {self.precisions}")
-        if self.repeats < 1 or self.warmup < 0 or self.block_repeats < 1:
-            problems.append("repeats and block_repeats must be >= 1, warmup >= 0")
-        if self.eval_batches < 1 or self.apgd_steps < 1 or self.apgd_batch_size < 1:
-            problems.append("eval_batches, apgd_steps and apgd_batch_size must be >= 1")
-        if self.clock not in ("wall", "cpu"):
-            problems.append(f"clock must be wall or cpu, got {self.clock!r}")
-        unknown = sorted(set(self.sections) - {"steps", "blocks", "eval"})
-        if unknown or not self.sections:
-            problems.append(f"sections must be among steps, blocks, eval; got {self.sections}")
-        if problems:
-            raise ValueError("; ".join(problems))
+        sections = ("steps", "blocks", "eval")
+        _check("benchmark config", [
+            ("widths", self.widths, bool(self.widths) and all(w > 0 for w in self.widths),
+             "positive"),
+            ("batch_size", self.batch_size, self.batch_size >= 1, ">= 1"),
+            ("precisions", self.precisions, bool(self.precisions)
+             and all(p in ("fp32", "bf16") for p in self.precisions), "fp32 and/or bf16"),
+            ("repeats", self.repeats, self.repeats >= 1, ">= 1"),
+            ("warmup", self.warmup, self.warmup >= 0, ">= 0"),
+            ("block_repeats", self.block_repeats, self.block_repeats >= 1, ">= 1"),
+            ("eval_batches", self.eval_batches, self.eval_batches >= 1, ">= 1"),
+            ("apgd_steps", self.apgd_steps, self.apgd_steps >= 1, ">= 1"),
+            ("apgd_batch_size", self.apgd_batch_size, self.apgd_batch_size >= 1, ">= 1"),
+            ("clock", self.clock, self.clock in ("wall", "cpu"), "wall or cpu"),
+            ("sections", self.sections, bool(self.sections)
+             and set(self.sections) <= set(sections), "among steps, blocks, eval"),
+        ])
 
     @classmethod
     def quick(cls, **overrides: Any) -> "BenchConfig":
@@ -516,110 +512,10 @@ def format_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------- CLI
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("empty list")
-    return values
-
-
-def _precisions(text: str) -> tuple[str, ...]:
-    values = tuple(part.strip() for part in text.split(",") if part.strip())
-    bad = [v for v in values if v not in ("fp32", "bf16")]
-    if bad or not values:
-        raise argparse.ArgumentTypeError(f"precisions are fp32 and/or bf16, got {text!r}")
-    return values
-
-
-def _switches(text: str) -> tuple[bool, ...]:
-    mapping = {"on": True, "off": False}
-    values = tuple(part.strip().lower() for part in text.split(",") if part.strip())
-    if not values or any(v not in mapping for v in values):
-        raise argparse.ArgumentTypeError(f"expected on, off or on,off; got {text!r}")
-    return tuple(mapping[v] for v in values)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The benchmark's flags (shared by ``hahnet bench`` and ``python -m hahnet.bench``)."""
-    defaults = BenchConfig()
-    parser.add_argument("--width", type=_floats, default=None,
-                        help="comma-separated widths (default 0.25,1.0; --quick: 0.0625)")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help=f"training batch size (default {defaults.batch_size}; --quick: 8)")
-    parser.add_argument("--precision", type=_precisions, default=None,
-                        help="fp32, bf16 or fp32,bf16 (default fp32; bf16 = CPU autocast)")
-    parser.add_argument("--channels-last", type=_switches, default=None,
-                        help="on, off or on,off (default off)")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help=f"timed rounds per measurement (default {defaults.repeats})")
-    parser.add_argument("--warmup", type=int, default=None,
-                        help=f"untimed warm-up rounds (default {defaults.warmup})")
-    parser.add_argument("--apgd-steps", type=int, default=None,
-                        help=f"APGD-CE iterations (default {defaults.apgd_steps})")
-    parser.add_argument("--sections", default=None,
-                        help="comma-separated subset of steps,blocks,eval (default all)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--clock", choices=["wall", "cpu"], default=None,
-                        help="wall (default) or cpu: process CPU time, steadier on a busy "
-                             "machine with --threads 1")
-    parser.add_argument("--malloc", choices=["default", "tuned"], default="default",
-                        help="tuned: keep freed memory in the process (glibc: no mmap, no "
-                             "heap trimming; see docs/performance.md)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a small configuration that finishes in seconds (for tests)")
-    parser.add_argument("--out", metavar="FILE", help="also write the result as JSON")
-
-
-def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    overrides: dict[str, Any] = {}
-    for flag, key in (("width", "widths"), ("batch_size", "batch_size"),
-                      ("precision", "precisions"), ("channels_last", "channels_last"),
-                      ("repeats", "repeats"), ("warmup", "warmup"),
-                      ("apgd_steps", "apgd_steps"), ("clock", "clock")):
-        if getattr(args, flag, None) is not None:
-            overrides[key] = getattr(args, flag)
-    if getattr(args, "sections", None):
-        overrides["sections"] = tuple(s.strip() for s in args.sections.split(",") if s.strip())
-    if args.quick:
-        return BenchConfig.quick(**overrides)
-    return BenchConfig(**overrides)
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    """Run the benchmark, print the table (progress on stderr) and write --out."""
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
-    try:
-        config = config_from_args(args)
-    except ValueError as error:
-        print(f"hahnet bench: error: {error}", file=sys.stderr)
-        return 2
-    if getattr(args, "malloc", "default") == "tuned" and not tune_malloc():
-        print("hahnet bench: error: --malloc tuned needs glibc malloc (Linux)", file=sys.stderr)
-        return 2
-    result = run_benchmark(config, progress=lambda m: print(m, file=sys.stderr, flush=True))
-    print(format_report(result))
-    if args.out:
-        path = Path(args.out)
-        if path.parent != Path(""):
-            path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {path}", file=sys.stderr)
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hahnet.bench",
-                                     description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def write_json(result: dict[str, Any], path: str | Path) -> Path:
+    """Write a :func:`run_benchmark` result as JSON (creating the folder)."""
+    path = Path(path)
+    if path.parent != Path(""):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path

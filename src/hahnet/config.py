@@ -67,9 +67,35 @@ def _from_dict(cls: type, data: dict[str, Any], tuples: tuple[str, ...]) -> Any:
     return cls(**values)
 
 
-def _raise(what: str, problems: list[str]) -> None:
-    if problems:
-        raise ValueError(f"invalid {what}: " + "; ".join(problems))
+class SettingsError(ValueError):
+    """One setting out of range: ``field`` (the dataclass field), its ``value`` and what is
+    ``accepted``; the command line names the flag instead of the field."""
+
+    def __init__(self, what: str, field: str, value: Any, accepted: str) -> None:
+        self.field, self.value, self.accepted = field, value, accepted
+        super().__init__(f"invalid {what}: {field} must be {accepted} (got {value!r})")
+
+
+def _check(what: str, rules: list[tuple[str, Any, bool, str]]) -> None:
+    """Raise a :class:`SettingsError` for the first rule (field, value, ok, accepted)
+    that does not hold."""
+    for field, value, ok, accepted in rules:
+        if not ok:
+            raise SettingsError(what, field, value, accepted)
+
+
+def parse_count(text: str) -> int | None:
+    """A number of images: a positive integer, or ``all`` (None). ``0`` also means all
+    (kept for older command lines). ValueError names the accepted forms."""
+    if str(text).strip().lower() == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"expected a positive number of images or 'all', got {text!r}")
+    return value or None
 
 
 # ---------------------------------------------------------------------- the model
@@ -141,24 +167,30 @@ class TrainConfig:
     snapshots: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.epochs < 1:
-            problems.append(f"epochs must be >= 1 (got {self.epochs})")
-        if self.batch_size < 1:
-            problems.append(f"batch_size must be >= 1 (got {self.batch_size})")
-        if self.lr <= 0:
-            problems.append(f"lr must be positive (got {self.lr})")
-        if self.precision not in ("fp32", "bf16"):
-            problems.append(f"precision must be fp32 or bf16 (got {self.precision!r})")
-        if not 0.0 <= self.holdout < 1.0:
-            problems.append(f"holdout must be in [0, 1) (got {self.holdout})")
-        if any(not 0.0 < m <= 1.0 for m in self.milestones):
-            problems.append(f"milestones are fractions of the epochs in (0, 1] (got {self.milestones})")
-        if any(not 1 <= e <= self.epochs for e in self.snapshots):
-            problems.append(f"snapshots are epochs in 1..{self.epochs} (got {self.snapshots})")
-        if self.limit_train is not None and self.limit_train < 1:
-            problems.append(f"limit_train must be >= 1 (got {self.limit_train})")
-        _raise("training config", problems)
+        _check("training config", [
+            ("arch", self.arch, self.arch in ("vgg11", "vgg13", "vgg16", "vgg19"),
+             "vgg11, vgg13, vgg16 or vgg19"),
+            ("width", self.width, self.width > 0, "> 0"),
+            ("hah_layers", self.hah_layers, self.hah_layers >= 1, ">= 1"),
+            ("sigma", self.sigma, self.sigma > 0, "> 0"),
+            ("keep", self.keep, 0 < self.keep <= 1, "in (0, 1]"),
+            ("alphas", self.alphas, all(a >= 0 for a in self.alphas), "numbers >= 0"),
+            ("ratio", self.ratio, 0 < self.ratio < 1, "in (0, 1)"),
+            ("demote", self.demote, self.demote >= 0, ">= 0"),
+            ("epochs", self.epochs, self.epochs >= 1, ">= 1"),
+            ("batch_size", self.batch_size, self.batch_size >= 1, ">= 1"),
+            ("lr", self.lr, self.lr > 0, "positive"),
+            ("milestones", self.milestones, all(0.0 < m <= 1.0 for m in self.milestones),
+             "fractions of the epochs in (0, 1]"),
+            ("gamma", self.gamma, 0 < self.gamma <= 1, "in (0, 1]"),
+            ("limit_train", self.limit_train,
+             self.limit_train is None or self.limit_train >= 1, ">= 1"),
+            ("holdout", self.holdout, 0.0 <= self.holdout < 1.0, "in [0, 1)"),
+            ("precision", self.precision, self.precision in ("fp32", "bf16"), "fp32 or bf16"),
+            ("eval_batch_size", self.eval_batch_size, self.eval_batch_size >= 1, ">= 1"),
+            ("snapshots", self.snapshots, all(1 <= e <= self.epochs for e in self.snapshots),
+             f"epochs in 1..{self.epochs}"),
+        ])
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -214,20 +246,18 @@ class EvalSettings:
 
     def __post_init__(self) -> None:
         self.noise_sigmas, self.norms = tuple(self.noise_sigmas), tuple(self.norms)
-        problems = [f"{name} must be >= 1 (got {getattr(self, name)})"
-                    for name in ("noise_draws", "apgd_steps", "attack_batch_size", "batch_size")
-                    if getattr(self, name) < 1]
-        problems += [f"{name} must be >= 0 (got {getattr(self, name)})"
-                     for name in ("eps_linf", "eps_l2", "pgd_steps", "pgd_restarts",
-                                  "square_limit", "square_queries", "snr_sigma")
-                     if getattr(self, name) < 0]
-        if any(s < 0 for s in self.noise_sigmas):
-            problems.append(f"noise sigmas must be >= 0 (got {self.noise_sigmas})")
-        if self.attack_limit is not None and self.attack_limit < 1:
-            problems.append(f"attack_limit must be >= 1 or None (got {self.attack_limit})")
-        if any(n not in PAPER_EPS for n in self.norms):
-            problems.append(f"norms are Linf and/or L2 (got {self.norms})")
-        _raise("evaluation settings", problems)
+        _check("evaluation settings", [
+            *[(name, getattr(self, name), getattr(self, name) >= 1, ">= 1")
+              for name in ("noise_draws", "apgd_steps", "attack_batch_size", "batch_size")],
+            *[(name, getattr(self, name), getattr(self, name) >= 0, ">= 0")
+              for name in ("eps_linf", "eps_l2", "pgd_steps", "pgd_restarts", "square_limit",
+                           "square_queries", "snr_sigma")],
+            ("noise_sigmas", self.noise_sigmas, all(s >= 0 for s in self.noise_sigmas),
+             "numbers >= 0"),
+            ("attack_limit", self.attack_limit,
+             self.attack_limit is None or self.attack_limit >= 1, ">= 1 or all"),
+            ("norms", self.norms, all(n in PAPER_EPS for n in self.norms), "Linf and/or L2"),
+        ])
 
     def eps(self, norm: str) -> float:
         """The budget for ``norm``."""

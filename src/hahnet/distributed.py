@@ -454,27 +454,6 @@ def sum_over_shards(env: DistEnv, n: int, batch_size: int,
     return all_reduce_sum(value.to(env.device), env).cpu()
 
 
-def sharded_accuracy(model: nn.Module, split, env: DistEnv, batch_size: int = 500,
-                     precision: str = "fp32", channels_last: bool = False) -> float:
-    """:func:`hahnet.train.accuracy` with each rank evaluating its shard of whole
-    batches; the correct counts are all-reduced, so the result equals one process's."""
-    from hahnet.train import accuracy
-
-    def count(part: slice) -> Tensor:
-        n = part.stop - part.start
-        correct = 0
-        if n:
-            sub = type(split)(split.images[part], split.labels[part], split.classes)
-            correct = round(accuracy(model, sub, env.device, batch_size, precision,
-                                     channels_last) * n)
-        return torch.tensor([correct, n], dtype=torch.float64)
-
-    if not env.active:
-        return accuracy(model, split, env.device, batch_size, precision, channels_last)
-    correct, total = sum_over_shards(env, len(split.labels), batch_size, count).tolist()
-    return correct / max(1.0, total)
-
-
 # ---------------------------------------------------------------- communication failures
 
 def is_comm_error(error: BaseException) -> bool:

@@ -40,7 +40,7 @@ NOISE_CURVE = (0.02, 0.05, 0.1, 0.15, 0.2)
 
 PAPER = Preset(
     "paper",
-    "The paper's recipe exactly (METHOD.md): VGG16 at full width, Adam 1e-3, batch 128, "
+    "The paper's recipe exactly (docs/method.md): VGG16 at full width, Adam 1e-3, batch 128, "
     "100 epochs with lr x0.1 at epochs 60 and 80, crop+flip, seed 2022, paper alphas, "
     "demote 1.0; full 10,000-image test set for clean, noise and APGD-CE + APGD-T. "
     "Meant for a GPU (a CPU needs days).",

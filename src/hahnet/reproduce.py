@@ -1,6 +1,8 @@
-"""The pieces of ``hahnet reproduce`` that are not command-line plumbing: where each run
-lives, reading a run's training history, reusing a saved evaluation only when it measured
-the same checkpoint with the same settings, and the report's preamble."""
+"""The whole ``hahnet reproduce`` flow: train the standard and the HaH network of a preset
+(reusing finished runs), evaluate both (reusing a saved evaluation only when it measured
+the same checkpoint with the same settings) and write the paper's table with a preamble.
+Nothing here prints: progress goes through :class:`Hooks`; the command line only parses
+flags and shows progress."""
 
 from __future__ import annotations
 
@@ -9,9 +11,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from hahnet.config import EvalSettings, same_json
-from hahnet.eval.results import EvalResult
+from dataclasses import dataclass, field
+from typing import Callable
+
+from hahnet import checkpoint, runs
+from hahnet.config import EvalSettings, TrainConfig, same_json
+from hahnet.errors import UserError
+from hahnet.eval.results import EvalResult, read_results
 from hahnet.presets import Preset
+from hahnet.rundir import RunDir
 
 RUNS = ("standard", "hah")  # the two networks the paper compares, in table order
 EVAL_DIR = "eval"           # per-run evaluation (results.json, report.md) inside its run dir
@@ -56,3 +64,125 @@ def _show(value: Any) -> str:
     if isinstance(value, (tuple, list)):
         return "(" + ", ".join(_show(v) for v in value) + ")"
     return str(value)
+
+
+def eval_data(path: str, dataset, test, limit: int | None) -> dict[str, Any]:
+    """How the evaluated images were chosen, for results.json and the report."""
+    return {"path": str(path), "name": dataset.name, "split": "test", "n_images": len(test),
+            "limit": limit, "limit_seed": 0, "classes": list(test.classes)}
+
+
+def _evaluate_silently(path: str, info: dict[str, Any], model, test, settings, device):
+    from hahnet.eval import runner as ev
+
+    return ev.evaluate_model(model, test.images, test.labels, settings, device,
+                             name=ev.checkpoint_name(path), checkpoint=path, info=info)
+
+
+@dataclass
+class Hooks:
+    """Where reproduce reports: ``say`` (one line), ``training`` (each run's hooks) and
+    ``evaluate(path, info, model, test, settings, device) -> EvalResult``."""
+
+    say: Callable[[str], None] = lambda message: None
+    training: runs.Hooks = field(default_factory=runs.Hooks)
+    evaluate: Callable[..., EvalResult] = _evaluate_silently
+
+
+@dataclass
+class Experiment:
+    """One reproduce: the preset, both networks' training settings, the evaluation."""
+
+    preset: Preset
+    train: dict[str, Any]
+    settings: EvalSettings
+    limit: int | None
+    out: Path
+    data: str
+    download: bool = False
+    cache_dir: str | None = None
+    device: str = "auto"
+    re_evaluate: bool = False
+
+
+def to_train(experiment: Experiment, say: Callable[[str], None]) -> dict[Path, dict[str, Any]]:
+    """The runs still to train (run dir -> settings); refuses a run dir with other settings.
+    Reads only the run directories: called before any data is loaded."""
+    wanted_runs = {}
+    for name, run_dir in run_dirs(experiment.out).items():
+        wanted = {**experiment.train, "hah": name == "hah"}
+        try:
+            mismatch = RunDir(run_dir).mismatch(TrainConfig.from_dict(wanted))
+            history = RunDir(run_dir).history()
+        except ValueError as error:
+            raise UserError(str(error)) from None
+        if mismatch:
+            raise UserError(f"{run_dir} holds a run with other settings ({mismatch}); pass "
+                            f"another --out or delete {run_dir}")
+        epochs = experiment.train["epochs"]
+        if history and history[-1]["epoch"] + 1 >= epochs \
+                and (run_dir / checkpoint.MODEL_FILE).exists():
+            say(f"{name}: trained ({epochs} epochs) in {run_dir}; reusing it")
+        else:
+            wanted_runs[run_dir] = wanted
+    return wanted_runs
+
+
+def _evaluate(experiment: Experiment, name: str, run_dir: Path, dataset, test, device,
+              hooks: Hooks) -> EvalResult:
+    """One network's evaluation: the saved one when it matches, else a fresh one."""
+    from hahnet import report
+
+    try:
+        info, model = checkpoint.read_info(run_dir), checkpoint.load(run_dir, device=device)
+    except checkpoint.CheckpointError as error:
+        raise UserError(str(error)) from None
+    saved = run_dir / EVAL_DIR / "results.json"
+    if saved.exists() and not experiment.re_evaluate:
+        try:
+            cached = read_results(saved)[0][0]
+        except (ValueError, IndexError) as error:
+            raise UserError(f"{error}") from None
+        if reusable(cached, info, experiment.settings, experiment.limit):
+            hooks.say(f"{name}: reusing the evaluation in {saved}")
+            return cached
+    result = hooks.evaluate(str(run_dir), info, model, test, experiment.settings, device)
+    result.settings = settings_record(experiment.settings, experiment.limit)
+    report.write_report([result], run_dir / EVAL_DIR,
+                        eval_data(experiment.data, dataset, test, experiment.limit))
+    return result
+
+
+def reproduce(experiment: Experiment, command: str, hooks: Hooks | None = None):
+    """Train what is missing, evaluate both networks, write the report; returns
+    (results, paths of the written files)."""
+    from hahnet import report
+    from hahnet.device import resolve_device
+
+    hooks = hooks or Hooks()
+    try:
+        device = resolve_device(experiment.device)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    pending = to_train(experiment, hooks.say)
+    dataset = runs.load_data(experiment.data, experiment.cache_dir, experiment.download,
+                             hooks.say)  # once, for training and evaluation
+    for run_dir, wanted in pending.items():
+        runs.run_training(wanted, experiment.data, str(run_dir), "auto", experiment.device,
+                          experiment.cache_dir, experiment.download, dataset=dataset,
+                          hooks=hooks.training)
+    limit = experiment.limit
+    test = dataset.test.limit(limit, 0) if limit else dataset.test
+    dirs = run_dirs(experiment.out)
+    results = [_evaluate(experiment, name, run_dir, dataset, test, device, hooks)
+               for name, run_dir in dirs.items()]
+    label = "CIFAR-10 (JPEG copy)" if "cifar10-jpeg" in str(experiment.data) \
+        else dataset.describe()
+    paths = report.write_report(
+        results, experiment.out, eval_data(experiment.data, dataset, test, limit),
+        title=f"Reproducing the paper: preset {experiment.preset.name}",
+        preamble=preamble(experiment.preset, experiment.train, command, label),
+        histories={name: RunDir(run_dir).history() for name, run_dir in dirs.items()},
+        extra={"preset": experiment.preset.name, "train": experiment.train,
+               "runs": {k: str(v) for k, v in dirs.items()}})
+    return results, paths

@@ -95,8 +95,27 @@ def gradient_ratios(model: VGG, config: TrainConfig, x: Tensor, y: Tensor) -> li
 
 @torch.no_grad()
 def accuracy(model: nn.Module, split: ImageDataset, device: torch.device, batch_size: int = 500,
-             precision: str = "fp32", channels_last: bool = False) -> float:
-    """Top-1 accuracy of ``model`` (eval mode) on a whole split."""
+             precision: str = "fp32", channels_last: bool = False,
+             env: distributed.DistEnv | None = None) -> float:
+    """Top-1 accuracy of ``model`` (eval mode) on a whole split. Under torchrun (``env``
+    active) each rank counts its shard of whole batches and the counts are all-reduced,
+    so the result equals one process's."""
+    if env is not None and env.active:
+        def count(part: slice) -> Tensor:
+            sub = type(split)(split.images[part], split.labels[part], split.classes)
+            return torch.tensor([_correct(model, sub, device, batch_size, precision,
+                                          channels_last), part.stop - part.start],
+                                dtype=torch.float64)
+
+        correct, total = distributed.sum_over_shards(env, len(split.labels), batch_size,
+                                                     count).tolist()
+        return correct / max(1.0, total)
+    return _correct(model, split, device, batch_size, precision, channels_last) \
+        / max(1, len(split.labels))
+
+
+def _correct(model: nn.Module, split: ImageDataset, device: torch.device, batch_size: int,
+             precision: str, channels_last: bool) -> int:
     was_training = model.training
     model.eval()
     correct = 0
@@ -108,7 +127,7 @@ def accuracy(model: nn.Module, split: ImageDataset, device: torch.device, batch_
             logits = model(x)
         correct += int((logits.argmax(1).cpu() == split.labels[start:start + batch_size]).sum())
     model.train(was_training)
-    return correct / max(1, len(split.labels))
+    return correct
 
 
 class Trainer:
@@ -304,9 +323,9 @@ class Trainer:
         """Accuracy on the eval split; under several processes each evaluates a shard
         with rank 0's batch-norm statistics (the checkpoint's), counts all-reduced."""
         distributed.broadcast_buffers(self.env, self.model)
-        return distributed.sharded_accuracy(self.model, self.eval_split, self.env,
-                                            self.config.eval_batch_size, self.config.precision,
-                                            self.config.channels_last)
+        return accuracy(self.model, self.eval_split, self.env.device,
+                        self.config.eval_batch_size, self.config.precision,
+                        self.config.channels_last, self.env)
 
     def reduce_mean(self, value: float) -> float:
         """Mean of a per-process scalar over all processes (identity in one process)."""

@@ -1,0 +1,77 @@
+"""The ``hahnet eval`` flow once its flags are checked: load the checkpoints and the data,
+print an ETA, evaluate each checkpoint under progress bars, write the report. Under
+torchrun every rank evaluates its shard; rank 0 alone prints and writes."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+
+from hahnet import console
+from hahnet.config import EvalSettings
+from hahnet.errors import UserError
+from hahnet.runs import DEFAULT_DATA, load_data
+
+
+def run(args: argparse.Namespace, settings: EvalSettings) -> int:
+    from hahnet import distributed
+    from hahnet.device import resolve_device
+
+    try:
+        env = distributed.setup(resolve_device(args.device), args.dist_timeout)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    try:
+        if env.is_main:
+            return evaluate_and_report(args, settings, env)
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                evaluate_and_report(args, settings, env)
+            except UserError as error:  # rank 0 meets the same problem and reports it
+                error.quiet = True
+                raise
+        return 0
+    finally:
+        distributed.teardown(env)
+
+
+def _split(dataset, split: str, checkpoints):
+    from hahnet.eval.runner import EvalError, evaluation_split
+
+    try:
+        return evaluation_split(dataset, split, checkpoints)
+    except EvalError as error:
+        raise UserError(str(error)) from None
+
+
+def evaluate_and_report(args: argparse.Namespace, settings: EvalSettings, env) -> int:
+    from hahnet import checkpoint, report
+    from hahnet.reproduce import eval_data
+
+    models = []
+    for path in args.checkpoints:
+        try:
+            models.append((path, checkpoint.read_info(path), checkpoint.load(path, device=env.device)))
+        except checkpoint.CheckpointError as error:
+            raise UserError(str(error)) from None
+    dataset = load_data(args.data or DEFAULT_DATA, args.cache_dir, say=console.say)
+    test = _split(dataset, args.split, [(path, info) for path, info, _ in models])
+    test = test.limit(args.limit, args.limit_seed) if args.limit else test
+    eta = sum(console.check_and_estimate(path, info, model, test, settings, env.device)
+              for path, info, model in models)
+    console.say(f"evaluating {len(models)} checkpoint(s) on {len(test)} test images on "
+                f"{env.device}; ETA ~{console.minutes(eta)} (attacks estimated as if every "
+                f"image survived every stage)")
+    results = [console.evaluate_with_progress(model, test.images, test.labels, settings,
+                                              env.device, path, info, env)
+               for path, info, model in models]
+    if not env.is_main:
+        return 0
+    data = {**eval_data(args.data or DEFAULT_DATA, dataset, test, args.limit),
+            "limit_seed": args.limit_seed, "split": args.split}
+    paths = report.write_report(results, args.out, data)
+    print(report.paper_table(results))
+    console.warn_gradient_masking(results, paths["report.md"])
+    print(f"report: {paths['report.md']}")
+    return 0
