@@ -62,12 +62,32 @@ def patch_to_old(model: torch.nn.Module, old_layers, old_hah) -> None:
         elif isinstance(module, WNConv2d):
             def forward(self, x):
                 weight = self.normalized_weight()
-                if self.score_spec is None or not torch.is_grad_enabled():
+                spec = getattr(self, "score_spec", None)  # set by the old objective
+                if spec is None or not torch.is_grad_enabled():
                     return F.conv2d(x, weight, None, self.stride, self.padding)
                 z, self.last_score = old_hah.scored_conv2d(x, weight, self.stride,
-                                                           self.padding, *self.score_spec)
+                                                           self.padding, *spec)
                 return z
             module.forward = types.MethodType(forward, module)
+
+
+def old_objective(model: torch.nn.Module):
+    """The old revision's objective protocol on a :func:`patch_to_old` model: each HaH
+    convolution gets ``score_spec`` and leaves its score in ``last_score``."""
+    from hahnet.hah import PAPER_ALPHAS, hah_convs
+
+    convs = hah_convs(model)[: len(PAPER_ALPHAS)]
+    for conv in convs:
+        conv.score_spec = (0.1, 1.0)
+
+    def objective(x, y):
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        for alpha, conv in zip(PAPER_ALPHAS, convs):
+            loss = loss - alpha * conv.last_score
+            conv.last_score = None
+        return logits, loss
+    return objective
 
 
 def main() -> None:
@@ -109,7 +129,9 @@ def main() -> None:
 
     def make(model, hah: bool):
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        objective = HaHObjective(model) if hah else None
+        objective = None
+        if hah:
+            objective = old_objective(model) if model is old else HaHObjective(model)
 
         def step():
             optimizer.zero_grad(set_to_none=True)
