@@ -16,8 +16,8 @@ from hahnet.hah import winners
 from hahnet import report
 from hahnet.nn.layers import HaHBlock, VGGBlock
 
-pytest.importorskip("torchattacks")
-pytest.importorskip("matplotlib")
+import matplotlib  # noqa: F401,E402  (installed by make test: missing is a failure)
+import torchattacks  # noqa: F401,E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SETTINGS = evaluation.EvalSettings(noise_sigmas=(0.05, 0.1), noise_draws=2, attack_limit=4, apgd_steps=2,
@@ -143,27 +143,21 @@ def test_report_without_attacks_or_layers(tmp_path):
         report.write_report([], tmp_path)
 
 
-def test_cli_eval_end_to_end(tmp_path, monkeypatch, capsys):
-    cli = pytest.importorskip("hahnet.cli")
-    if not hasattr(cli, "cmd_eval"):
-        pytest.skip("hahnet eval is not wired into the CLI")
-    from hahnet import checkpoint, vgg11
+def test_cli_eval_end_to_end(tmp_path, capsys):
+    from hahnet import checkpoint, cli, vgg11
 
-    data = pytest.importorskip("hahnet.data")
-    Dataset, ImageDataset = data.Dataset, data.ImageDataset
+    from conftest import make_cifar
 
+    data = make_cifar(tmp_path / "data", n_train=20, n_test=12)
     torch.manual_seed(0)
     for name, hah in (("std", False), ("hah", True)):
-        checkpoint.save_model(tmp_path / name, vgg11(hah=hah, hah_layers=2, width=0.0625).eval(),
-                              {"epoch": 0})
-    images = torch.randint(0, 256, (12, 3, 32, 32), generator=torch.Generator().manual_seed(1),
-                           dtype=torch.uint8)
-    split = ImageDataset(images, torch.arange(12) % 10, tuple("abcdefghij"))
-    monkeypatch.setattr(cli, "load_data", lambda *a, **k: Dataset("toy", "fake", split, split, "x"))
+        checkpoint.save_model(tmp_path / name, vgg11(hah=hah, hah_layers=2, width=0.0625,
+                                                     num_classes=4).eval(),
+                              {"epoch": 0, "dataset": {"classes": ["a", "b", "c", "d"]}})
     out = tmp_path / "report"
     threads = torch.get_num_threads()  # --threads sets a process-wide value: restore it
     rc = cli.main(["eval", str(tmp_path / "std"), str(tmp_path / "hah" / "model.safetensors"),
-                   "--limit", "8", "--noise", "0.05,0.1", "--noise-draws", "1",
+                   "--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--limit", "8", "--noise", "0.05,0.1", "--noise-draws", "1",
                    "--eps-linf", "4/255", "--attack-limit", "3", "--apgd-steps", "2",
                    "--pgd-steps", "2", "--pgd-restarts", "1", "--square-limit", "2",
                    "--square-queries", "3", "--threads", "1", "--out", str(out)])

@@ -153,7 +153,7 @@ def test_snapshots_keep_the_weights_of_the_named_epochs(tmp_path):
     assert checkpoint.read_info(first)["epoch"] == 0 and checkpoint.read_info(last)["epoch"] == 2
     assert last.read_bytes() == (tmp_path / checkpoint.MODEL_FILE).read_bytes()
     assert first.read_bytes() != last.read_bytes()
-    with pytest.raises(ValueError, match="snapshots are epochs in 1..3"):
+    with pytest.raises(ValueError, match="snapshots must be epochs in 1..3"):
         tiny_config(epochs=3, snapshots=(4,))
 
 
