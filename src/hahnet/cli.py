@@ -77,6 +77,7 @@ TRAIN_OPTIONS = {  # flag -> TrainConfig field, parsed type
     "seed": ("seed", int), "limit_train": ("limit_train", int),
     "holdout": ("holdout", float), "precision": ("precision", str),
     "snapshots": ("snapshots", parse_epochs),
+    "time_budget": ("time_budget", float),
 }
 
 
@@ -109,8 +110,13 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
                             "safetensors; evaluate them as RUN@E)")
     speed = parser.add_argument_group("speed")
     speed.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    speed.add_argument("--precision", choices=["fp32", "bf16"])
-    speed.add_argument("--channels-last", action="store_true", default=None)
+    speed.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                       help="auto (default): bf16 autocast on CUDA, fp32 elsewhere")
+    speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                       help="default: on for CUDA, off elsewhere")
+    speed.add_argument("--time-budget", type=float, metavar="MINUTES",
+                       help="choose the epochs so that the run (reproduce: both networks and "
+                            "their evaluation) fits in MINUTES, after a short measured warm-up")
     speed.add_argument("--compile", action="store_true", default=None)
     speed.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
 
@@ -645,6 +651,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     """Train both networks of a preset, evaluate them (reusing what is done), report."""
     from hahnet import checkpoint, distributed, report
     from hahnet import reproduce as rp
+    from hahnet.budget import describe as describe_budget
     from hahnet.config import TrainConfig
     from hahnet.eval.results import read_results
     from hahnet.rundir import RunDir
@@ -666,6 +673,15 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     configure_threads(distributed.default_threads(args.threads))
     device = resolve_device_or_fail(args.device)
     runs = rp.run_dirs(out)
+    dataset, plan = None, None
+    if train.get("time_budget"):  # the epochs that fit (hahnet.reproduce.plan_time_budget)
+        dataset = load_data(data, args.cache_dir, download)
+        try:
+            train, plan = rp.plan_time_budget(train, out, dataset, device, settings, limit,
+                                              most=train_overrides(args).get("epochs"))
+        except ValueError as error:
+            raise UserError(str(error)) from None
+        print(describe_budget(plan), file=sys.stderr)
     to_train = {}
     for name, run_dir in runs.items():
         wanted = {**train, "hah": name == "hah"}
@@ -684,7 +700,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         else:
             to_train[run_dir] = wanted
 
-    dataset = load_data(data, args.cache_dir, download)  # once, for training and evaluation
+    if dataset is None:
+        dataset = load_data(data, args.cache_dir, download)  # once, for training and evaluation
     for run_dir, wanted in to_train.items():
         run_training(wanted, data, str(run_dir), "auto", args.device, args.cache_dir,
                      download, dataset=dataset)
@@ -722,9 +739,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     paths = report.write_report(
         results, out, eval_data(data, dataset, test, limit),
         title=f"Reproducing the paper: preset {preset.name}",
-        preamble=rp.preamble(preset, train, command, label),
+        preamble=rp.preamble(preset, train, command, label, plan),
         histories={name: RunDir(run_dir).history() for name, run_dir in runs.items()},
-        extra={"preset": preset.name, "train": train, "runs": {k: str(v) for k, v in runs.items()}})
+        extra={"preset": preset.name, "train": train, "runs": {k: str(v) for k, v in runs.items()},
+               "time_budget": plan})
     print(report.paper_table(results))
     warn_gradient_masking(results, paths["report.md"])
     print(f"report: {paths['report.md']}")

@@ -109,7 +109,7 @@ class ModelConfig:
 
 # TrainConfig fields that change speed, not the experiment: they may differ on resume.
 RUNTIME_OPTIONS = frozenset({"precision", "channels_last", "compile", "eval_batch_size",
-                             "snapshots"})
+                             "snapshots", "time_budget"})
 
 
 @dataclass(frozen=True)
@@ -134,11 +134,12 @@ class TrainConfig:
     augment: bool = True
     limit_train: int | None = None
     holdout: float = 0.0
-    precision: str = "fp32"
-    channels_last: bool = False
-    compile: bool = False
+    precision: str = "auto"            # auto: bf16 autocast on CUDA, fp32 elsewhere
+    channels_last: bool | None = None  # None (auto): channels-last on CUDA only
+    compile: bool = False              # off: not measured to pay on a GPU yet (docs/gpu.md)
     eval_batch_size: int = 500
     snapshots: tuple[int, ...] = ()
+    time_budget: float | None = None   # minutes: choose the epochs that fit (hahnet.budget)
 
     def __post_init__(self) -> None:
         problems = []
@@ -148,8 +149,10 @@ class TrainConfig:
             problems.append(f"batch_size must be >= 1 (got {self.batch_size})")
         if self.lr <= 0:
             problems.append(f"lr must be positive (got {self.lr})")
-        if self.precision not in ("fp32", "bf16"):
-            problems.append(f"precision must be fp32 or bf16 (got {self.precision!r})")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            problems.append(f"precision must be fp32 or bf16 (or auto) (got {self.precision!r})")
+        if self.time_budget is not None and not self.time_budget > 0:
+            problems.append(f"time_budget must be a positive number of minutes (got {self.time_budget})")
         if not 0.0 <= self.holdout < 1.0:
             problems.append(f"holdout must be in [0, 1) (got {self.holdout})")
         if any(not 0.0 < m <= 1.0 for m in self.milestones):
@@ -162,6 +165,18 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def for_device(self, device: Any) -> "TrainConfig":
+        """The runtime options resolved for ``device``: precision 'auto' is bf16 autocast
+        on CUDA (tensor cores; the paper's fp32 elsewhere), channels_last None is
+        channels-last on CUDA only (cuDNN's fast layout; on CPU the fused layers choose
+        their own). Explicit choices are kept."""
+        from dataclasses import replace
+
+        cuda = getattr(device, "type", str(device).split(":")[0]) == "cuda"
+        precision = ("bf16" if cuda else "fp32") if self.precision == "auto" else self.precision
+        channels_last = cuda if self.channels_last is None else bool(self.channels_last)
+        return replace(self, precision=precision, channels_last=channels_last)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
