@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hahnet.config import _check, PAPER_ALPHAS, PAPER_DEMOTE, PAPER_EPS, PAPER_RATIO
-from hahnet.device import autocast
+from hahnet.device import autocast, tune_device
 from hahnet.hah import HaHObjective, hah_convs, reference_score
 from hahnet.nn.layers import DivisiveNorm2d, TopFractionThreshold, WNConv2d
 from hahnet.models import scaled, vgg16
@@ -81,10 +81,15 @@ class BenchConfig:
     sections: tuple[str, ...] = ("steps", "blocks", "eval")
     seed: int = 0
     clock: str = "wall"
+    device: str = "cpu"  # cpu or cuda[:N]; on CUDA each timing ends with a device sync
 
     def __post_init__(self) -> None:
         sections = ("steps", "blocks", "eval")
+        kind = str(self.device).split(":")[0]
         _check("benchmark config", [
+            ("device", self.device, kind in ("cpu", "cuda"), "cpu or cuda"),
+            ("clock", self.clock, not (kind == "cuda" and self.clock == "cpu"),
+             "wall on cuda (cpu measures host CPU time)"),
             ("widths", self.widths, bool(self.widths) and all(w > 0 for w in self.widths),
              "positive"),
             ("batch_size", self.batch_size, self.batch_size >= 1, ">= 1"),
@@ -145,22 +150,33 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int,
-                     clock: str = "wall") -> dict[str, list[float]]:
+                     clock: str = "wall", device: str = "cpu") -> dict[str, list[float]]:
     """Seconds of each function over ``repeats`` interleaved rounds, after ``warmup``
     untimed rounds. ``clock``: "wall" (perf_counter) or "cpu" (this process's CPU time,
     user + system: with one thread it ignores the time spent waiting for a core that other
     processes hold, so it is the steadier measure on a shared machine)."""
     now = CLOCKS[clock]
+    sync = device_sync(device)
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            sync()  # on CUDA: the queue is empty when the clock starts...
             started = now()
             fn()
+            sync()  # ...and the function's kernels have finished when it stops
             times[name].append(now() - started)
     return times
+
+
+def device_sync(device: str) -> Callable[[], None]:
+    """What waits for ``device``'s queued work: torch.cuda.synchronize on CUDA (kernels
+    run asynchronously, so a host clock alone would time the launches), nothing on CPU."""
+    if torch.device(device).type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
 
 
 def summary(times: Sequence[float]) -> dict[str, Any]:
@@ -194,6 +210,7 @@ class ReferenceStep:
         self.model, self.optimizer = model, optimizer
         self.convs = hah_convs(model)[: len(alphas)]
         self.alphas, self.ratio, self.demote = tuple(alphas), ratio, demote
+        self.device = next(model.parameters()).device.type
 
     def __call__(self, x: Tensor, y: Tensor, precision: str = "fp32") -> Tensor:
         outputs: dict[int, Tensor] = {}
@@ -202,7 +219,7 @@ class ReferenceStep:
             for j, conv in enumerate(self.convs)]
         try:
             self.optimizer.zero_grad(set_to_none=True)
-            with autocast("cpu", precision):
+            with autocast(self.device, precision):
                 self.model(x)
         finally:
             for hook in hooks:
@@ -210,13 +227,13 @@ class ReferenceStep:
         hah_grads = []
         for j in reversed(range(len(self.convs))):
             self.convs[j].weight.grad = None
-            with autocast("cpu", precision):
+            with autocast(self.device, precision):
                 cost = -self.alphas[j] * reference_score(outputs[j], self.ratio, self.demote)
             cost.backward(retain_graph=j > 0)
             hah_grads.append(self.convs[j].weight.grad)
         outputs.clear()
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast("cpu", precision):
+        with autocast(self.device, precision):
             loss = F.cross_entropy(self.model(x), y)
         loss.backward()
         for conv, grad in zip(reversed(self.convs), hah_grads):
@@ -226,29 +243,29 @@ class ReferenceStep:
 
 
 def step_functions(width: float, batch_size: int, precision: str, channels_last: bool,
-                   seed: int) -> dict[str, Callable[[], Any]]:
+                   seed: int, device: str = "cpu") -> dict[str, Callable[[], Any]]:
     """The four training steps (a)-(d) as closures over their own models and data."""
     torch.manual_seed(seed)
     fmt = memory_format(channels_last)
-    x = torch.rand(batch_size, 3, 32, 32).contiguous(memory_format=fmt)
-    y = torch.randint(0, 10, (batch_size,))
-    hah_model = vgg16(hah=True, width=width).train().to(memory_format=fmt)
+    x = torch.rand(batch_size, 3, 32, 32).to(device).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (batch_size,)).to(device)
+    hah_model = vgg16(hah=True, width=width).train().to(device, memory_format=fmt)
     hah_optimizer = torch.optim.Adam(hah_model.parameters(), lr=1e-3)
     objective = HaHObjective(hah_model)
     reference = ReferenceStep(hah_model, hah_optimizer)
-    std_model = vgg16(hah=False, width=width).train().to(memory_format=fmt)
+    std_model = vgg16(hah=False, width=width).train().to(device, memory_format=fmt)
     std_optimizer = torch.optim.Adam(std_model.parameters(), lr=1e-3)
 
     def hah_step() -> None:
         hah_optimizer.zero_grad(set_to_none=True)
-        with autocast("cpu", precision):
+        with autocast(device, precision):
             _, loss = objective(x, y)
         loss.backward()
         hah_optimizer.step()
 
     def plain_step() -> None:
         hah_optimizer.zero_grad(set_to_none=True)  # the same network, without the objective
-        with autocast("cpu", precision):
+        with autocast(device, precision):
             loss = F.cross_entropy(hah_model(x), y)
         loss.backward()
         hah_optimizer.step()
@@ -258,7 +275,7 @@ def step_functions(width: float, batch_size: int, precision: str, channels_last:
 
     def standard_step() -> None:
         std_optimizer.zero_grad(set_to_none=True)
-        with autocast("cpu", precision):
+        with autocast(device, precision):
             loss = F.cross_entropy(std_model(x), y)
         loss.backward()
         std_optimizer.step()
@@ -271,7 +288,8 @@ def step_functions(width: float, batch_size: int, precision: str, channels_last:
 
 
 def block_functions(width: float, batch_size: int, precision: str, channels_last: bool,
-                    seed: int) -> dict[str, tuple[dict[str, Any], Callable[[], Any]]]:
+                    seed: int, device: str = "cpu"
+                    ) -> dict[str, tuple[dict[str, Any], Callable[[], Any]]]:
     """Forward + backward of each HaH building block at each VGG16 resolution."""
     torch.manual_seed(seed)
     fmt = memory_format(channels_last)
@@ -279,15 +297,15 @@ def block_functions(width: float, batch_size: int, precision: str, channels_last
     for resolution, base in RESOLUTIONS:
         channels = scaled(base, width)
         # Realistic inputs: the normalization and the threshold see rectified activations.
-        x = torch.relu(torch.randn(batch_size, channels, resolution, resolution))
+        x = torch.relu(torch.randn(batch_size, channels, resolution, resolution)).to(device)
         x = x.contiguous(memory_format=fmt).requires_grad_()
         modules = {"DivisiveNorm2d": DivisiveNorm2d(), "TopFractionThreshold": TopFractionThreshold(),
-                   "WNConv2d": WNConv2d(channels, channels).to(memory_format=fmt)}
+                   "WNConv2d": WNConv2d(channels, channels).to(device, memory_format=fmt)}
         for name, module in modules.items():
             params = [p for p in module.parameters()]
 
             def run(module=module, x=x, params=params) -> None:
-                with autocast("cpu", precision):
+                with autocast(device, precision):
                     out = module(x)
                 grad = torch.ones_like(out)
                 torch.autograd.grad(out, [x, *params], grad)
@@ -303,21 +321,21 @@ def block_functions(width: float, batch_size: int, precision: str, channels_last
 
 def eval_throughput(width: float, batch_size: int, precision: str, channels_last: bool,
                     batches: int, apgd_steps: int, apgd_batch_size: int,
-                    seed: int, clock: str = "wall") -> dict[str, Any]:
+                    seed: int, clock: str = "wall", device: str = "cpu") -> dict[str, Any]:
     """Clean images/s and APGD-CE iterations x images / s of an eval-mode HaH VGG16."""
     torch.manual_seed(seed)
     fmt = memory_format(channels_last)
-    model = vgg16(hah=True, width=width).eval().to(memory_format=fmt)
+    model = vgg16(hah=True, width=width).eval().to(device, memory_format=fmt)
     for p in model.parameters():
         p.requires_grad_(False)
-    x = torch.rand(batch_size, 3, 32, 32).contiguous(memory_format=fmt)
+    x = torch.rand(batch_size, 3, 32, 32).to(device).contiguous(memory_format=fmt)
 
     def clean() -> None:
-        with torch.no_grad(), autocast("cpu", precision):
+        with torch.no_grad(), autocast(device, precision):
             model(x)
 
     clean()  # warm-up
-    times = time_interleaved({"clean": clean}, batches, 0, clock)["clean"]
+    times = time_interleaved({"clean": clean}, batches, 0, clock, device)["clean"]
     result: dict[str, Any] = {"clean": {**summary(times),
                                         "images_per_s": batch_size / statistics.median(times),
                                         "batch_size": batch_size}}
@@ -333,13 +351,13 @@ def eval_throughput(width: float, batch_size: int, precision: str, channels_last
             self.inner = model
 
         def forward(self, images: Tensor) -> Tensor:
-            with autocast("cpu", precision):
+            with autocast(device, precision):
                 return self.inner(images.contiguous(memory_format=fmt)).float()
 
     wrapped = Wrapped().eval()
     attack = torchattacks.APGD(wrapped, norm="Linf", eps=PAPER_EPS["Linf"], steps=apgd_steps,
                                n_restarts=1, loss="ce", seed=seed)
-    images = torch.rand(apgd_batch_size, 3, 32, 32)
+    images = torch.rand(apgd_batch_size, 3, 32, 32).to(device)
     with torch.no_grad():  # APGD only attacks correctly classified images: make them all so
         labels = wrapped(images).argmax(dim=1)
 
@@ -347,7 +365,7 @@ def eval_throughput(width: float, batch_size: int, precision: str, channels_last
         attack(images, labels)
 
     apgd()  # warm-up
-    times = time_interleaved({"apgd": apgd}, batches, 0, clock)["apgd"]
+    times = time_interleaved({"apgd": apgd}, batches, 0, clock, device)["apgd"]
     result["apgd"] = {**summary(times), "steps": apgd_steps, "batch_size": apgd_batch_size,
                       "iter_images_per_s": apgd_steps * apgd_batch_size / statistics.median(times)}
     return result
@@ -356,7 +374,7 @@ def eval_throughput(width: float, batch_size: int, precision: str, channels_last
 # -------------------------------------------------------------------- the run
 
 
-def machine_info() -> dict[str, Any]:
+def machine_info(device: str = "cpu") -> dict[str, Any]:
     flags = ""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -373,7 +391,9 @@ def machine_info() -> dict[str, Any]:
             "threads": torch.get_num_threads(), "cpu": model, "cpu_count": os.cpu_count(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "avx512_bf16": "avx512_bf16" in flags.split(),
-            "amx_bf16": "amx_bf16" in flags.split()}
+            "amx_bf16": "amx_bf16" in flags.split(), "device": str(device),
+            **({"gpu": torch.cuda.get_device_name(device),
+                "cuda": torch.version.cuda} if torch.device(device).type == "cuda" else {})}
 
 
 def machine_load() -> float | None:
@@ -404,6 +424,7 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = 
     """Measure everything ``config`` asks for; returns a JSON-serializable dict."""
     say = progress or (lambda message: None)
     started = time.perf_counter()
+    tune_device(config.device)  # as training does: cuDNN autotuning on CUDA
     busy = machine_load()
     if busy is not None and config.clock == "wall" and busy > (os.cpu_count() or 1) - 0.5:
         say(f"warning: the machine is busy (load {busy:.1f} on {os.cpu_count()} cores): "
@@ -421,18 +442,19 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = 
                     say(f"{label}: training steps (a)-(d), {config.warmup} warm-up + "
                         f"{config.repeats} timed rounds")
                     fns = step_functions(width, config.batch_size, precision, channels_last,
-                                         config.seed)
+                                         config.seed, config.device)
                     times = time_interleaved(fns, config.repeats, config.warmup,
-                                             config.clock)
+                                             config.clock, config.device)
                     run["steps"] = {name: summary(t) for name, t in times.items()}
                     run["ratios"] = ratios(run["steps"])
                     del fns
                 if "blocks" in config.sections:
                     say(f"{label}: blocks (e)")
                     blocks = block_functions(width, config.batch_size, precision, channels_last,
-                                             config.seed)
+                                             config.seed, config.device)
                     times = time_interleaved({k: fn for k, (_, fn) in blocks.items()},
-                                             config.block_repeats, 1, config.clock)
+                                             config.block_repeats, 1, config.clock,
+                                             config.device)
                     run["blocks"] = [{**info, **summary(times[key])}
                                      for key, (info, _) in blocks.items()]
                 if "eval" in config.sections:
@@ -440,9 +462,9 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = 
                     run["eval"] = eval_throughput(width, config.batch_size, precision,
                                                   channels_last, config.eval_batches,
                                                   config.apgd_steps, config.apgd_batch_size,
-                                                  config.seed, config.clock)
+                                                  config.seed, config.clock, config.device)
                 runs.append(run)
-    machine = {**machine_info(), "malloc": "tuned" if _MALLOC_TUNED else "default"}
+    machine = {**machine_info(config.device), "malloc": "tuned" if _MALLOC_TUNED else "default"}
     machine["load_average_at_start"] = busy
     return {"machine": machine, "config": asdict(config), "runs": runs,
             "targets": {k: {"compare": c, "bound": b, "applies": a}
@@ -472,6 +494,7 @@ def format_report(result: dict[str, Any]) -> str:
     lines = [f"hahnet bench: torch {m['torch']}, {m['threads']} threads, {m['cpu']} "
              f"(capability {m['cpu_capability']}, avx512_bf16 {m['avx512_bf16']}, "
              f"amx {m['amx_bf16']}), {m.get('malloc', 'default')} malloc; "
+             + (f"on {m['gpu']} (CUDA {m['cuda']}); " if m.get("gpu") else "") +
              f"{cfg.get('clock', 'wall')} clock, medians of {cfg['repeats']} interleaved "
              f"rounds after {cfg['warmup']} warm-up"]
     for run in result["runs"]:

@@ -5,8 +5,11 @@ it) fits. The schedule keeps its shape: milestones stay fractions of the chosen 
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Sequence
 
@@ -17,6 +20,9 @@ from hahnet.config import TrainConfig
 from hahnet.train import Trainer, epoch_batches
 
 EVAL_SPEEDUP = 3.0  # a forward pass costs about a third of a training step
+MOST_EPOCHS = 100   # a budget trains at most this long (the paper's recipe) unless told
+MARGIN = 0.03       # of the budget, kept free for checkpoints, start-up and timing noise
+PLAN_FILE = "time_budget.json"  # in a run (or experiment) directory: the choice made
 
 
 class BudgetError(ValueError):
@@ -38,12 +44,15 @@ class Throughput:
         return self.train_images / ips + self.eval_images / (ips * EVAL_SPEEDUP)
 
 
-def measure(config: TrainConfig, dataset: Dataset, device: torch.device, steps: int = 8,
+def measure(config: TrainConfig, dataset: Dataset, device: torch.device, steps: int | None = None,
             warmup_steps: int = 3) -> Throughput:
     """Time ``steps`` optimizer steps (after ``warmup_steps`` untimed ones: allocator,
-    autotuning, compilation) on a throwaway copy of the run's model and data."""
+    autotuning, compilation) on a throwaway copy of the run's model and data. ``steps``
+    defaults to 8 on a CPU and 30 on an accelerator (short steps, noisier timings)."""
     started = time.perf_counter()
-    probe = replace(config, epochs=max(config.epochs, 1), snapshots=())
+    if steps is None:
+        steps = 8 if torch.device(device).type == "cpu" else 30
+    probe = replace(config, epochs=max(config.epochs, 1), snapshots=(), time_budget=None)
     trainer = Trainer(probe, dataset, out_dir="unused-budget-probe", device=device)
     batches = epoch_batches(len(trainer.train_split.labels), probe.batch_size, probe.seed, 0,
                             probe.augment)
@@ -97,3 +106,65 @@ def plan_record(budget_minutes: float, throughputs: dict[str, Throughput], epoch
             "reserved_seconds": round(reserved_seconds, 1),
             "measured": {name: {**asdict(t), "epoch_seconds": round(t.epoch_seconds(), 2)}
                          for name, t in throughputs.items()}}
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux /proc), so that a budget also counts the
+    start-up and data loading before it was planned; 0 where that cannot be read."""
+    try:
+        after_name = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started_ticks = int(after_name[19])  # field 22, starttime, in clock ticks after boot
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - started_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def read_plan(directory: str | Path) -> dict[str, Any] | None:
+    """The plan a budgeted run (or experiment) in ``directory`` chose, or None."""
+    path = Path(directory) / PLAN_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        return None
+
+
+def write_plan(directory: str | Path, record: dict[str, Any]) -> None:
+    path = Path(directory) / PLAN_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def plan_training(config: TrainConfig, dataset: Dataset, device: torch.device,
+                  out_dir: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
+    """``config`` with the epochs that fit its ``time_budget`` minutes (counted from this
+    process's start; ``config.epochs`` is the most it may choose), and the record of the
+    choice, saved in ``out_dir``. A run that already chose (a resumed one) keeps its epochs."""
+    saved = read_plan(out_dir)
+    if saved is not None:
+        return replace(config, epochs=int(saved["epochs"])), saved
+    minutes = float(config.time_budget)
+    throughput = measure(config, dataset, device)
+    elapsed = process_age()
+    budget_seconds = minutes * 60 - elapsed
+    reserved = MARGIN * minutes * 60
+    epochs = epochs_within(budget_seconds, [throughput.epoch_seconds()], reserved,
+                           config.epochs)  # its --epochs (default: the paper's 100) at most
+    record = plan_record(minutes, {"hah" if config.hah else "standard": throughput}, epochs,
+                         reserved)
+    record["elapsed_seconds_before_training"] = round(elapsed, 1)
+    record["device"] = str(device)
+    write_plan(out_dir, record)
+    return replace(config, epochs=epochs), record
+
+
+def describe(record: dict[str, Any]) -> str:
+    """One line: the choice and the measured speeds."""
+    speeds = ", ".join(f"{name} {m['images_per_second']:.0f} img/s ({m['epoch_seconds']:.1f} s/epoch)"
+                       for name, m in record["measured"].items())
+    return (f"time budget {record['minutes']:g} min: {record['epochs']} epochs "
+            f"(measured {speeds}; {record['reserved_seconds']:.0f} s reserved)")

@@ -100,7 +100,8 @@ TRAIN_FLAGS = {"model": "arch", "width": "width", "hah_layers": "hah_layers",
                "milestones": "milestones", "gamma": "gamma", "seed": "seed",
                "limit_train": "limit_train", "holdout": "holdout", "precision": "precision",
                "snapshots": "snapshots", "hah": "hah", "augment": "augment",
-               "channels_last": "channels_last", "compile": "compile"}
+               "channels_last": "channels_last", "compile": "compile",
+               "time_budget": "time_budget"}
 HAH_ONLY = ("hah_layers", "sigma", "keep", "alphas", "ratio", "demote")
 
 
@@ -130,8 +131,13 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
                    help="also keep the weights after these epochs (evaluate them as RUN@E)")
     speed = parser.add_argument_group("speed")
     speed.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    speed.add_argument("--precision", choices=["fp32", "bf16"])
-    speed.add_argument("--channels-last", action="store_true", default=None)
+    speed.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                       help="auto (default): bf16 autocast on CUDA, fp32 elsewhere")
+    speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                       help="default: on for CUDA, off elsewhere")
+    speed.add_argument("--time-budget", type=float, metavar="MINUTES",
+                       help="choose the epochs so that the run (reproduce: both networks and "
+                            "their evaluation) fits in MINUTES, after a short measured warm-up")
     speed.add_argument("--compile", action="store_true", default=None)
     speed.add_argument("--threads", type=POSITIVE, help="CPU threads (torch.set_num_threads)")
 
@@ -237,7 +243,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     data, download = default_data(args.data, args.download)
     configure_threads(args.threads)
     experiment = rp.Experiment(preset, train, settings, limit, out, data, download,
-                               args.cache_dir, args.device, args.re_evaluate)
+                               args.cache_dir, args.device, args.re_evaluate,
+                               most_epochs=args.epochs)
     given = list(args.argv or ["reproduce", "--preset", preset.name])
     given += [x for f, v in (("--data", data), ("--out", str(out))) if f not in given for x in (f, v)]
     hooks = rp.Hooks(say, runs_hooks(), evaluate_with_eta)
@@ -275,9 +282,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     values = {"widths": args.width, "batch_size": args.batch_size, "precisions": args.precision,
               "channels_last": args.channels_last, "repeats": args.repeats,
               "warmup": args.warmup, "apgd_steps": args.apgd_steps, "clock": args.clock,
-              "sections": args.sections}
+              "sections": args.sections, "device": args.device}
     values = {k: v for k, v in values.items() if v is not None}
     config = build(bench.BenchConfig.quick if args.quick else bench.BenchConfig, **values)
+    if config.device != "cpu":
+        from hahnet.device import resolve_device
+
+        build(resolve_device, config.device)  # e.g. no CUDA here: one line, before any work
     check_out(args.out, "file")
     configure_threads(args.threads)
     if args.malloc == "tuned" and not bench.tune_malloc():

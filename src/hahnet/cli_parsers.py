@@ -161,6 +161,9 @@ def add_bench(subparsers, cli: dict[str, Any]) -> None:
                                                  "a comma-separated subset of steps,blocks,eval", cli),
                         help="comma-separated subset of steps,blocks,eval (default all)")
     parser.add_argument("--threads", type=positive, help="torch.set_num_threads")
+    parser.add_argument("--device", choices=["cpu", "cuda"],
+                        help="where to time the steps (cpu; cuda syncs the device around "
+                             "each timing)")
     parser.add_argument("--clock", choices=["wall", "cpu"],
                         help="wall (default) or cpu: process CPU time, steadier on a busy "
                              "machine with --threads 1")

@@ -135,7 +135,7 @@ class ModelConfig:
 
 # TrainConfig fields that change speed, not the experiment: they may differ on resume.
 RUNTIME_OPTIONS = frozenset({"precision", "channels_last", "compile", "eval_batch_size",
-                             "snapshots"})
+                             "snapshots", "time_budget"})
 
 
 @dataclass(frozen=True)
@@ -160,11 +160,12 @@ class TrainConfig:
     augment: bool = True
     limit_train: int | None = None
     holdout: float = 0.0
-    precision: str = "fp32"
-    channels_last: bool = False
-    compile: bool = False
+    precision: str = "auto"            # auto: bf16 autocast on CUDA, fp32 elsewhere
+    channels_last: bool | None = None  # None (auto): channels-last on CUDA only
+    compile: bool = False              # off: not measured to pay on a GPU yet (docs/gpu.md)
     eval_batch_size: int = 500
     snapshots: tuple[int, ...] = ()
+    time_budget: float | None = None   # minutes: choose the epochs that fit (hahnet.budget)
 
     def __post_init__(self) -> None:
         _check("training config", [
@@ -186,7 +187,10 @@ class TrainConfig:
             ("limit_train", self.limit_train,
              self.limit_train is None or self.limit_train >= 1, ">= 1"),
             ("holdout", self.holdout, 0.0 <= self.holdout < 1.0, "in [0, 1)"),
-            ("precision", self.precision, self.precision in ("fp32", "bf16"), "fp32 or bf16"),
+            ("precision", self.precision, self.precision in ("auto", "fp32", "bf16"),
+             "auto, fp32 or bf16"),
+            ("time_budget", self.time_budget, self.time_budget is None or self.time_budget > 0,
+             "a positive number of minutes"),
             ("eval_batch_size", self.eval_batch_size, self.eval_batch_size >= 1, ">= 1"),
             ("snapshots", self.snapshots, all(1 <= e <= self.epochs for e in self.snapshots),
              f"epochs in 1..{self.epochs}"),
@@ -194,6 +198,18 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def for_device(self, device: Any) -> "TrainConfig":
+        """The runtime options resolved for ``device``: precision 'auto' is bf16 autocast
+        on CUDA (tensor cores; the paper's fp32 elsewhere), channels_last None is
+        channels-last on CUDA only (cuDNN's fast layout; on CPU the fused layers choose
+        their own). Explicit choices are kept."""
+        from dataclasses import replace
+
+        cuda = getattr(device, "type", str(device).split(":")[0]) == "cuda"
+        precision = ("bf16" if cuda else "fp32") if self.precision == "auto" else self.precision
+        channels_last = cuda if self.channels_last is None else bool(self.channels_last)
+        return replace(self, precision=precision, channels_last=channels_last)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":

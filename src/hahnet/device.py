@@ -28,3 +28,10 @@ def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractC
     if precision == "bf16":
         return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def tune_device(device: torch.device | str) -> None:
+    """Per-device library settings for training speed: on CUDA, cuDNN autotuning
+    (the shapes repeat every step, so the best kernels are found once). Nothing elsewhere."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cudnn.benchmark = True

@@ -122,7 +122,7 @@ def _winners_by_threshold(z: Tensor, k: int, accumulate: torch.dtype
     winners' and of all rectified values; ``None`` if z is not finite. Exact: only max,
     compare and 0/1 products (in one scratch buffer), plus topk at tied positions."""
     n, c, h, w = z.shape
-    chunks = batch_chunks(n, c * h * w)  # cache-sized, as the fused layers
+    chunks = batch_chunks(n, c * h * w, z.device)  # cache-sized, as the fused layers
     scratch = torch.empty_like(z[: chunks[0][1]])
     threshold = torch.empty((n, 1, h, w), dtype=z.dtype, device=z.device)
     counts = torch.empty((n, 1, h, w), dtype=z.dtype, device=z.device)
@@ -175,7 +175,7 @@ def _weight_gradient_input(z: Tensor, grad_z: Tensor, grad_score: Tensor, found:
     boost = torch.tensor((1.0 / k - loser) * scale, dtype=z.dtype).item()
     factor = grad_score.to(z.dtype)
     out = torch.empty_like(z)
-    chunks = batch_chunks(n, c * h * w)  # cache-sized, as the fused layers
+    chunks = batch_chunks(n, c * h * w, z.device)  # cache-sized, as the fused layers
     local_scratch = torch.empty_like(z[: chunks[0][1]])
     won_scratch = torch.empty_like(local_scratch)
     for start, stop in chunks:

@@ -7,12 +7,9 @@ flags and shows progress."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
-
-from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from hahnet import checkpoint, runs
 from hahnet.config import EvalSettings, TrainConfig, same_json
@@ -45,17 +42,79 @@ def reusable(cached: EvalResult, info: dict[str, Any], settings: EvalSettings,
     return same_json(saved, record) and same_json(cached.info, json.loads(json.dumps(info)))
 
 
-def preamble(preset: Preset, train: dict[str, Any], command: str, data_label: str) -> str:
-    """Markdown opening the reproduce report: what was run, on what, and how to rerun it."""
+def preamble(preset: Preset, train: dict[str, Any], command: str, data_label: str,
+             plan: dict[str, Any] | None = None) -> str:
+    """Markdown opening the reproduce report: what was run, on what, and how to rerun it
+    (and, for a time-budgeted run, how its epochs were chosen)."""
     keys = sorted(train)
     settings = ", ".join(f"{k}={_show(train[k])}" for k in keys)
-    return "\n".join([
+    lines = [
         f"Preset **{preset.name}**: {preset.description}", "",
         f"Dataset: {data_label}.  ",
         f"Training settings (both networks): {settings}.  ",
         f"Regenerate with: `{command}` (resumable; finished training and evaluations "
         f"are reused).",
-    ])
+    ]
+    if plan:
+        from hahnet.budget import describe
+
+        evaluation = plan.get("evaluation_seconds", {})
+        lines += ["", f"**Time budget.** {describe(plan)}; evaluation of both networks "
+                      f"estimated at {sum(evaluation.values()):.0f} s, "
+                      f"{plan.get('elapsed_seconds_before_training', 0):.0f} s spent before "
+                      f"training (start-up, data, warm-up) on {plan.get('device', '?')}. "
+                      f"The schedule's milestones are fractions of these epochs."]
+    return "\n".join(lines)
+
+
+# Attacks run on the images still standing after each stage (APGD-T only where APGD-CE
+# failed...), while estimate_seconds assumes every image survives every stage: count this
+# share of its attack estimate. Measured survivors at 2/255 are ~10-30% after APGD-CE.
+ATTACK_SHARE = 0.5
+
+
+def plan_time_budget(train: dict[str, Any], out: str | Path, dataset: Any, device: Any,
+                     settings: EvalSettings, limit: int | None, most: int | None = None
+                     ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The training settings with the epochs that fit ``train['time_budget']`` minutes
+    for BOTH networks' training plus their evaluation (same epochs for both), counted from
+    this process's start; ``time_budget`` itself is dropped (the networks train for the
+    fixed count chosen here). The record is saved in ``out`` and in each run directory
+    (model.json then carries it); an experiment that already chose keeps its epochs.
+    ``most``: the most epochs to choose (an explicit --epochs), else the paper's 100, so
+    that a long budget on a small preset trains longer than the preset's own count."""
+    from hahnet import budget
+    from hahnet.config import TrainConfig
+    from hahnet.eval.runner import estimate_seconds
+    from hahnet.models import build_model
+
+    minutes = float(train["time_budget"])
+    train = {k: v for k, v in train.items() if k != "time_budget"}
+    saved = budget.read_plan(out)
+    if saved is not None:
+        return {**train, "epochs": int(saved["epochs"])}, saved
+    configs = {name: TrainConfig.from_dict({**train, "hah": name == "hah"}) for name in RUNS}
+    measured = {name: budget.measure(config, dataset, device) for name, config in configs.items()}
+    test = dataset.test.limit(limit, 0) if limit else dataset.test
+    evaluation = {}
+    for name, config in configs.items():
+        model = build_model(config.model_config(dataset)).to(device).eval()
+        estimate = estimate_seconds(model, settings, len(test), tuple(test.images.shape[1:]),
+                                    device=device)
+        attacks = sum(v for k, v in estimate.items() if k.startswith("attacks_"))
+        evaluation[name] = round(estimate["total"] - (1 - ATTACK_SHARE) * attacks, 1)
+        del model
+    elapsed = budget.process_age()
+    reserved = sum(evaluation.values()) + budget.MARGIN * minutes * 60
+    epochs = budget.epochs_within(minutes * 60 - elapsed,
+                                  [t.epoch_seconds() for t in measured.values()],
+                                  reserved, most or budget.MOST_EPOCHS)
+    record = budget.plan_record(minutes, measured, epochs, reserved)
+    record.update(evaluation_seconds=evaluation, attack_share=ATTACK_SHARE,
+                  elapsed_seconds_before_training=round(elapsed, 1), device=str(device))
+    for directory in (out, *run_dirs(out).values()):
+        budget.write_plan(directory, record)
+    return {**train, "epochs": epochs}, record
 
 
 def _show(value: Any) -> str:
@@ -103,6 +162,7 @@ class Experiment:
     cache_dir: str | None = None
     device: str = "auto"
     re_evaluate: bool = False
+    most_epochs: int | None = None  # with train["time_budget"]: at most this many epochs
 
 
 def to_train(experiment: Experiment, say: Callable[[str], None]) -> dict[Path, dict[str, Any]]:
@@ -164,9 +224,24 @@ def reproduce(experiment: Experiment, command: str, hooks: Hooks | None = None):
         device = resolve_device(experiment.device)
     except ValueError as error:
         raise UserError(str(error)) from None
+    dataset = plan = None
+    if experiment.train.get("time_budget"):  # the epochs must be known before the checks
+        dataset = runs.load_data(experiment.data, experiment.cache_dir, experiment.download,
+                                 hooks.say)
+        try:
+            train, plan = plan_time_budget(experiment.train, experiment.out, dataset, device,
+                                           experiment.settings, experiment.limit,
+                                           most=experiment.most_epochs)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+        from hahnet.budget import describe
+
+        hooks.say(describe(plan))
+        experiment = replace(experiment, train=train)
     pending = to_train(experiment, hooks.say)
-    dataset = runs.load_data(experiment.data, experiment.cache_dir, experiment.download,
-                             hooks.say)  # once, for training and evaluation
+    if dataset is None:  # once, for training and evaluation
+        dataset = runs.load_data(experiment.data, experiment.cache_dir, experiment.download,
+                                 hooks.say)
     for run_dir, wanted in pending.items():
         runs.run_training(wanted, experiment.data, str(run_dir), "auto", experiment.device,
                           experiment.cache_dir, experiment.download, dataset=dataset,
@@ -181,8 +256,8 @@ def reproduce(experiment: Experiment, command: str, hooks: Hooks | None = None):
     paths = report.write_report(
         results, experiment.out, eval_data(experiment.data, dataset, test, limit),
         title=f"Reproducing the paper: preset {experiment.preset.name}",
-        preamble=preamble(experiment.preset, experiment.train, command, label),
+        preamble=preamble(experiment.preset, experiment.train, command, label, plan),
         histories={name: RunDir(run_dir).history() for name, run_dir in dirs.items()},
         extra={"preset": experiment.preset.name, "train": experiment.train,
-               "runs": {k: str(v) for k, v in dirs.items()}})
+               "runs": {k: str(v) for k, v in dirs.items()}, "time_budget": plan})
     return results, paths

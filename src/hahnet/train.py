@@ -23,7 +23,7 @@ from hahnet import checkpoint, distributed
 from hahnet.checkpoint import snapshot_path
 from hahnet.data import Dataset, ImageDataset, crop_flip, crop_flip_params, to_float
 from hahnet.config import RUNTIME_OPTIONS, ModelConfig, TrainConfig
-from hahnet.device import autocast, resolve_device
+from hahnet.device import autocast, resolve_device, tune_device
 from hahnet.hah import HaHObjective
 from hahnet.models import VGG, build_model
 from hahnet.rundir import CONFIG_FILE, METRICS_FILE, RunDir
@@ -65,9 +65,28 @@ def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int,
                   augment: bool) -> Iterator[tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None]]:
     """Global batches of one epoch as (indices, crop/flip params); the last partial batch
     is dropped so that every step sees a full batch (and splits evenly across processes)."""
+    order, params = epoch_plan(num_images, seed, epoch, augment)
+    yield from plan_batches(order, params, batch_size)
+
+
+def epoch_plan(num_images: int, seed: int, epoch: int, augment: bool,
+               device: torch.device | str = "cpu") -> tuple[Tensor, tuple[Tensor, ...] | None]:
+    """Epoch ``epoch``'s image order and crop/flip parameters (drawn on the CPU, so they are
+    the same on every device), moved to ``device`` in one copy each: slicing them there
+    per step then costs no host-device transfer (and no host sync)."""
     generator = epoch_generator(seed, epoch)
     order = torch.randperm(num_images, generator=generator)
     params = crop_flip_params(num_images, generator) if augment else None
+    if torch.device(device).type != "cpu":
+        order = order.to(device)
+        params = None if params is None else tuple(p.to(device) for p in params)
+    return order, params
+
+
+def plan_batches(order: Tensor, params: tuple[Tensor, ...] | None, batch_size: int
+                 ) -> Iterator[tuple[Tensor, tuple[Tensor, ...] | None]]:
+    """Full global batches of an :func:`epoch_plan` (the last partial one dropped)."""
+    num_images = len(order)
     for start in range(0, num_images - batch_size + 1, batch_size):
         stop = start + batch_size
         yield order[start:stop], (None if params is None else tuple(p[start:stop] for p in params))
@@ -118,16 +137,17 @@ def _correct(model: nn.Module, split: ImageDataset, device: torch.device, batch_
              precision: str, channels_last: bool) -> int:
     was_training = model.training
     model.eval()
-    correct = 0
-    for start in range(0, len(split.labels), batch_size):
-        x = to_float(split.images[start:start + batch_size].to(device))
+    images, labels = split.images.to(device), split.labels.to(device)  # one copy each
+    correct = torch.zeros((), dtype=torch.long, device=device)  # counted there: one sync
+    for start in range(0, len(labels), batch_size):
+        x = to_float(images[start:start + batch_size])
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
             logits = model(x)
-        correct += int((logits.argmax(1).cpu() == split.labels[start:start + batch_size]).sum())
+        correct += (logits.argmax(1) == labels[start:start + batch_size]).sum()
     model.train(was_training)
-    return correct
+    return int(correct)
 
 
 class Trainer:
@@ -143,6 +163,8 @@ class Trainer:
         if config.batch_size % world_size:
             raise ValueError(f"--batch-size {config.batch_size} is the global batch and must "
                              f"divide evenly over {world_size} processes; use a multiple of {world_size}")
+        config = config.for_device(device)  # precision / channels-last 'auto' resolved
+        tune_device(device)
         self.config, self.device = config, device
         self.rank, self.world_size = rank, world_size
         self.env = distributed.DistEnv(rank, world_size, device=device)
@@ -248,8 +270,9 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen = 0
-        batches = epoch_batches(len(self.train_split.labels), self.config.batch_size,
-                                self.config.seed, epoch, self.config.augment)
+        order, params = epoch_plan(len(self.train_split.labels), self.config.seed, epoch,
+                                   self.config.augment, self.device)
+        batches = plan_batches(order, params, self.config.batch_size)
         for step, (indices, params) in enumerate(batches):
             if stop_after is not None and step >= stop_after:
                 break
@@ -262,6 +285,13 @@ class Trainer:
                 on_step(len(y) * self.world_size, loss)
         return float(loss_sum) / max(seen, 1), float(correct) / max(seen, 1), seen
 
+    def time_budget_record(self) -> dict[str, Any] | None:
+        """The time-budget choice behind this run's epochs (its own, or the one reproduce
+        made for both networks), for model.json; None for a run with fixed epochs."""
+        from hahnet import budget
+
+        return getattr(self, "budget_plan", None) or budget.read_plan(self.out_dir)
+
     def save(self, epoch: int, metrics: EpochMetrics) -> None:
         """Checkpoint (rank 0 only): weights, optimizer state, then the metrics line."""
         if not self.is_main:
@@ -273,7 +303,8 @@ class Trainer:
                    "classes": list(self.dataset.train.classes)}
         checkpoint.save_model(staging, self.model, {
             "epoch": epoch, "epochs": self.config.epochs, "dataset": dataset,
-            "train": self.config.to_dict(), "metrics": metrics.to_dict()})
+            "train": self.config.to_dict(), "metrics": metrics.to_dict(),
+            **({"time_budget": plan} if (plan := self.time_budget_record()) else {})})
         self.run_dir.commit_save(staging)
         if epoch + 1 in self.config.snapshots:
             self.run_dir.save_snapshot(epoch + 1)
@@ -283,6 +314,8 @@ class Trainer:
             on_epoch: Callable[[EpochMetrics], None] | None = None) -> list[EpochMetrics]:
         """Train from ``start_epoch`` to the end, checkpointing after every epoch."""
         history = []
+        if self.config.time_budget is not None:
+            self.plan_time_budget()
         for epoch in range(self.start_epoch, self.config.epochs):
             started = time.perf_counter()
             loss, acc, seen = self.train_epoch(epoch, on_step)
@@ -306,6 +339,22 @@ class Trainer:
             if on_epoch is not None:
                 on_epoch(metrics)
         return history
+
+    def plan_time_budget(self) -> dict[str, Any]:
+        """Choose the epochs that fit ``config.time_budget`` (:func:`hahnet.budget.
+        plan_training`: a short warm-up measures this machine's speed); the schedule's
+        milestones stay fractions of the chosen epochs. A resumed run keeps its choice."""
+        from hahnet import budget
+
+        if self.world_size > 1:
+            raise ValueError("--time-budget measures one process's speed; under torchrun "
+                             "give --epochs instead")
+        config, self.budget_plan = budget.plan_training(self.config, self.dataset, self.device,
+                                                        self.out_dir)
+        if config.epochs != self.config.epochs:
+            self.config = config
+            self.run_dir.write_config(config, self.data_path)
+        return self.budget_plan
 
     def probe_gradients(self) -> list[float]:
         """HaH / cross-entropy gradient ratio per HaH layer on a fixed batch (the first

@@ -86,9 +86,14 @@ CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32
 UNCHUNKED_ELEMENTS = 1 << 16
 
 
-def batch_chunks(batch: int, per_image: int) -> list[tuple[int, int]]:
+def batch_chunks(batch: int, per_image: int,
+                 device: torch.device | str | None = None) -> list[tuple[int, int]]:
     """(start, stop) ranges of about CHUNK_ELEMENTS elements over a batch of images of
-    ``per_image`` elements each; one range when the whole batch is small."""
+    ``per_image`` elements each; one range when the whole batch is small, or when it
+    lives on an accelerator (``device`` not a CPU): a GPU wants few large launches, and
+    its caches are no reason to split a batch."""
+    if device is not None and torch.device(device).type != "cpu":
+        return [(0, batch)]
     if batch * per_image <= UNCHUNKED_ELEMENTS:  # small enough to stay in cache as a whole
         return [(0, batch)]
     step = max(1, CHUNK_ELEMENTS // max(1, per_image))
@@ -99,7 +104,7 @@ class _DivisiveNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, sigma: float, pool: int) -> Tensor:
         n, c, h, w = x.shape
-        chunks = batch_chunks(n, c * h * w)
+        chunks = batch_chunks(n, c * h * w, x.device)
         # |x| goes to channels-last scratch: stride-1 max-pooling is ~10x faster there
         magnitude = torch.empty_like(x[: chunks[0][1]], memory_format=torch.channels_last)
         pooled = torch.empty_like(magnitude)
@@ -132,7 +137,7 @@ class _DivisiveNorm(torch.autograd.Function):
                 again = divisive_norm_reference(x, sigma, pool)
             return torch.autograd.grad(again, x, grad, create_graph=True)[0], None, None
         n, c, h, w = x.shape
-        chunks = batch_chunks(n, c * h * w)
+        chunks = batch_chunks(n, c * h * w, x.device)
         layout = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
         grad_x = torch.empty_like(x, memory_format=layout)
         work = torch.empty_like(x[: chunks[0][1]], memory_format=layout)

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The paper-scale run in ONE device command (docs/gpu.md): install torchattacks from the
+# carried wheel, unpack the carried CIFAR-10 JPEG pack, time the training steps (hahnet
+# bench, steps a-d at width 1), then `hahnet reproduce --preset paper` with a time budget
+# computed from the minutes left, and leave at most 8 result files in $OUT.
+#
+#   bash benchmarks/gpu_paper.sh                      # on the GPU machine (cuda)
+#   bash benchmarks/gpu_paper.sh --device cpu --tiny  # CPU rehearsal, same script, tiny scale
+#
+# Environment: OUT (results; default out/gpu-paper), PYTHON (python3), PACK
+# (.gpu/cifar10-jpeg.npz), WHL_DIR (.whl), TOTAL_SECONDS (540: the whole script, start to
+# end), RESERVE_SECONDS (40: kept after reproduce for copying results), WORK (scratch).
+set -euo pipefail
+START=$(date +%s)
+DEVICE=cuda
+TINY=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --device) DEVICE=$2; shift 2 ;;
+    --tiny) TINY=1; shift ;;
+    *) echo "gpu_paper.sh: unknown argument $1 (use --device cpu|cuda, --tiny)" >&2; exit 2 ;;
+  esac
+done
+PY=${PYTHON:-python3}
+OUT=${OUT:-out/gpu-paper}
+PACK=${PACK:-.gpu/cifar10-jpeg.npz}
+WHL_DIR=${WHL_DIR:-.whl}
+TOTAL=${TOTAL_SECONDS:-540}
+RESERVE=${RESERVE_SECONDS:-40}
+WORK=${WORK:-$(mktemp -d)}
+mkdir -p "$OUT" "$WORK"
+OUT=$(cd "$OUT" && pwd)
+LOG="$WORK/log.txt"
+step() { echo "[gpu_paper $(( $(date +%s) - START ))s] $*" | tee -a "$LOG" >&2; }
+
+step "device $DEVICE, tiny $TINY, work $WORK, out $OUT"
+# 1. torchattacks from the carried wheel, into a temporary target (the image lacks it)
+if ! "$PY" -c "import torchattacks" 2>/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --target "$WORK/site" "$WHL_DIR"/torchattacks-*.whl
+  export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export TQDM_MININTERVAL=${TQDM_MININTERVAL:-20}  # progress bars: a line every 20 s, not a flood
+"$PY" -c "import torch, torchattacks; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')" 2>&1 | tee -a "$LOG"
+
+# 2. the data
+DATA="$WORK/cifar10-jpeg"
+"$PY" -c "import sys; from hahnet import jpeg_pack; print('unpacked', jpeg_pack.unpack(sys.argv[1], sys.argv[2]), 'files')" "$PACK" "$DATA" 2>&1 | tee -a "$LOG"
+step "data unpacked"
+
+# 3. the training steps (a)-(d)
+if [ "$TINY" = 1 ]; then
+  BENCH=(--width 0.0625 --batch-size 16 --repeats 2 --warmup 1 --precision fp32)
+else
+  BENCH=(--width 1 --batch-size 128 --repeats 20 --warmup 3 --precision fp32,bf16 --channels-last on,off)
+fi
+"$PY" -m hahnet.cli bench --device "$DEVICE" --sections steps "${BENCH[@]}" \
+  --out "$OUT/bench.json" 2>&1 | tee -a "$LOG"
+step "bench done"
+
+# 4. both networks trained within the minutes left, evaluated, reported
+LEFT=$(( TOTAL - ($(date +%s) - START) - RESERVE ))
+MINUTES=$("$PY" -c "import sys; print(round(max(float(sys.argv[1]), 60.0) / 60, 2))" "$LEFT")
+if [ "$TINY" = 1 ]; then
+  REPRO=(--width 0.0625 --epochs 1 --batch-size 32 --limit-train 256 --limit 100 --attack-limit 20
+         --apgd-steps 2 --noise 0.1 --noise-draws 1 --square-limit 0 --eval-batch-size 50)
+else
+  REPRO=(--attack-limit 1000 --square-limit 100 --eval-batch-size 500)
+fi
+step "reproduce --preset paper --time-budget $MINUTES"
+set +e
+timeout $(( LEFT + RESERVE / 2 )) "$PY" -m hahnet.cli reproduce --preset paper --data "$DATA" \
+  --cache-dir "$WORK/cache" --out "$WORK/paper" --device "$DEVICE" --time-budget "$MINUTES" \
+  "${REPRO[@]}" 2>&1 | tee -a "$LOG"
+STATUS=${PIPESTATUS[0]}
+set -e
+step "reproduce exit $STATUS"
+
+# 5. results only (no weights): the report's files, bench.json and one small archive
+for f in report.md results.json noise.png sparsity.png snr.png filters.png; do
+  [ -f "$WORK/paper/$f" ] && cp "$WORK/paper/$f" "$OUT/"
+done
+cp "$LOG" "$WORK/paper/log.txt" 2>/dev/null || { mkdir -p "$WORK/paper"; cp "$LOG" "$WORK/paper/"; }
+(cd "$WORK/paper" && tar czf "$OUT/runs.tar.gz" --exclude='*.safetensors' --exclude='*.pt' \
+  --exclude='*.png' $(ls -A))
+ls -la "$OUT" >&2
+step "done"
+exit "$STATUS"
