@@ -16,6 +16,8 @@ from typing import Any, Sequence
 
 import torch
 
+from hahnet import corruption_cli
+
 DEFAULT_DATA = "../shared/data/cifar10-jpeg"
 
 
@@ -396,6 +398,7 @@ def add_eval_parser(subparsers) -> None:
     parser.add_argument("--out", default="eval-report", help="report directory (eval-report)")
     parser.add_argument("--dist-timeout", type=float, default=120.0, metavar="SECONDS",
                         help="under torchrun: give up on a dead or hung peer after this long (120)")
+    corruption_cli.add_arguments(parser)  # --corruptions, --severities, --corruption-seed
     parser.set_defaults(func=cmd_eval)
 
 
@@ -549,6 +552,7 @@ def evaluate_and_report(args: argparse.Namespace, env) -> int:
     for path, info, model in models:
         results.append(evaluate_with_progress(model, test.images, test.labels, settings, device,
                                               path, info, env))
+    corruption_cli.evaluate(args, env, models, test, results)  # if --corruptions
     if not env.is_main:
         return 0
     data = {**eval_data(args.data or DEFAULT_DATA, dataset, test, args.limit),
