@@ -78,6 +78,9 @@ def add_eval(subparsers, cli: dict[str, Any]) -> None:
     parser.add_argument("--out", default="eval-report", help="report directory (eval-report)")
     parser.add_argument("--dist-timeout", type=cli["SECONDS"], default=120.0, metavar="SECONDS",
                         help="under torchrun: give up on a dead or hung peer after this long (120)")
+    from hahnet import corruption_cli
+
+    corruption_cli.add_arguments(parser)  # --corruptions, --severities, --corruption-seed
     parser.set_defaults(func=cli["cmd_eval"])
 
 

@@ -66,6 +66,9 @@ def evaluate_and_report(args: argparse.Namespace, settings: EvalSettings, env) -
     results = [console.evaluate_with_progress(model, test.images, test.labels, settings,
                                               env.device, path, info, env)
                for path, info, model in models]
+    from hahnet import corruption_cli
+
+    corruption_cli.evaluate(args, env, models, test, results)  # if --corruptions
     if not env.is_main:
         return 0
     data = {**eval_data(args.data or DEFAULT_DATA, dataset, test, args.limit),

@@ -380,6 +380,10 @@ def write_report(results: Sequence[EvalResult], out_dir: str | Path,
         plots.insert(0, "training.png")
     document = results_document(results, data, extra)
     write_text(paths["results.json"], document)
+    from hahnet import report_corruptions  # CIFAR-10-C section, when measured
+    corrupt_md, corrupt_plots = report_corruptions.write(results, out)
+    paths.update(corrupt_plots)
     write_text(paths["report.md"], render_markdown(results, data, plots, title, preamble,
-                                                    histories))
-    return {k: p for k, p in paths.items() if k in ("results.json", "report.md") or k in plots}
+                                                    histories) + ("\n" + corrupt_md if corrupt_md else ""))
+    return {k: p for k, p in paths.items()
+            if k in ("results.json", "report.md") or k in plots or k in corrupt_plots}

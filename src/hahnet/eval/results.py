@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 import platform
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -112,6 +112,34 @@ class AttackSuite:
 
 
 @dataclass
+class CorruptionResult:
+    """Accuracy under the CIFAR-10-C corruptions (:mod:`hahnet.eval.corruption`).
+
+    ``accuracy[name][i]`` is the accuracy at ``severities[i]``; ``clean_accuracy`` is on
+    the same images.  ``ce`` / ``relative_ce`` (per corruption) and ``mce`` /
+    ``relative_mce`` are relative to the ``baseline`` model (None until compared, or where
+    the baseline's denominator is not positive); ``sparsity`` maps "clean" and each
+    family to per-block sparsity at ``sparsity_severity``."""
+
+    names: list[str]
+    severities: list[int]
+    seed: int
+    n_images: int
+    clean_accuracy: float
+    accuracy: dict[str, list[float]]
+    sparsity_severity: int | None = None
+    sparsity_images: int = 0
+    sparsity: dict[str, list[LayerSparsity]] = field(default_factory=dict)
+    baseline: str | None = None
+    ce: dict[str, float | None] = field(default_factory=dict)
+    relative_ce: dict[str, float | None] = field(default_factory=dict)
+    mce: float | None = None
+    relative_mce: float | None = None
+    cache_key: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
 class EvalResult:
     """Every measurement of one model, plus what is needed to report it."""
 
@@ -128,7 +156,7 @@ class EvalResult:
     filters: list | None
     settings: dict[str, Any]
     seconds: dict[str, float]
-
+    corruptions: CorruptionResult | None = None
 
 
 def result_from_dict(data: dict[str, Any]) -> EvalResult:
@@ -155,7 +183,31 @@ def result_from_dict(data: dict[str, Any]) -> EvalResult:
         snr=None if snr is None else SNRResult(snr["sigma"], snr["seed"], snr["input_db"],
                                                [LayerSNR(**d) for d in snr["layers"]]),
         filters=data.get("filters"), settings=data.get("settings") or {},
-        seconds=data.get("seconds") or {})
+        seconds=data.get("seconds") or {},
+        corruptions=corruptions_from_dict(data.get("corruptions")))
+
+
+def corruptions_from_dict(data: dict[str, Any] | None) -> CorruptionResult | None:
+    """A :class:`CorruptionResult` from its JSON form (None stays None: older files)."""
+    if data is None:
+        return None
+    def opt(value: Any) -> float | None:
+        return None if value is None else float(value)
+
+    return CorruptionResult(
+        names=list(data["names"]), severities=[int(s) for s in data["severities"]],
+        seed=int(data["seed"]), n_images=int(data["n_images"]),
+        clean_accuracy=_float(data["clean_accuracy"]),
+        accuracy={k: [_float(v) for v in vs] for k, vs in data["accuracy"].items()},
+        sparsity_severity=data.get("sparsity_severity"),
+        sparsity_images=int(data.get("sparsity_images") or 0),
+        sparsity={k: [LayerSparsity(**d) for d in v]
+                  for k, v in (data.get("sparsity") or {}).items()},
+        baseline=data.get("baseline"),
+        ce={k: opt(v) for k, v in (data.get("ce") or {}).items()},
+        relative_ce={k: opt(v) for k, v in (data.get("relative_ce") or {}).items()},
+        mce=opt(data.get("mce")), relative_mce=opt(data.get("relative_mce")),
+        cache_key=data.get("cache_key") or "", seconds=float(data.get("seconds") or 0.0))
 
 
 def _float(value: float | None) -> float:
