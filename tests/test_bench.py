@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from hahnet import bench, cli, hah
+from hahnet import bench, bench_report, cli, hah
 from hahnet.nn import fused
 from hahnet.nn.fused import (_DivisiveNorm, _TopFraction, divisive_norm_reference,
                              top_fraction_reference)
@@ -45,7 +45,7 @@ def test_quick_benchmark_structure(quick_result):
 
 
 def test_report_and_cli_write_json(quick_result, tmp_path, capsys):
-    text = bench.format_report(quick_result)
+    text = bench_report.format_report(quick_result)
     assert "a/b HaH / plain" in text and "c/a reference / HaH" in text and "a/d" in text
     out = tmp_path / "bench.json"
     code = cli.main(["bench", "--quick", "--batch-size", "2", "--sections", "steps",

@@ -20,8 +20,9 @@ from PIL import Image
 
 from hahnet import data
 from hahnet.data import (CIFAR10_CLASSES, FASHION_MNIST_CLASSES, DataError, ImageDataset,
-                         channel_stats, crop_flip, crop_flip_params, download_cifar10,
-                         load_dataset, split_holdout, to_float)
+                         channel_stats, download_cifar10, load_dataset, split_holdout,
+                         to_float)
+from hahnet.augment import crop_flip, crop_flip_params
 
 RNG = np.random.default_rng(0)
 

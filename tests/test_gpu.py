@@ -68,6 +68,7 @@ def test_train_time_budget_chooses_records_and_keeps_epochs(tmp_path, monkeypatc
     data = make_tiny_dataset(n_train=48)
     config = TrainConfig(width=0.0625, epochs=10, batch_size=16, time_budget=0.1)
     trainer = Trainer(config, data, tmp_path / "run", torch.device("cpu"))
+    budget.plan_trainer(trainer)
     history = trainer.fit()
     # epoch = 48/48 s + 16/(48*3) s; (6 s - 3% reserved) / 1.11 s -> 5 epochs
     assert len(history) == 5 and trainer.config.epochs == 5
@@ -81,7 +82,8 @@ def test_train_time_budget_chooses_records_and_keeps_epochs(tmp_path, monkeypatc
     # resumed: keeps the choice, measures nothing
     monkeypatch.setattr(budget, "measure", lambda *a, **k: pytest.fail("measured again"))
     again = Trainer(saved, data, tmp_path / "run", torch.device("cpu"))
-    assert again.resume() == 5 and again.fit() == [] and again.config.epochs == 5
+    assert again.resume() == 5 and budget.plan_trainer(again)["epochs"] == 5
+    assert again.fit() == [] and again.config.epochs == 5
 
 
 def test_reproduce_budget_covers_both_networks_and_evaluation(tmp_path, monkeypatch):
@@ -112,7 +114,7 @@ def test_reproduce_budget_covers_both_networks_and_evaluation(tmp_path, monkeypa
 def test_bench_takes_a_device():
     with pytest.raises(ValueError, match="device must be cpu or cuda"):
         BenchConfig(device="tpu")
-    with pytest.raises(ValueError, match="clock must be wall on cuda"):
+    with pytest.raises(ValueError, match="clock must be wall on cuda"):  # checked first
         BenchConfig(device="cuda", clock="cpu")
     calls = []
     times = time_interleaved({"f": lambda: calls.append(1)}, repeats=2, warmup=1, device="cpu")

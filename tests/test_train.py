@@ -133,7 +133,7 @@ def test_atomic_write_keeps_old_file_when_writer_fails(tmp_path):
 
 
 def test_config_errors_are_one_line():
-    with pytest.raises(ValueError, match="precision must be fp32 or bf16"):
+    with pytest.raises(ValueError, match="precision must be auto, fp32 or bf16"):
         TrainConfig(precision="fp16")
     with pytest.raises(ValueError, match="must divide evenly over 3 processes"):
         Trainer(tiny_config(batch_size=16), tiny_dataset(), "unused", torch.device("cpu"),

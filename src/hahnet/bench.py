@@ -21,20 +21,18 @@ within a round the variants run one after the other (a, b, c, d, a, b, c, d, ...
 that load from other processes hits all of them alike. Ratios a/b, c/a and a/d are
 computed from the medians.
 
-The library never prints; :func:`format_report` renders the result as a table and
+The library never prints; :func:`hahnet.bench_report.format_report` renders the result as a table and
 ``hahnet bench`` (:mod:`hahnet.cli`) parses the flags and prints it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -86,10 +84,12 @@ class BenchConfig:
     def __post_init__(self) -> None:
         sections = ("steps", "blocks", "eval")
         kind = str(self.device).split(":")[0]
+        cuda_missing = kind == "cuda" and not torch.cuda.is_available()
         _check("benchmark config", [
             ("device", self.device, kind in ("cpu", "cuda"), "cpu or cuda"),
             ("clock", self.clock, not (kind == "cuda" and self.clock == "cpu"),
              "wall on cuda (cpu measures host CPU time)"),
+            ("device", self.device, not cuda_missing, "cpu here: CUDA is not available"),
             ("widths", self.widths, bool(self.widths) and all(w > 0 for w in self.widths),
              "positive"),
             ("batch_size", self.batch_size, self.batch_size >= 1, ">= 1"),
@@ -470,75 +470,3 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = 
             "targets": {k: {"compare": c, "bound": b, "applies": a}
                         for k, (c, b, a) in TARGETS.items()},
             "seconds": time.perf_counter() - started}
-
-
-# -------------------------------------------------------------------- report
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:9.1f}"
-
-
-def _verdict(name: str, value: float, width: float) -> str:
-    compare, bound, applies = TARGETS[name]
-    if applies == "width 1.0" and not math.isclose(width, 1.0):
-        return f"(target {compare} {bound:g} at width 1.0)"
-    ok = value <= bound if compare == "<=" else value >= bound
-    return f"target {compare} {bound:g}: {'met' if ok else 'NOT met'}"
-
-
-def format_report(result: dict[str, Any]) -> str:
-    """The benchmark result as a plain-text table."""
-    m = result["machine"]
-    cfg = result["config"]
-    lines = [f"hahnet bench: torch {m['torch']}, {m['threads']} threads, {m['cpu']} "
-             f"(capability {m['cpu_capability']}, avx512_bf16 {m['avx512_bf16']}, "
-             f"amx {m['amx_bf16']}), {m.get('malloc', 'default')} malloc; "
-             + (f"on {m['gpu']} (CUDA {m['cuda']}); " if m.get("gpu") else "") +
-             f"{cfg.get('clock', 'wall')} clock, medians of {cfg['repeats']} interleaved "
-             f"rounds after {cfg['warmup']} warm-up"]
-    for run in result["runs"]:
-        lines.append("")
-        lines.append(f"== VGG16 width {run['width']:g}, batch {run['batch_size']}, "
-                     f"{run['precision']}, {'channels-last' if run['channels_last'] else 'NCHW'}")
-        if "steps" in run:
-            lines.append(f"  {'training step (fwd+bwd+Adam)':36s} {'median ms':>9s} {'min ms':>9s}")
-            for name in STEPS:
-                entry = run["steps"][name]
-                lines.append(f"  {STEP_LABELS[name]:36s} {_ms(entry['median_s'])} "
-                             f"{_ms(entry['min_s'])}")
-            r = run["ratios"]
-            lines.append(f"  a/b HaH / plain      = {r['hah_over_plain']:6.3f}   "
-                         f"{_verdict('hah_over_plain', r['hah_over_plain'], run['width'])}")
-            lines.append(f"  c/a reference / HaH  = {r['reference_over_hah']:6.3f}   "
-                         f"{_verdict('reference_over_hah', r['reference_over_hah'], run['width'])}")
-            lines.append(f"  a/d HaH / standard   = {r['hah_over_standard']:6.3f}   "
-                         f"{_verdict('hah_over_standard', r['hah_over_standard'], run['width'])}")
-        if "blocks" in run:
-            lines.append(f"  {'block fwd+bwd (e)':36s} {'median ms':>9s}")
-            for entry in run["blocks"]:
-                name = (f"{entry['block']} {entry['channels']}x{entry['resolution']}x"
-                        f"{entry['resolution']}")
-                lines.append(f"  {name:36s} {_ms(entry['median_s'])}")
-        if "eval" in run:
-            ev = run["eval"]
-            lines.append(f"  eval (f): clean {ev['clean']['images_per_s']:.0f} images/s "
-                         f"(batch {ev['clean']['batch_size']})")
-            apgd = ev.get("apgd", {})
-            if "skipped" in apgd:
-                lines.append(f"  eval (f): APGD-CE skipped: {apgd['skipped']}")
-            elif apgd:
-                lines.append(f"  eval (f): APGD-CE {apgd['iter_images_per_s']:.0f} iterations x "
-                             f"images/s ({apgd['steps']} steps, batch {apgd['batch_size']})")
-    lines.append("")
-    lines.append(f"total {result['seconds']:.0f} s")
-    return "\n".join(lines)
-
-
-def write_json(result: dict[str, Any], path: str | Path) -> Path:
-    """Write a :func:`run_benchmark` result as JSON (creating the folder)."""
-    path = Path(path)
-    if path.parent != Path(""):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    return path

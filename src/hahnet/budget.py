@@ -15,8 +15,9 @@ from typing import Any, Sequence
 
 import torch
 
-from hahnet.data import Dataset
 from hahnet.config import TrainConfig
+from hahnet.data import Dataset
+from hahnet.rundir import RunDir
 from hahnet.train import Trainer, epoch_batches
 
 EVAL_SPEEDUP = 3.0  # a forward pass costs about a third of a training step
@@ -122,21 +123,11 @@ def process_age() -> float:
 
 def read_plan(directory: str | Path) -> dict[str, Any] | None:
     """The plan a budgeted run (or experiment) in ``directory`` chose, or None."""
-    path = Path(directory) / PLAN_FILE
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        return None
+    return RunDir(directory).read_time_budget()
 
 
 def write_plan(directory: str | Path, record: dict[str, Any]) -> None:
-    path = Path(directory) / PLAN_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(path)
+    RunDir(directory).write_time_budget(record)
 
 
 def plan_training(config: TrainConfig, dataset: Dataset, device: torch.device,
@@ -160,6 +151,20 @@ def plan_training(config: TrainConfig, dataset: Dataset, device: torch.device,
     record["device"] = str(device)
     write_plan(out_dir, record)
     return replace(config, epochs=epochs), record
+
+
+def plan_trainer(trainer: Trainer) -> dict[str, Any]:
+    """Give ``trainer`` the epochs that fit its ``config.time_budget`` (:func:`plan_training`)
+    before it fits; the run's settings on disk follow. A resumed run keeps its choice."""
+    if trainer.world_size > 1:
+        raise BudgetError("--time-budget measures one process's speed; under torchrun give "
+                          "--epochs instead")
+    config, plan = plan_training(trainer.config, trainer.dataset, trainer.device, trainer.out_dir)
+    if config.epochs != trainer.config.epochs:
+        trainer.config = config
+        trainer.run_dir.write_config(config, trainer.data_path)
+    trainer.budget_plan = plan
+    return plan
 
 
 def describe(record: dict[str, Any]) -> str:

@@ -27,42 +27,6 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def typed(convert, accepted: str):
-    """An argparse type: ``convert(text)``, or an error naming the accepted values."""
-    def parse(text: str):
-        try:
-            return convert(text)
-        except (ValueError, TypeError):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {accepted}") from None
-    return parse
-
-
-def _at_least(low: int):
-    def convert(text: str) -> int:
-        value = int(text)
-        if value < low:
-            raise ValueError(text)
-        return value
-    return convert
-
-
-POSITIVE = typed(_at_least(1), "an integer >= 1")
-NON_NEGATIVE = typed(_at_least(0), "an integer >= 0")
-COUNT = typed(cfg.parse_count, "a positive number of images or 'all' (0 also means all)")
-NUMBERS = typed(cfg.parse_numbers, "a number or comma-separated numbers (e.g. 0.1,0.2 or 2/255)")
-EPOCHS = typed(lambda t: tuple(sorted({POSITIVE(p) for p in t.split(",") if p.strip()})),
-               "comma-separated epochs >= 1")
-SECONDS = typed(lambda t: float(t) if float(t) > 0 else int("x"), "a number of seconds > 0")
-
-
-def one_number(text: str) -> float:
-    values = cfg.parse_numbers(text)
-    if len(values) != 1:
-        raise ValueError(text)
-    return values[0]
-
-
-NUMBER = typed(one_number, "one number such as 0.25 or 2/255")
 FLAGS = {"arch": "model", "noise_sigmas": "noise", "attack_batch_size": "batch-size",
          "widths": "width", "precisions": "precision"}
 
@@ -103,43 +67,6 @@ TRAIN_FLAGS = {"model": "arch", "width": "width", "hah_layers": "hah_layers",
                "channels_last": "channels_last", "compile": "compile",
                "time_budget": "time_budget"}
 HAH_ONLY = ("hah_layers", "sigma", "keep", "alphas", "ratio", "demote")
-
-
-def add_train_options(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by ``train`` and ``reproduce`` (all default to None = not given)."""
-    g = parser.add_argument_group("model and recipe (defaults: the paper's, docs/method.md)")
-    g.add_argument("--model", choices=["vgg11", "vgg13", "vgg16", "vgg19"])
-    g.add_argument("--width", type=float, help="channel multiplier > 0 (1.0 = 64..512)")
-    g.add_argument("--hah", action=argparse.BooleanOptionalAction, default=None,
-                   help="HaH network and objective (--no-hah: standard VGG)")
-    g.add_argument("--hah-layers", type=POSITIVE, help="leading convolutions that are HaH blocks (6)")
-    g.add_argument("--sigma", type=float, help="divisive normalization sigma > 0 (0.1)")
-    g.add_argument("--keep", type=float, help="fraction in (0, 1] kept by the threshold (0.2)")
-    g.add_argument("--alphas", type=NUMBERS, help="HaH weights per layer, comma-separated")
-    g.add_argument("--ratio", type=float, help="HaH winner ratio K/C in (0, 1) (0.1)")
-    g.add_argument("--demote", type=float, help="weight >= 0 of the losers' mean (1.0)")
-    g.add_argument("--epochs", type=POSITIVE)
-    g.add_argument("--batch-size", type=POSITIVE, help="global batch size (128)")
-    g.add_argument("--lr", type=float, help="Adam learning rate > 0 (1e-3)")
-    g.add_argument("--milestones", type=NUMBERS, help="lr x gamma at these fractions of the epochs (0.6,0.8)")
-    g.add_argument("--gamma", type=float, help="lr decay factor in (0, 1] (0.1)")
-    g.add_argument("--seed", type=int, help="seed (2022)")
-    g.add_argument("--limit-train", type=POSITIVE, help="train on a fixed seeded subset of N images")
-    g.add_argument("--holdout", type=float, help="hold out this fraction in [0, 1) of the training set")
-    g.add_argument("--no-augment", dest="augment", action="store_false", default=None)
-    g.add_argument("--snapshots", type=EPOCHS, metavar="E1,E2,...",
-                   help="also keep the weights after these epochs (evaluate them as RUN@E)")
-    speed = parser.add_argument_group("speed")
-    speed.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    speed.add_argument("--precision", choices=["auto", "fp32", "bf16"],
-                       help="auto (default): bf16 autocast on CUDA, fp32 elsewhere")
-    speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                       help="default: on for CUDA, off elsewhere")
-    speed.add_argument("--time-budget", type=float, metavar="MINUTES",
-                       help="choose the epochs so that the run (reproduce: both networks and "
-                            "their evaluation) fits in MINUTES, after a short measured warm-up")
-    speed.add_argument("--compile", action="store_true", default=None)
-    speed.add_argument("--threads", type=POSITIVE, help="CPU threads (torch.set_num_threads)")
 
 
 def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -277,7 +204,7 @@ def console_table(results, paths) -> str:
 # ---------------------------------------------------------------- bench, sweep
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from hahnet import bench
+    from hahnet import bench, bench_report
 
     values = {"widths": args.width, "batch_size": args.batch_size, "precisions": args.precision,
               "channels_last": args.channels_last, "repeats": args.repeats,
@@ -285,18 +212,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
               "sections": args.sections, "device": args.device}
     values = {k: v for k, v in values.items() if v is not None}
     config = build(bench.BenchConfig.quick if args.quick else bench.BenchConfig, **values)
-    if config.device != "cpu":
-        from hahnet.device import resolve_device
-
-        build(resolve_device, config.device)  # e.g. no CUDA here: one line, before any work
     check_out(args.out, "file")
     configure_threads(args.threads)
     if args.malloc == "tuned" and not bench.tune_malloc():
         raise UserError("--malloc tuned needs glibc malloc (Linux)")
     result = bench.run_benchmark(config, progress=say)
-    print(bench.format_report(result))
+    print(bench_report.format_report(result))
     if args.out:
-        bench.write_json(result, args.out)
+        bench_report.write_json(result, args.out)
         say(f"wrote {args.out}")
     return 0
 
@@ -308,14 +231,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/sweeps/{spec.name}")
     check_out(out, "sweep")
     data = args.data or spec.data or DEFAULT_DATA
+    if not args.report_only and not Path(data).exists():
+        raise UserError(f"no data at {data}; pass --data PATH")
     try:
-        if not args.report_only:
-            if not Path(data).exists():
-                raise UserError(f"no data at {data}; pass --data PATH")
-            sw.run(spec, out, data, args.cache_dir, args.jobs, args.threads, args.device,
-                   args.re_evaluate, progress=say)
-        else:
-            sw.check(spec, out)
+        sw.check(spec, out) if args.report_only else sw.run(
+            spec, out, data, args.cache_dir, args.jobs, args.threads, args.device,
+            args.re_evaluate, progress=say)
         summary = sweep_report.summarise(spec, out)
     except sw.SweepError as error:
         raise UserError(str(error)) from None
@@ -331,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     from hahnet import cli_parsers
 
     parser = Parser(prog="hahnet", description=__doc__.splitlines()[0])
-    cli_parsers.add_all(parser.add_subparsers(dest="command", required=True), globals())
+    commands = {"train": cmd_train, "eval": cmd_eval, "reproduce": cmd_reproduce,
+                "presets": cmd_presets, "bench": cmd_bench, "sweep": cmd_sweep}
+    cli_parsers.add_all(parser.add_subparsers(dest="command", required=True), commands)
     return parser
 
 

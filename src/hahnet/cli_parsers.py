@@ -5,13 +5,91 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from hahnet import config as cfg
 from hahnet.runs import DEFAULT_DATA
 
 
-def add_all(subparsers, cli: dict[str, Any]) -> None:
-    """Every subcommand; ``cli``: the namespace of :mod:`hahnet.cli` (types, commands)."""
+# ---------------------------------------------------------------- flag types
+
+def typed(convert, accepted: str):
+    """An argparse type: ``convert(text)``, or an error naming the accepted values."""
+    def parse(text: str):
+        try:
+            return convert(text)
+        except (ValueError, TypeError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {accepted}") from None
+    return parse
+
+
+def _at_least(low: int):
+    def convert(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise ValueError(text)
+        return value
+    return convert
+
+
+POSITIVE = typed(_at_least(1), "an integer >= 1")
+NON_NEGATIVE = typed(_at_least(0), "an integer >= 0")
+COUNT = typed(cfg.parse_count, "a positive number of images or 'all' (0 also means all)")
+NUMBERS = typed(cfg.parse_numbers, "a number or comma-separated numbers (e.g. 0.1,0.2 or 2/255)")
+EPOCHS = typed(lambda t: tuple(sorted({POSITIVE(p) for p in t.split(",") if p.strip()})),
+               "comma-separated epochs >= 1")
+SECONDS = typed(lambda t: float(t) if float(t) > 0 else int("x"), "a number of seconds > 0")
+
+
+def one_number(text: str) -> float:
+    values = cfg.parse_numbers(text)
+    if len(values) != 1:
+        raise ValueError(text)
+    return values[0]
+
+
+NUMBER = typed(one_number, "one number such as 0.25 or 2/255")
+
+
+def add_train_options(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by ``train`` and ``reproduce`` (all default to None = not given)."""
+    g = parser.add_argument_group("model and recipe (defaults: the paper's, docs/method.md)")
+    g.add_argument("--model", choices=["vgg11", "vgg13", "vgg16", "vgg19"])
+    g.add_argument("--width", type=float, help="channel multiplier > 0 (1.0 = 64..512)")
+    g.add_argument("--hah", action=argparse.BooleanOptionalAction, default=None,
+                   help="HaH network and objective (--no-hah: standard VGG)")
+    g.add_argument("--hah-layers", type=POSITIVE, help="leading convolutions that are HaH blocks (6)")
+    g.add_argument("--sigma", type=float, help="divisive normalization sigma > 0 (0.1)")
+    g.add_argument("--keep", type=float, help="fraction in (0, 1] kept by the threshold (0.2)")
+    g.add_argument("--alphas", type=NUMBERS, help="HaH weights per layer, comma-separated")
+    g.add_argument("--ratio", type=float, help="HaH winner ratio K/C in (0, 1) (0.1)")
+    g.add_argument("--demote", type=float, help="weight >= 0 of the losers' mean (1.0)")
+    g.add_argument("--epochs", type=POSITIVE)
+    g.add_argument("--batch-size", type=POSITIVE, help="global batch size (128)")
+    g.add_argument("--lr", type=float, help="Adam learning rate > 0 (1e-3)")
+    g.add_argument("--milestones", type=NUMBERS, help="lr x gamma at these fractions of the epochs (0.6,0.8)")
+    g.add_argument("--gamma", type=float, help="lr decay factor in (0, 1] (0.1)")
+    g.add_argument("--seed", type=int, help="seed (2022)")
+    g.add_argument("--limit-train", type=POSITIVE, help="train on a fixed seeded subset of N images")
+    g.add_argument("--holdout", type=float, help="hold out this fraction in [0, 1) of the training set")
+    g.add_argument("--no-augment", dest="augment", action="store_false", default=None)
+    g.add_argument("--snapshots", type=EPOCHS, metavar="E1,E2,...",
+                   help="also keep the weights after these epochs (evaluate them as RUN@E)")
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    speed.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                       help="auto (default): bf16 autocast on CUDA, fp32 elsewhere")
+    speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                       help="default: on for CUDA, off elsewhere")
+    speed.add_argument("--time-budget", type=float, metavar="MINUTES",
+                       help="choose the epochs so that the run (reproduce: both networks and "
+                            "their evaluation) fits in MINUTES, after a short measured warm-up")
+    speed.add_argument("--compile", action="store_true", default=None)
+    speed.add_argument("--threads", type=POSITIVE, help="CPU threads (torch.set_num_threads)")
+
+
+def add_all(subparsers, commands: dict[str, Any]) -> None:
+    """Every subcommand; ``commands``: subcommand name -> the function that runs it."""
     for add in (add_train, add_eval, add_reproduce, add_presets, add_bench, add_sweep):
-        add(subparsers, cli)
+        add(subparsers, commands)
 
 
 def add_data(parser: argparse.ArgumentParser, download: bool = True) -> None:
@@ -22,7 +100,7 @@ def add_data(parser: argparse.ArgumentParser, download: bool = True) -> None:
                             help="download CIFAR-10 if --data is missing")
 
 
-def add_train(subparsers, cli: dict[str, Any]) -> None:
+def add_train(subparsers, commands: dict[str, Any]) -> None:
     parser = subparsers.add_parser("train", help="train a standard or HaH VGG",
                                    description="Train a standard or HaH VGG; checkpoints after "
                                                "every epoch into --out, resumable.")
@@ -33,15 +111,15 @@ def add_train(subparsers, cli: dict[str, Any]) -> None:
     parser.add_argument("--tensorboard", action="store_true", help="also log to DIR/tensorboard")
     parser.add_argument("--sync-bn", action="store_true",
                         help="SyncBatchNorm across processes (no-op in one process)")
-    parser.add_argument("--dist-timeout", type=cli["SECONDS"], default=120.0, metavar="SECONDS",
+    parser.add_argument("--dist-timeout", type=SECONDS, default=120.0, metavar="SECONDS",
                         help="under torchrun: give up on a dead or hung peer after this long (120)")
-    cli["add_train_options"](parser)
-    parser.set_defaults(func=cli["cmd_train"])
+    add_train_options(parser)
+    parser.set_defaults(func=commands["train"])
 
 
-def add_eval(subparsers, cli: dict[str, Any]) -> None:
+def add_eval(subparsers, commands: dict[str, Any]) -> None:
     """``hahnet eval CKPT [CKPT ...]``: clean, noise, attacks, sparsity, SNR -> a report."""
-    positive, non_negative, count = cli["POSITIVE"], cli["NON_NEGATIVE"], cli["COUNT"]
+    positive, non_negative, count = POSITIVE, NON_NEGATIVE, COUNT
     parser = subparsers.add_parser(
         "eval", help="evaluate checkpoints: noise, APGD/PGD/Square attacks, sparsity, SNR",
         description="Evaluate one or more checkpoints side by side on the test split, as the "
@@ -56,11 +134,11 @@ def add_eval(subparsers, cli: dict[str, Any]) -> None:
     parser.add_argument("--limit", type=count, metavar="N|all",
                         help="a fixed seeded subset of N test images (default all)")
     parser.add_argument("--limit-seed", type=int, default=0, metavar="S", help="seed of --limit (0)")
-    parser.add_argument("--noise", type=cli["NUMBERS"], default=(0.1,), metavar="SIGMAS",
+    parser.add_argument("--noise", type=NUMBERS, default=(0.1,), metavar="SIGMAS",
                         help="Gaussian noise sigma(s) in [0, 1] pixel units, e.g. 0.02,0.05,0.1 (0.1)")
     parser.add_argument("--noise-draws", type=positive, default=3, help="noise draws per sigma (3)")
-    parser.add_argument("--eps-linf", type=cli["NUMBER"], default=2 / 255, help="l_inf budget (2/255)")
-    parser.add_argument("--eps-l2", type=cli["NUMBER"], default=0.25, help="l_2 budget (0.25)")
+    parser.add_argument("--eps-linf", type=NUMBER, default=2 / 255, help="l_inf budget (2/255)")
+    parser.add_argument("--eps-l2", type=NUMBER, default=0.25, help="l_2 budget (0.25)")
     parser.add_argument("--attack-limit", type=count, default=1000, metavar="N|all",
                         help="attack a seeded random N of the evaluated images (1000)")
     parser.add_argument("--apgd-steps", type=positive, default=100, help="APGD steps (100)")
@@ -76,23 +154,23 @@ def add_eval(subparsers, cli: dict[str, Any]) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=positive, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--out", default="eval-report", help="report directory (eval-report)")
-    parser.add_argument("--dist-timeout", type=cli["SECONDS"], default=120.0, metavar="SECONDS",
+    parser.add_argument("--dist-timeout", type=SECONDS, default=120.0, metavar="SECONDS",
                         help="under torchrun: give up on a dead or hung peer after this long (120)")
     from hahnet import corruption_cli
 
     corruption_cli.add_arguments(parser)  # --corruptions, --severities, --corruption-seed
-    parser.set_defaults(func=cli["cmd_eval"])
+    parser.set_defaults(func=commands["eval"])
 
 
-def add_presets(subparsers, cli: dict[str, Any]) -> None:
+def add_presets(subparsers, commands: dict[str, Any]) -> None:
     parser = subparsers.add_parser("presets", help="list the reproduce presets and their settings",
                                    description="Print each preset (or the one named): what it "
                                                "is for and every setting it fixes.")
     parser.add_argument("name", nargs="?", help="one preset (default: all)")
-    parser.set_defaults(func=cli["cmd_presets"])
+    parser.set_defaults(func=commands["presets"])
 
 
-def add_reproduce(subparsers, cli: dict[str, Any]) -> None:
+def add_reproduce(subparsers, commands: dict[str, Any]) -> None:
     parser = subparsers.add_parser(
         "reproduce", help="train standard + HaH VGG, evaluate both, write the paper's table",
         description="Train the standard and the HaH network of a preset (resumable: finished "
@@ -106,29 +184,29 @@ def add_reproduce(subparsers, cli: dict[str, Any]) -> None:
                         help="evaluate again even when a saved evaluation matches")
     group = parser.add_argument_group("evaluation (defaults: the preset's)")
     hidden = argparse.SUPPRESS  # absent unless given: the preset's value applies
-    group.add_argument("--limit", type=cli["COUNT"], default=hidden, metavar="N|all",
+    group.add_argument("--limit", type=COUNT, default=hidden, metavar="N|all",
                        help="a fixed seeded subset of N test images")
-    group.add_argument("--attack-limit", type=cli["COUNT"], default=hidden, metavar="N|all",
+    group.add_argument("--attack-limit", type=COUNT, default=hidden, metavar="N|all",
                        help="attack a seeded N of them")
-    group.add_argument("--noise", type=cli["NUMBERS"], metavar="SIGMAS", help="noise sigmas, e.g. 0.05,0.1")
-    group.add_argument("--noise-draws", type=cli["POSITIVE"], default=hidden, help="noise draws per sigma")
-    group.add_argument("--apgd-steps", type=cli["POSITIVE"], default=hidden, help="APGD steps")
-    group.add_argument("--square-limit", type=cli["NON_NEGATIVE"], default=hidden, metavar="N",
+    group.add_argument("--noise", type=NUMBERS, metavar="SIGMAS", help="noise sigmas, e.g. 0.05,0.1")
+    group.add_argument("--noise-draws", type=POSITIVE, default=hidden, help="noise draws per sigma")
+    group.add_argument("--apgd-steps", type=POSITIVE, default=hidden, help="APGD steps")
+    group.add_argument("--square-limit", type=NON_NEGATIVE, default=hidden, metavar="N",
                        help="Square attack on N images (0 = none)")
     group.add_argument("--no-attacks", action="store_true", help="skip the adversarial attacks")
-    group.add_argument("--eval-batch-size", type=cli["POSITIVE"], default=128,
+    group.add_argument("--eval-batch-size", type=POSITIVE, default=128,
                        help="evaluation batch size (128)")
-    cli["add_train_options"](parser)
-    parser.set_defaults(func=cli["cmd_reproduce"])
+    add_train_options(parser)
+    parser.set_defaults(func=commands["reproduce"])
 
 
-def _list(convert, accepted: str, cli: dict[str, Any]):
+def _list(convert, accepted: str):
     def parse(text: str) -> tuple:
         values = tuple(convert(p.strip()) for p in text.split(",") if p.strip())
         if not values:
             raise ValueError(text)
         return values
-    return cli["typed"](parse, accepted)
+    return typed(parse, accepted)
 
 
 def _choice(allowed: dict[str, Any]):
@@ -139,7 +217,7 @@ def _choice(allowed: dict[str, Any]):
     return convert
 
 
-def add_bench(subparsers, cli: dict[str, Any]) -> None:
+def add_bench(subparsers, commands: dict[str, Any]) -> None:
     parser = subparsers.add_parser(
         "bench", help="time HaH training vs plain and reference training, blocks, eval",
         description="Time, in one run: (a) a HaH VGG16 step with the one-pass HaH objective, "
@@ -147,21 +225,21 @@ def add_bench(subparsers, cli: dict[str, Any]) -> None:
                     "authors' reference procedure, (d) a standard VGG16 step, (e) each HaH "
                     "block alone, (f) clean and APGD-CE evaluation throughput. Prints a table "
                     "with the ratios a/b, c/a, a/d; medians of interleaved repeats.")
-    positive = cli["POSITIVE"]
-    parser.add_argument("--width", type=_list(float, "comma-separated widths > 0", cli),
+    positive = POSITIVE
+    parser.add_argument("--width", type=_list(float, "comma-separated widths > 0"),
                         help="comma-separated widths (default 0.25,1.0; --quick: 0.0625)")
     parser.add_argument("--batch-size", type=positive, help="training batch size (128; --quick: 8)")
     parser.add_argument("--precision", type=_list(_choice({"fp32": "fp32", "bf16": "bf16"}),
-                                                  "fp32, bf16 or fp32,bf16", cli),
+                                                  "fp32, bf16 or fp32,bf16"),
                         help="fp32, bf16 or fp32,bf16 (default fp32; bf16 = CPU autocast)")
     parser.add_argument("--channels-last", type=_list(_choice({"on": True, "off": False}),
-                                                      "on, off or on,off", cli),
+                                                      "on, off or on,off"),
                         help="on, off or on,off (default off)")
     parser.add_argument("--repeats", type=positive, help="timed rounds per measurement (5)")
-    parser.add_argument("--warmup", type=cli["NON_NEGATIVE"], help="untimed warm-up rounds (1)")
+    parser.add_argument("--warmup", type=NON_NEGATIVE, help="untimed warm-up rounds (1)")
     parser.add_argument("--apgd-steps", type=positive, help="APGD-CE iterations (5)")
     parser.add_argument("--sections", type=_list(_choice({s: s for s in ("steps", "blocks", "eval")}),
-                                                 "a comma-separated subset of steps,blocks,eval", cli),
+                                                 "a comma-separated subset of steps,blocks,eval"),
                         help="comma-separated subset of steps,blocks,eval (default all)")
     parser.add_argument("--threads", type=positive, help="torch.set_num_threads")
     parser.add_argument("--device", choices=["cpu", "cuda"],
@@ -176,10 +254,10 @@ def add_bench(subparsers, cli: dict[str, Any]) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="a small configuration that finishes in seconds (for tests)")
     parser.add_argument("--out", metavar="FILE", help="also write the result as JSON")
-    parser.set_defaults(func=cli["cmd_bench"])
+    parser.set_defaults(func=commands["bench"])
 
 
-def add_sweep(subparsers, cli: dict[str, Any]) -> None:
+def add_sweep(subparsers, commands: dict[str, Any]) -> None:
     parser = subparsers.add_parser(
         "sweep", help="train a declared grid of runs over seeds, evaluate on held-out images",
         description="Run the sweep file's grid (resumable: finished runs and evaluations are "
@@ -189,10 +267,10 @@ def add_sweep(subparsers, cli: dict[str, Any]) -> None:
     parser.add_argument("file", help="sweep file (TOML; see docs/sweep.md)")
     parser.add_argument("--out", help="sweep directory (default runs/sweeps/<name>)")
     add_data(parser, download=False)
-    parser.add_argument("--jobs", type=cli["POSITIVE"], default=2, help="runs at a time (2)")
-    parser.add_argument("--threads", type=cli["POSITIVE"], default=1, help="threads per run (1)")
+    parser.add_argument("--jobs", type=POSITIVE, default=2, help="runs at a time (2)")
+    parser.add_argument("--threads", type=POSITIVE, default=1, help="threads per run (1)")
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--re-evaluate", action="store_true", help="evaluate again even when saved")
     parser.add_argument("--report-only", action="store_true",
                         help="only summarise what is finished (no training or evaluation)")
-    parser.set_defaults(func=cli["cmd_sweep"])
+    parser.set_defaults(func=commands["sweep"])

@@ -25,7 +25,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -272,8 +271,8 @@ def download_cifar10(root: str | Path, url: str = CIFAR10_URL, md5: str = CIFAR1
                     digest.update(chunk)
                     out.write(chunk)
         except OSError as e:  # URLError, timeouts and refused connections are OSErrors
-            raise _error(url, f"download failed ({e})", f"download it manually, extract it and "
-                         f"pass --data <dir containing cifar-10-batches-py>") from None
+            raise _error(url, f"download failed ({e})", "download it manually, extract it and "
+                         "pass --data <dir containing cifar-10-batches-py>") from None
         if digest.hexdigest() != md5:
             raise _error(url, f"MD5 {digest.hexdigest()} != expected {md5}",
                          "retry the download, or download it manually and pass --data")
@@ -470,33 +469,6 @@ def load_dataset(path: str | Path, cache_dir: str | Path | None = None,
     raise _error(path, what + " (looked for cifar-10-batches-py/ pickles, cifar-10-batches-bin/, "
                  "train/<class>/ + test/<class>/ image folders, MNIST IDX files)",
                  "pass --data pointing at one of these (or download=True for CIFAR-10)")
-
-
-# ---------------------------------------------------------------- augmentation
-
-def crop_flip_params(n: int, generator: torch.Generator,
-                     pad: int = 4) -> tuple[Tensor, Tensor, Tensor]:
-    """Random crop offsets dy, dx in [0, 2*pad] and flip flags for ``n`` images, on CPU;
-    drawn apart from :func:`crop_flip` so ranks can slice a shared global draw."""
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    flip = torch.randint(0, 2, (n,), generator=generator).bool()
-    return dy, dx, flip
-
-
-def crop_flip(images: Tensor, dy: Tensor, dx: Tensor, flip: Tensor, pad: int = 4) -> Tensor:
-    """Crop (H, W) at (dy, dx) from the ``pad``-zero-padded batch, then mirror where ``flip``;
-    one gather on the batch's device, any dtype. dy = dx = pad and no flip is the identity."""
-    n, c, h, w = images.shape
-    dev = images.device
-    dy, dx, flip = dy.to(dev), dx.to(dev), flip.to(dev)
-    hp, wp = h + 2 * pad, w + 2 * pad
-    padded = F.pad(images, (pad, pad, pad, pad)).reshape(n, c, hp * wp)
-    cols = torch.arange(w, device=dev)
-    cols = dx[:, None] + torch.where(flip[:, None], w - 1 - cols, cols)
-    rows = dy[:, None] + torch.arange(h, device=dev)
-    index = (rows[:, :, None] * wp + cols[:, None, :]).reshape(n, 1, h * w).expand(n, c, h * w)
-    return padded.gather(2, index).reshape(n, c, h, w)
 
 
 def to_float(images: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:

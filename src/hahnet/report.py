@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from hahnet.config import PAPER_EPS, PAPER_NOISE_SIGMA, PAPER_TABLE
+from hahnet.plots import figure, integer_ticks
 from hahnet.eval.results import EvalResult, results_document, versions
-from hahnet.io import atomic_write, write_text
+from hahnet.io import write_text
 
 # The settings of the paper's table (docs/method.md).
 PAPER_SETTINGS = {"noise": PAPER_NOISE_SIGMA, "linf": PAPER_EPS["Linf"], "l2": PAPER_EPS["L2"]}
@@ -221,23 +222,6 @@ def render_markdown(results: Sequence[EvalResult], data: dict[str, Any] | None =
 
 # ---------------------------------------------------------------------------- plots
 
-def _figure(path: Path, draw: Callable[[Any], None], size: tuple[float, float]) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
-
-    fig = Figure(figsize=size)
-    FigureCanvasAgg(fig)
-    draw(fig)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-
-
-def _integer_ticks() -> Any:
-    from matplotlib.ticker import MaxNLocator
-
-    return MaxNLocator(integer=True)
-
-
 def plot_noise(results: Sequence[EvalResult], path: Path) -> None:
     """Accuracy vs noise sigma, one curve (mean +- std over draws) per model."""
     def draw(fig: Any) -> None:
@@ -253,7 +237,7 @@ def plot_noise(results: Sequence[EvalResult], path: Path) -> None:
                title="Accuracy under Gaussian noise")
         ax.grid(alpha=0.3)
         ax.legend()
-    _figure(path, draw, (6, 4))
+    figure(path, draw, (6, 4))
 
 
 def plot_sparsity(results: Sequence[EvalResult], path: Path) -> None:
@@ -266,12 +250,12 @@ def plot_sparsity(results: Sequence[EvalResult], path: Path) -> None:
             axes[1].plot(xs, [s.top_k_share for s in r.sparsity], marker="o", label=label)
         axes[0].set(xlabel="layer", ylabel="fraction of non-zero activations", title="Sparsity")
         for ax in axes:
-            ax.xaxis.set_major_locator(_integer_ticks())
+            ax.xaxis.set_major_locator(integer_ticks())
         axes[1].set(xlabel="layer", ylabel="top-10% channel share", title="Activity concentration")
         for ax in axes:
             ax.grid(alpha=0.3)
             ax.legend()
-    _figure(path, draw, (11, 4))
+    figure(path, draw, (11, 4))
 
 
 def plot_snr(results: Sequence[EvalResult], path: Path) -> None:
@@ -283,10 +267,10 @@ def plot_snr(results: Sequence[EvalResult], path: Path) -> None:
                 ys = [r.snr.input_db] + [layer.db for layer in r.snr.layers]
                 ax.plot(range(len(ys)), ys, marker="o", label=label)
         ax.set(xlabel="layer (0 = input)", ylabel="SNR (dB)", title="Per-layer SNR, noisy vs clean")
-        ax.xaxis.set_major_locator(_integer_ticks())
+        ax.xaxis.set_major_locator(integer_ticks())
         ax.grid(alpha=0.3)
         ax.legend()
-    _figure(path, draw, (6, 4))
+    figure(path, draw, (6, 4))
 
 
 def filter_grid(filters: Any, pad: int = 1) -> Any:
@@ -323,7 +307,7 @@ def plot_filters(results: Sequence[EvalResult], path: Path) -> None:
             ax.set_title(f"{label}: first-layer filters", fontsize=9)
         for ax in axes:
             ax.axis("off")
-    _figure(path, draw, (4 * max(len(shown), 1), 4.2))
+    figure(path, draw, (4 * max(len(shown), 1), 4.2))
 
 
 # ----------------------------------------------------------------------------- all
@@ -344,10 +328,10 @@ def plot_training(histories: dict[str, Sequence[dict[str, Any]]], path: Path) ->
                     title="Training loss")
         axes[1].set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
         for ax in axes:
-            ax.xaxis.set_major_locator(_integer_ticks())
+            ax.xaxis.set_major_locator(integer_ticks())
             ax.grid(alpha=0.3)
             ax.legend()
-    _figure(path, draw, (11, 4))
+    figure(path, draw, (11, 4))
 
 
 def write_report(results: Sequence[EvalResult], out_dir: str | Path,

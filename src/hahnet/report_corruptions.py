@@ -11,6 +11,7 @@ from typing import Any, Sequence
 from hahnet import corruptions as C
 from hahnet.eval import corruption as ec
 from hahnet.eval.results import EvalResult
+from hahnet.plots import figure, integer_ticks
 
 CURVES = "corruptions.png"
 EXAMPLES = "corruption_examples.png"
@@ -120,7 +121,6 @@ def section(results: Sequence[EvalResult], plots: Sequence[str] = ()) -> str:
 
 def plot_curves(results: Sequence[EvalResult], path: Path) -> None:
     """Accuracy vs severity (0 = clean) per family, one line per model."""
-    from hahnet.report import _figure, _integer_ticks
 
     rs = _with(results)
     fams = [f for f in C.FAMILIES if f in ec.family_accuracy(rs[0].corruptions)]
@@ -135,20 +135,19 @@ def plot_curves(results: Sequence[EvalResult], path: Path) -> None:
                         label=r.name)
             ax.set_title(family)
             ax.set_xlabel("severity (0 = clean)")
-            ax.xaxis.set_major_locator(_integer_ticks())
+            ax.xaxis.set_major_locator(integer_ticks())
             ax.set_ylim(0, 100)
             ax.grid(alpha=0.3)
             if i == 0:
                 ax.set_ylabel("accuracy (%)")
                 ax.legend(fontsize=8)
 
-    _figure(path, draw, (3.0 * max(len(fams), 1), 3.4))
+    figure(path, draw, (3.0 * max(len(fams), 1), 3.4))
 
 
 def plot_examples(cache: ec.CorruptionCache, names: Sequence[str], path: Path,
                   severity: int = 3, index: int = 0) -> None:
     """One image (``index``) clean and under each corruption at ``severity``."""
-    from hahnet.report import _figure
 
     names = list(names)
     tiles = [("clean", cache.images[index])] + [
@@ -163,7 +162,7 @@ def plot_examples(cache: ec.CorruptionCache, names: Sequence[str], path: Path,
             ax.set_title(title.replace("_", " "), fontsize=8)
             ax.axis("off")
 
-    _figure(path, draw, (1.6 * cols, 1.75 * rows))
+    figure(path, draw, (1.6 * cols, 1.75 * rows))
 
 
 def write(results: Sequence[EvalResult], out: Path) -> tuple[str, dict[str, Path]]:

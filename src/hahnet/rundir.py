@@ -21,6 +21,7 @@ from hahnet.io import atomic_write, read_json, write_json, write_text
 CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
 SNAPSHOT_DIR = checkpoint.SNAPSHOT_DIR
+TIME_BUDGET_FILE = "time_budget.json"  # how a --time-budget run chose its epochs
 SAVING_DIR = ".saving"      # an epoch's checkpoint files are written here first...
 COMMIT_MARK = "COMMITTED"   # ...and moved into the run only once this marker exists
 
@@ -116,6 +117,16 @@ class RunDir:
         kept = [line for line in self.metrics_file.read_text(encoding="utf-8").splitlines()
                 if line.strip() and json.loads(line)["epoch"] < next_epoch]
         write_text(self.metrics_file, "".join(line + "\n" for line in kept))
+
+    # ------------------------------------------------------------- time_budget.json
+
+    def read_time_budget(self) -> dict[str, Any] | None:
+        """The choice a budgeted run (or experiment) made here, or None."""
+        path = self.path / TIME_BUDGET_FILE
+        return read_json(path) if path.exists() else None
+
+    def write_time_budget(self, record: dict[str, Any]) -> None:
+        write_json(self.path / TIME_BUDGET_FILE, record)
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -198,6 +198,10 @@ def _train(env, run: dict[str, Any], options: dict[str, Any], dataset: Any,
     say(f"training {config.arch} {'HaH' if config.hah else 'standard'} width "
         f"{config.width:g} on {env.device} x{env.world_size} -> {out_dir}")
     options["trainer"] = trainer  # released in run_training's finally
+    if config.time_budget is not None:
+        from hahnet import budget
+
+        say(budget.describe(budget.plan_trainer(trainer)))
     hooks.fit(trainer, quiet or env.rank != 0)
     return out_dir
 

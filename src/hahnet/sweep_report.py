@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hahnet.eval.results import EvalResult
+from hahnet.plots import figure
 from hahnet.rundir import RunDir
 from hahnet.sweep import Sweep, eval_file, partner, read_eval, run_dir
 
@@ -183,17 +184,10 @@ def _differences(sweep: Sweep, shared: dict[str, Any]) -> dict[str, dict[str, An
 PLOTTED = ("clean", "noise0.1", "apgd_linf", "apgd_l2")
 
 
-def _figure(path: Path, panels: int, draw) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4), squeeze=False)
-    draw(axes[0])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def _panels(path: Path, panels: int, draw) -> None:
+    """``draw(axes)`` on a row of ``panels`` subplots, saved to ``path``."""
+    figure(path, lambda fig: draw(fig.subplots(1, panels, squeeze=False)[0]),
+           (4.2 * panels, 3.4))
 
 
 def _errorbars(axes, rows: Sequence[dict[str, Any]], keys: Sequence[str], zero_line: bool) -> None:
@@ -215,13 +209,13 @@ def _errorbars(axes, rows: Sequence[dict[str, Any]], keys: Sequence[str], zero_l
 def plot_metrics(summary: dict[str, Any], path: Path) -> None:
     keys = [k for k in PLOTTED if any(k in r["metrics"] for r in summary["table"])]
     if keys:
-        _figure(path, len(keys), lambda axes: _errorbars(axes, summary["table"], keys, False))
+        _panels(path, len(keys), lambda axes: _errorbars(axes, summary["table"], keys, False))
 
 
 def plot_gains(summary: dict[str, Any], path: Path) -> None:
     keys = [k for k in PLOTTED if any(k in r["metrics"] for r in summary["gains"])]
     if keys:
-        _figure(path, len(keys), lambda axes: _errorbars(axes, summary["gains"], keys, True))
+        _panels(path, len(keys), lambda axes: _errorbars(axes, summary["gains"], keys, True))
 
 
 def plot_grad_ratios(summary: dict[str, Any], path: Path) -> None:
@@ -241,7 +235,7 @@ def plot_grad_ratios(summary: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("RMS(alpha dH/dW) / RMS(dCE/dW)")
         ax.legend(fontsize=6, ncol=2)
 
-    _figure(path, 1, draw)
+    _panels(path, 1, draw)
 
 
 def write(summary: dict[str, Any], sweep: Sweep, out: str | Path, command: str = "") -> dict[str, Path]:

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from hahnet import checkpoint, distributed
 from hahnet.checkpoint import snapshot_path
-from hahnet.data import Dataset, ImageDataset, crop_flip, crop_flip_params, to_float
+from hahnet.augment import crop_flip, crop_flip_params
+from hahnet.data import Dataset, ImageDataset, to_float
 from hahnet.config import RUNTIME_OPTIONS, ModelConfig, TrainConfig
 from hahnet.device import autocast, resolve_device, tune_device
 from hahnet.hah import HaHObjective
@@ -184,6 +185,7 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.start_epoch = 0
+        self.budget_plan: dict[str, Any] | None = None  # set by hahnet.budget.plan_trainer
         self.images = self.train_split.images.to(device)
         self.labels = self.train_split.labels.to(device)
         self.network: nn.Module = wrap(self.model) if wrap else self.model
@@ -288,9 +290,7 @@ class Trainer:
     def time_budget_record(self) -> dict[str, Any] | None:
         """The time-budget choice behind this run's epochs (its own, or the one reproduce
         made for both networks), for model.json; None for a run with fixed epochs."""
-        from hahnet import budget
-
-        return getattr(self, "budget_plan", None) or budget.read_plan(self.out_dir)
+        return self.budget_plan or self.run_dir.read_time_budget()
 
     def save(self, epoch: int, metrics: EpochMetrics) -> None:
         """Checkpoint (rank 0 only): weights, optimizer state, then the metrics line."""
@@ -314,8 +314,6 @@ class Trainer:
             on_epoch: Callable[[EpochMetrics], None] | None = None) -> list[EpochMetrics]:
         """Train from ``start_epoch`` to the end, checkpointing after every epoch."""
         history = []
-        if self.config.time_budget is not None:
-            self.plan_time_budget()
         for epoch in range(self.start_epoch, self.config.epochs):
             started = time.perf_counter()
             loss, acc, seen = self.train_epoch(epoch, on_step)
@@ -339,22 +337,6 @@ class Trainer:
             if on_epoch is not None:
                 on_epoch(metrics)
         return history
-
-    def plan_time_budget(self) -> dict[str, Any]:
-        """Choose the epochs that fit ``config.time_budget`` (:func:`hahnet.budget.
-        plan_training`: a short warm-up measures this machine's speed); the schedule's
-        milestones stay fractions of the chosen epochs. A resumed run keeps its choice."""
-        from hahnet import budget
-
-        if self.world_size > 1:
-            raise ValueError("--time-budget measures one process's speed; under torchrun "
-                             "give --epochs instead")
-        config, self.budget_plan = budget.plan_training(self.config, self.dataset, self.device,
-                                                        self.out_dir)
-        if config.epochs != self.config.epochs:
-            self.config = config
-            self.run_dir.write_config(config, self.data_path)
-        return self.budget_plan
 
     def probe_gradients(self) -> list[float]:
         """HaH / cross-entropy gradient ratio per HaH layer on a fixed batch (the first
