@@ -112,11 +112,19 @@ def test_objective_loss_value_and_model_left_plain():
     torch.manual_seed(3)
     model = vgg16(hah=True, width=0.0625)
     x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    # the scores, independently: each HaH convolution's output in a plain forward pass
+    convs = hah_convs(model)[:2]
+    outputs = []
+    hooks = [c.register_forward_hook(lambda m, i, o: outputs.append(o)) for c in convs]
+    plain_logits = model(x)
+    for hook in hooks:
+        hook.remove()
+    scores = [float(hah_score(z.detach(), 0.1, 1.0)) for z in outputs]
     objective = HaHObjective(model, (0.5, 0.25), ratio=0.1, demote=1.0)
     logits, loss = objective(x, y)
-    ce = F.cross_entropy(logits, y)
-    expected = ce - 0.5 * objective.scores[0] - 0.25 * objective.scores[1]
-    torch.testing.assert_close(loss, expected.float())
+    assert objective.scores == pytest.approx(scores, rel=1e-5)
+    expected = F.cross_entropy(plain_logits, y) - 0.5 * scores[0] - 0.25 * scores[1]
+    torch.testing.assert_close(loss, expected.float(), rtol=1e-5, atol=1e-6)
     assert all(set(vars(conv)) == set(vars(type(conv)(1, 1))) for conv in hah_convs(model))
     with torch.no_grad():
         torch.testing.assert_close(model(x), logits.detach(), rtol=1e-5, atol=1e-6)
