@@ -58,7 +58,7 @@ def finished(tmp_path_factory):
 
 
 def test_parse_grid_runs_names_and_partners():
-    spec = sw.parse(__import__("tomllib").loads(SWEEP), "tiny.toml")
+    spec = sw.loads(SWEEP, "tiny.toml")
     assert [r.key for r in spec.runs] == ["std-seed1", "std-seed2", "hah-seed1", "hah-seed2",
                                           "hah-alphas-x2-seed1", "hah-alphas-x2-seed2"]
     assert spec.runs[2].config.hah and spec.runs[2].config.seed == 1
@@ -79,7 +79,7 @@ def test_parse_grid_runs_names_and_partners():
 ])
 def test_bad_sweep_files_are_refused_with_the_reason(text, message):
     with pytest.raises(sw.SweepError, match=message):
-        sw.parse(__import__("tomllib").loads(text), "bad.toml")
+        sw.loads(text, "bad.toml")
 
 
 def test_unreadable_files(tmp_path):
@@ -152,9 +152,8 @@ def test_half_trained_run_is_resumed_not_restarted(tmp_path):
     from hahnet.train import EpochMetrics, Trainer
 
     data = write_cifar(tmp_path / "data", n_train=60, n_test=8)
-    spec = sw.parse(__import__("tomllib").loads((BASE + EVAL)
-                                                 .replace("seeds = [1, 2]", "seeds = [1]")
-                                                 .replace("hah = [false, true]", "hah = [true]")), "one")
+    text = (BASE + EVAL).replace("seeds = [1, 2]", "seeds = [1]")
+    spec = sw.loads(text.replace("hah = [false, true]", "hah = [true]"), "one")
     run = spec.runs[0]
     trainer = Trainer(run.config, load_dataset(data), sw.run_dir(tmp_path, run), torch.device("cpu"))
     loss, acc, _ = trainer.train_epoch(0)  # the first epoch only, as a killed run leaves it

@@ -166,18 +166,30 @@ def _parse_eval(spec: dict[str, Any], source: str) -> tuple[EvalSettings, str, i
     return EvalSettings(**spec), split, limit, int(limit_seed), tuple(sorted(set(epochs)))
 
 
+def loads(text: str, source: str = "sweep") -> Sweep:
+    """Parse and check a sweep file's text (``source`` names it in errors)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise SweepError(f"{source} is not valid TOML: {error}") from None
+    return parse(data, source)
+
+
 def load(path: str | Path) -> Sweep:
     """Read and check a sweep file."""
-    import tomllib
-
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SweepError(f"no sweep file at {path}; see docs/sweep.md for the format") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise SweepError(f"{path} is not valid TOML: {error}") from None
-    return parse(data, str(path))
+    except (OSError, UnicodeDecodeError) as error:
+        raise SweepError(f"cannot read the sweep file {path}: {error}") from None
+    return loads(text, str(path))
 
 
 def partner(sweep: Sweep, hah_name: str) -> str | None:
