@@ -166,7 +166,8 @@ def render_markdown(summary: dict[str, Any], sweep: Sweep, command: str = "") ->
               "## HaH minus its standard partner, paired by seed (points, mean ± sd)", "",
               "Bold: the mean gain exceeds the seed-to-seed sd.", "", gains_table(summary), "",
               "## Plots", "", "![metrics vs epoch](metrics.png)", "", "![gains vs epoch](gains.png)",
-              "", "![gradient ratios](grad_ratios.png)", ""]
+              "", "![training curves](training.png)", "",
+              "![gradient ratios](grad_ratios.png)", ""]
     return "\n".join(lines)
 
 
@@ -238,18 +239,36 @@ def plot_grad_ratios(summary: dict[str, Any], path: Path) -> None:
     _panels(path, 1, draw)
 
 
+def plot_training(summary: dict[str, Any], path: Path) -> None:
+    """Training and held-out accuracy against epochs, per setting (mean over seeds)."""
+    curves = {n: rows for n, rows in summary["curves"].items() if rows}
+    if not curves:
+        return
+
+    def draw(axes) -> None:
+        for ax, key, title in zip(axes, ("train_acc", "eval_acc"), ("training", "held-out")):
+            for name, rows in curves.items():
+                ax.plot([r["epoch"] for r in rows], [100 * r[key] for r in rows], label=name)
+            ax.set_title(f"{title} accuracy (%)")
+            ax.set_xlabel("epoch")
+        axes[-1].legend(fontsize=7)
+
+    _panels(path, 2, draw)
+
+
 def write(summary: dict[str, Any], sweep: Sweep, out: str | Path, command: str = "") -> dict[str, Path]:
     """results.json, report.md and the plots in ``out``; returns their paths."""
     from hahnet.io import atomic_write, write_json
 
     out = Path(out)
     paths = {name: out / name for name in ("results.json", "report.md", "metrics.png",
-                                           "gains.png", "grad_ratios.png")}
+                                           "gains.png", "grad_ratios.png", "training.png")}
     write_json(paths["results.json"], _finite(summary))
     atomic_write(paths["report.md"], lambda tmp: tmp.write_text(render_markdown(summary, sweep, command)))
     plot_metrics(summary, paths["metrics.png"])
     plot_gains(summary, paths["gains.png"])
     plot_grad_ratios(summary, paths["grad_ratios.png"])
+    plot_training(summary, paths["training.png"])
     return {k: p for k, p in paths.items() if p.exists()}
 
 
