@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+from hahnet.rundir import RunDir
+
 from hahnet import budget, jpeg_pack
 from hahnet import reproduce as rp
 from hahnet.bench import BenchConfig, time_interleaved
@@ -101,7 +103,7 @@ def test_reproduce_budget_covers_both_networks_and_evaluation(tmp_path, monkeypa
     assert plan["evaluation_seconds"] == {"standard": 15.0, "hah": 15.0}
     assert chosen["epochs"] == plan["epochs"] == 4 and "time_budget" not in chosen
     for where in (tmp_path, tmp_path / "standard", tmp_path / "hah"):
-        assert budget.read_plan(where)["epochs"] == 4
+        assert RunDir(where).read_time_budget()["epochs"] == 4
     assert rp.plan_time_budget(train, tmp_path, data, "cpu", settings, None)[0]["epochs"] == 4
     from hahnet.presets import PAPER
     text = rp.preamble(PAPER, chosen, "hahnet x", "d", plan)

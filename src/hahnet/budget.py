@@ -5,7 +5,6 @@ it) fits. The schedule keeps its shape: milestones stay fractions of the chosen 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -23,7 +22,6 @@ from hahnet.train import Trainer, epoch_batches
 EVAL_SPEEDUP = 3.0  # a forward pass costs about a third of a training step
 MOST_EPOCHS = 100   # a budget trains at most this long (the paper's recipe) unless told
 MARGIN = 0.03       # of the budget, kept free for checkpoints, start-up and timing noise
-PLAN_FILE = "time_budget.json"  # in a run (or experiment) directory: the choice made
 
 
 class BudgetError(ValueError):
@@ -121,21 +119,12 @@ def process_age() -> float:
         return 0.0
 
 
-def read_plan(directory: str | Path) -> dict[str, Any] | None:
-    """The plan a budgeted run (or experiment) in ``directory`` chose, or None."""
-    return RunDir(directory).read_time_budget()
-
-
-def write_plan(directory: str | Path, record: dict[str, Any]) -> None:
-    RunDir(directory).write_time_budget(record)
-
-
 def plan_training(config: TrainConfig, dataset: Dataset, device: torch.device,
                   out_dir: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
     """``config`` with the epochs that fit its ``time_budget`` minutes (counted from this
     process's start; ``config.epochs`` is the most it may choose), and the record of the
     choice, saved in ``out_dir``. A run that already chose (a resumed one) keeps its epochs."""
-    saved = read_plan(out_dir)
+    saved = RunDir(out_dir).read_time_budget()
     if saved is not None:
         return replace(config, epochs=int(saved["epochs"])), saved
     minutes = float(config.time_budget)
@@ -149,7 +138,7 @@ def plan_training(config: TrainConfig, dataset: Dataset, device: torch.device,
                          reserved)
     record["elapsed_seconds_before_training"] = round(elapsed, 1)
     record["device"] = str(device)
-    write_plan(out_dir, record)
+    RunDir(out_dir).write_time_budget(record)
     return replace(config, epochs=epochs), record
 
 

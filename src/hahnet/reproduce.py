@@ -90,7 +90,7 @@ def plan_time_budget(train: dict[str, Any], out: str | Path, dataset: Any, devic
 
     minutes = float(train["time_budget"])
     train = {k: v for k, v in train.items() if k != "time_budget"}
-    saved = budget.read_plan(out)
+    saved = RunDir(out).read_time_budget()
     if saved is not None:
         return {**train, "epochs": int(saved["epochs"])}, saved
     configs = {name: TrainConfig.from_dict({**train, "hah": name == "hah"}) for name in RUNS}
@@ -113,7 +113,7 @@ def plan_time_budget(train: dict[str, Any], out: str | Path, dataset: Any, devic
     record.update(evaluation_seconds=evaluation, attack_share=ATTACK_SHARE,
                   elapsed_seconds_before_training=round(elapsed, 1), device=str(device))
     for directory in (out, *run_dirs(out).values()):
-        budget.write_plan(directory, record)
+        RunDir(directory).write_time_budget(record)
     return {**train, "epochs": epochs}, record
 
 

@@ -307,25 +307,21 @@ def _result(saved: dict[str, Any]) -> EvalResult:
 
 # ------------------------------------------------------------------ workers
 
-def _load_data(path: str, cache_dir: str | None):
-    from hahnet.data import load_dataset
-
-    return load_dataset(path, cache_dir=cache_dir)
-
-
 def train_task(directory: str, train: dict[str, Any], data: str, cache_dir: str | None,
                threads: int, device: str) -> float:
     """Train (or resume) one run in ``directory``; returns the seconds it took."""
     import torch
 
+    from hahnet.data import load_dataset
     from hahnet.device import resolve_device
     from hahnet.train import Trainer
 
     started = time.perf_counter()
     torch.set_num_threads(threads)
     config = TrainConfig.from_dict(train)
-    trainer = Trainer(config, _load_data(data, cache_dir), Path(directory), resolve_device(device))
-    if (Path(directory) / checkpoint.MODEL_FILE).exists():
+    trainer = Trainer(config, load_dataset(data, cache_dir=cache_dir), Path(directory),
+                      resolve_device(device))
+    if RunDir(directory).has_checkpoint():
         trainer.resume()
     trainer.fit()
     return time.perf_counter() - started
@@ -338,20 +334,17 @@ def eval_task(checkpoint_path: str, target: str, settings: dict[str, Any], split
     the result JSON to ``target``; returns the seconds it took."""
     import torch
 
-    from hahnet.data import split_holdout
+    from hahnet.data import load_dataset
     from hahnet.device import resolve_device
-    from hahnet.eval.runner import evaluate_model
+    from hahnet.eval.runner import evaluate_model, evaluation_split
 
     started = time.perf_counter()
     torch.set_num_threads(threads)
     dev = resolve_device(device)
     info = checkpoint.read_info(checkpoint_path)
     model = checkpoint.load(checkpoint_path, device=dev)
-    dataset = _load_data(data, cache_dir)
-    images = dataset.test
-    if split == "holdout":
-        train = info["train"]
-        images = split_holdout(dataset.train, float(train["holdout"]), int(train["seed"]))[1]
+    images = evaluation_split(load_dataset(data, cache_dir=cache_dir), split,
+                              [(checkpoint_path, info)])
     if limit:
         images = images.limit(limit, limit_seed)
     values = dict(settings)
