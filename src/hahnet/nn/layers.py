@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from hahnet.config import PAPER_KEEP, PAPER_SIGMA
 from hahnet.nn.fused import (_DivisiveNorm, _TopFraction, divisive_norm_reference, eager_mode,
                              top_fraction_reference)
+from hahnet.nn.fused_block import hah_activation
 
 WN_EPS = 1e-6
 
@@ -143,7 +144,21 @@ class HaHBlock(nn.Module):
         self.threshold = TopFractionThreshold(keep)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.threshold(self.divnorm(self.relu(self.conv(x))))
+        z = self.conv(x)
+        k = threshold_rank(z.shape[-2] * z.shape[-1], self.threshold.keep) if z.dim() == 4 else 0
+        if k and self._fusable(z):  # one fused pass on the CPU (hahnet.nn.fused_block)
+            return hah_activation(z, self.divnorm.sigma, self.divnorm.pool, k)
+        return self.threshold(self.divnorm(self.relu(z)))
+
+    def _fusable(self, z: Tensor) -> bool:
+        """Whether the activation may run as one fused Function: eager CPU execution and
+        this block's own, unhooked ReLU, normalization and threshold (the fused code
+        computes exactly their formulas, and would skip hooks on them)."""
+        parts = ((self.relu, nn.ReLU), (self.divnorm, DivisiveNorm2d),
+                 (self.threshold, TopFractionThreshold))
+        return z.device.type == "cpu" and eager_mode() and all(
+            type(m) is kind and not (m._forward_hooks or m._forward_pre_hooks)
+            for m, kind in parts)
 
 
 class VGGBlock(nn.Module):
