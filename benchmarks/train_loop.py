@@ -6,9 +6,9 @@ and checkpoint) against the model's bare forward/backward/Adam steps on the very
     .venv/bin/python benchmarks/train_loop.py --data ../shared/data/cifar10-jpeg
     .venv/bin/python benchmarks/train_loop.py --images 10000 --width 1.0 --threads 1 --clock cpu
 
-Overhead = (epoch time) / (bare time) - 1, also split into the training loop alone
-(``train_epoch``) and the end-of-epoch work (evaluation, probe, checkpoint). Full and
-bare epochs run in this one process, interleaved, so machine noise hits both alike.
+Reported: full epoch / bare epoch, and each part of the full epoch (``train_epoch``,
+``evaluate``, ``probe_gradients``, ``save``) in units of the bare epoch. Full and bare
+epochs run in this one process, interleaved, so machine noise hits both alike.
 """
 
 from __future__ import annotations
@@ -35,14 +35,33 @@ def prepared_batches(trainer: Trainer, epoch: int):
                           trainer.config.seed, epoch, trainer.config.augment)]
 
 
-def time_epoch(trainer: Trainer, epoch: int, clock) -> tuple[float, float]:
-    """Seconds of one ``fit`` epoch, and of its ``train_epoch`` part (as fit logs it)."""
+def timed_parts(trainer: Trainer, clock) -> dict[str, float]:
+    """Wrap the trainer's per-epoch work (``train_epoch``, ``evaluate``,
+    ``probe_gradients``, ``save``) so that each call adds its ``clock`` seconds to the
+    returned dict (instance attributes: the class is untouched)."""
+    spent: dict[str, float] = {}
+    for name in ("train_epoch", "evaluate", "probe_gradients", "save"):
+        method = getattr(trainer, name)
+
+        def timed(*args, method=method, name=name, **kwargs):
+            started = clock()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                spent[name] = spent.get(name, 0.0) + clock() - started
+        setattr(trainer, name, timed)
+    return spent
+
+
+def time_epoch(trainer: Trainer, epoch: int, clock, spent: dict[str, float]
+               ) -> dict[str, float]:
+    """Seconds of one ``fit`` epoch, in total and by part."""
     trainer.config = dataclasses.replace(trainer.config, epochs=epoch + 1)
     trainer.start_epoch = epoch
+    spent.clear()
     started = clock()
-    history = trainer.fit()
-    total = clock() - started
-    return total, history[-1].seconds
+    trainer.fit()
+    return {"total": clock() - started, **spent}
 
 
 def time_bare(trainer: Trainer, epoch: int, clock) -> float:
@@ -61,21 +80,22 @@ def measure(name: str, args: argparse.Namespace, dataset, out_dir: str) -> None:
                          precision=args.precision, limit_train=args.images)
     trainer = Trainer(config, dataset, os.path.join(out_dir, name), torch.device("cpu"))
     trainer.train_epoch(0, stop_after=3)  # warm-up
-    full, loop, bare = [], [], []
+    spent = timed_parts(trainer, clock)
+    full: list[dict[str, float]] = []
+    bare: list[float] = []
     for repeat in range(args.repeats):
-        total, train_part = time_epoch(trainer, repeat, clock)
-        full.append(total)
-        loop.append(train_part)
+        full.append(time_epoch(trainer, repeat, clock, spent))
         bare.append(time_bare(trainer, repeat, clock))
     images = trainer.steps_per_epoch() * trainer.config.batch_size
-    full_s, bare_s = statistics.median(full), statistics.median(bare)
-    loop_s = statistics.median(loop)
+    part = {key: statistics.median(f.get(key, 0.0) for f in full) for key in full[0]}
+    bare_s = statistics.median(bare)
+    shares = ", ".join(f"{key} {value / bare_s:.3f}" for key, value in part.items()
+                       if key != "total")
     print(f"{name:8s} width {args.width:g} {args.precision}: {images} train images, "
-          f"{len(trainer.eval_split.labels)} evaluated; bare {images / bare_s:7.1f} img/s, "
-          f"train_epoch {images / loop_s:7.1f} img/s (logged, wall), full epoch "
-          f"{images / full_s:7.1f} img/s: bare / full = {full_s / bare_s:.3f} "
-          f"(end-of-epoch work {(full_s - loop_s) / bare_s:+.1%} of bare, "
-          f"{args.clock} clock, medians of {args.repeats})")
+          f"{len(trainer.eval_split.labels)} evaluated per epoch; bare steps "
+          f"{images / bare_s:7.1f} img/s, full epoch {images / part['total']:7.1f} img/s; "
+          f"full / bare = {part['total'] / bare_s:.3f} (in units of the bare epoch: "
+          f"{shares}; {args.clock} clock, medians of {args.repeats})")
 
 
 def main() -> None:
