@@ -1,5 +1,6 @@
 """The fused HaH activation (relu -> divisive normalization -> threshold in one autograd
-Function) against the plain autograd formulas, and HaHBlock's choice of it."""
+Function) and WNConv2d's filter normalization with its written-out backward, against the
+plain autograd formulas; HaHBlock's choice of the fused path."""
 
 import pytest
 import torch
@@ -7,7 +8,9 @@ from torch import nn
 
 from hahnet.nn import fused, fused_block
 from hahnet.nn.fused_block import _HaHActivation, hah_activation, hah_activation_reference
-from hahnet.nn.layers import HaHBlock, threshold_rank
+from hahnet.nn.layers import HaHBlock, WNConv2d, threshold_rank
+from hahnet.nn.weight_norm import (_NormalizeFilters, normalize_filters,
+                                   normalize_filters_reference)
 
 INPUTS = {
     "randn": lambda s: torch.randn(s, dtype=torch.float64),
@@ -100,4 +103,33 @@ def test_hah_block_fuses_unless_its_parts_are_hooked_or_replaced(monkeypatch):
     torch.testing.assert_close(g_fused, g_plain)
     block.relu = nn.LeakyReLU(0.5)  # not the block's own formula: no fusing
     assert not torch.allclose(block(x), fused_out)
+    assert calls == [1]
+
+
+# ------------------------------------------------ WNConv2d's filter normalization
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 3, 3), (4, 2, 1, 1), (3, 7)])
+def test_filter_normalization_matches_plain_autograd(shape):
+    """Written-out backward = autograd's, also for an all-zero filter (gradient: 1 / eps
+    times the incoming one, no NaN) and filters of very different scales."""
+    torch.manual_seed(6)
+    weight = torch.randn(shape, dtype=torch.float64)
+    weight[0] = 0.0
+    weight[1] *= 1e6
+    grad = torch.randn(shape, dtype=torch.float64)
+    a, b = weight.clone().requires_grad_(), weight.clone().requires_grad_()
+    out_a, out_b = normalize_filters(a, 1e-6), normalize_filters_reference(b, 1e-6)
+    assert torch.equal(out_a, out_b)
+    (ga,), (gb,) = torch.autograd.grad(out_a, a, grad), torch.autograd.grad(out_b, b, grad)
+    torch.testing.assert_close(ga, gb, rtol=1e-10, atol=0.0)
+
+
+def test_filter_normalization_second_derivatives_and_conv_uses_it(monkeypatch):
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: _NormalizeFilters.apply(t, 1e-6), (w,))
+    calls = []
+    original = _NormalizeFilters.apply
+    monkeypatch.setattr(_NormalizeFilters, "apply", lambda *a: calls.append(1) or original(*a))
+    WNConv2d(2, 3)(torch.randn(1, 2, 4, 4))
     assert calls == [1]

@@ -22,6 +22,7 @@ from hahnet.config import PAPER_KEEP, PAPER_SIGMA
 from hahnet.nn.fused import (_DivisiveNorm, _TopFraction, divisive_norm_reference, eager_mode,
                              top_fraction_reference)
 from hahnet.nn.fused_block import hah_activation
+from hahnet.nn.weight_norm import normalize_filters
 
 WN_EPS = 1e-6
 
@@ -59,8 +60,7 @@ class WNConv2d(nn.Conv2d):
 
     def normalized_weight(self) -> Tensor:
         """The filters divided by their l2 norms (each over in_channels x kH x kW)."""
-        norms = torch.linalg.vector_norm(self.weight, dim=(1, 2, 3), keepdim=True)
-        return self.weight / (norms + WN_EPS)
+        return normalize_filters(self.weight, WN_EPS)
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.normalized_weight()
