@@ -12,7 +12,9 @@ configuration, in one process:
     first, then a second forward and the cross-entropy backward (+ Adam step);
 (d) ``standard``: one cross-entropy step of the standard VGG16 of the same width;
 (e) forward + backward of DivisiveNorm2d, TopFractionThreshold and WNConv2d alone at each
-    VGG16 resolution (32, 16, 8) with the HaH channel counts (64, 128, 256) x width;
+    VGG16 resolution (32, 16, 8) with the HaH channel counts (64, 128, 256) x width, and
+    of a HaH block's whole activation after its convolution (ReLU, normalization,
+    threshold: fused into one pass on a CPU, :mod:`hahnet.nn.fused_block`);
 (f) evaluation throughput of the HaH network: clean images/s, and APGD-CE
     iterations x images / s (torchattacks.APGD, l_inf 2/255, a few steps).
 
@@ -43,7 +45,8 @@ from torch import Tensor, nn
 from hahnet.config import _check, PAPER_ALPHAS, PAPER_DEMOTE, PAPER_EPS, PAPER_RATIO
 from hahnet.device import autocast, tune_device
 from hahnet.hah import HaHObjective, hah_convs, reference_score
-from hahnet.nn.layers import DivisiveNorm2d, TopFractionThreshold, WNConv2d
+from hahnet.nn.layers import (DivisiveNorm2d, TopFractionThreshold, WNConv2d,
+                              hah_block_activation)
 from hahnet.models import scaled, vgg16
 
 TARGETS = {  # ratio -> (comparison, bound, where it applies)
@@ -58,7 +61,7 @@ STEP_LABELS = {
     "reference": "(c) reference procedure step",
     "standard": "(d) standard VGG16 CE step",
 }
-BLOCKS = ("DivisiveNorm2d", "TopFractionThreshold", "WNConv2d")
+BLOCKS = ("DivisiveNorm2d", "TopFractionThreshold", "WNConv2d", "HaHActivation")
 RESOLUTIONS = ((32, 64), (16, 128), (8, 256))  # VGG16 resolution -> HaH channels at width 1
 
 
@@ -287,6 +290,18 @@ def step_functions(width: float, batch_size: int, precision: str, channels_last:
 # ------------------------------------------------------------------ the blocks
 
 
+class HaHActivation(nn.Module):
+    """What a HaH block computes after its convolution (ReLU, divisive normalization,
+    threshold), as the block runs it (fused on a CPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.relu, self.divnorm, self.threshold = nn.ReLU(), DivisiveNorm2d(), TopFractionThreshold()
+
+    def forward(self, z: Tensor) -> Tensor:
+        return hah_block_activation(z, self.relu, self.divnorm, self.threshold)
+
+
 def block_functions(width: float, batch_size: int, precision: str, channels_last: bool,
                     seed: int, device: str = "cpu"
                     ) -> dict[str, tuple[dict[str, Any], Callable[[], Any]]]:
@@ -300,7 +315,8 @@ def block_functions(width: float, batch_size: int, precision: str, channels_last
         x = torch.relu(torch.randn(batch_size, channels, resolution, resolution)).to(device)
         x = x.contiguous(memory_format=fmt).requires_grad_()
         modules = {"DivisiveNorm2d": DivisiveNorm2d(), "TopFractionThreshold": TopFractionThreshold(),
-                   "WNConv2d": WNConv2d(channels, channels).to(device, memory_format=fmt)}
+                   "WNConv2d": WNConv2d(channels, channels).to(device, memory_format=fmt),
+                   "HaHActivation": HaHActivation()}
         for name, module in modules.items():
             params = [p for p in module.parameters()]
 

@@ -144,21 +144,27 @@ class HaHBlock(nn.Module):
         self.threshold = TopFractionThreshold(keep)
 
     def forward(self, x: Tensor) -> Tensor:
-        z = self.conv(x)
-        k = threshold_rank(z.shape[-2] * z.shape[-1], self.threshold.keep) if z.dim() == 4 else 0
-        if k and self._fusable(z):  # one fused pass on the CPU (hahnet.nn.fused_block)
-            return hah_activation(z, self.divnorm.sigma, self.divnorm.pool, k)
-        return self.threshold(self.divnorm(self.relu(z)))
+        return self.activation(self.conv(x))
 
-    def _fusable(self, z: Tensor) -> bool:
-        """Whether the activation may run as one fused Function: eager CPU execution and
-        this block's own, unhooked ReLU, normalization and threshold (the fused code
-        computes exactly their formulas, and would skip hooks on them)."""
-        parts = ((self.relu, nn.ReLU), (self.divnorm, DivisiveNorm2d),
-                 (self.threshold, TopFractionThreshold))
-        return z.device.type == "cpu" and eager_mode() and all(
+    def activation(self, z: Tensor) -> Tensor:
+        """threshold(divnorm(relu(z))) of the convolution's output ``z``."""
+        return hah_block_activation(z, self.relu, self.divnorm, self.threshold)
+
+
+def hah_block_activation(z: Tensor, relu: nn.Module, divnorm: nn.Module,
+                         threshold: nn.Module) -> Tensor:
+    """``threshold(divnorm(relu(z)))``; as one fused pass (:mod:`hahnet.nn.fused_block`)
+    in eager CPU execution when the parts are plain ReLU, DivisiveNorm2d and
+    TopFractionThreshold modules without hooks (the fused code computes exactly their
+    formulas, and would skip the hooks)."""
+    parts = ((relu, nn.ReLU), (divnorm, DivisiveNorm2d), (threshold, TopFractionThreshold))
+    k = threshold_rank(z.shape[-2] * z.shape[-1], threshold.keep) \
+        if z.dim() == 4 and type(threshold) is TopFractionThreshold else 0
+    if k and z.device.type == "cpu" and eager_mode() and all(
             type(m) is kind and not (m._forward_hooks or m._forward_pre_hooks)
-            for m, kind in parts)
+            for m, kind in parts):
+        return hah_activation(z, divnorm.sigma, divnorm.pool, k)
+    return threshold(divnorm(relu(z)))
 
 
 class VGGBlock(nn.Module):
