@@ -54,9 +54,13 @@ def test_fused_activation_matches_plain_autograd(kind, channels_last, chunking):
         torch.testing.assert_close(ga / scale, gb / scale)
 
 
-def test_fused_activation_fp32_large_maps_and_wide_indices():
+@pytest.mark.parametrize("narrow", [False, True])
+def test_fused_activation_fp32_large_maps_and_index_widths(narrow, monkeypatch):
     """fp32 at a VGG layer's size (several chunks), and maps with more positions than
-    int16 indices can address (the saved max-pool indices stay int64 there)."""
+    int16 indices can address; the saved max-pool indices kept as int64 or as int16
+    (as for large activations)."""
+    if narrow:
+        monkeypatch.setattr(fused_block, "NARROW_INDICES_BYTES", 0)
     torch.manual_seed(3)
     for shape, dtype in [((8, 16, 32, 32), torch.float32), ((1, 2, 182, 182), torch.float64)]:
         z = torch.randn(shape, dtype=dtype)
@@ -64,8 +68,10 @@ def test_fused_activation_fp32_large_maps_and_wide_indices():
         out_a, out_b, ga, gb = _both(z, grad, threshold_rank(shape[2] * shape[3], 0.2))
         torch.testing.assert_close(out_a, out_b)
         torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6 * float(gb.abs().max()))
-    assert fused_block._index_dtype(32 * 32) == torch.int16
-    assert fused_block._index_dtype(182 * 182) == torch.int64
+    monkeypatch.undo()
+    assert fused_block._index_dtype(32 * 32, 128 * 64 * 32 * 32) == torch.int16
+    assert fused_block._index_dtype(32 * 32, 128 * 16 * 32 * 32) == torch.int64
+    assert fused_block._index_dtype(182 * 182, 128 * 64 * 182 * 182) == torch.int64
 
 
 def test_fused_activation_bf16_and_forward_only_path():

@@ -48,11 +48,19 @@ def _channel_mean(pooled: Tensor, out: Tensor) -> None:
     torch.mv(rows, ones, out=out.view(n * h * w)).div_(c)
 
 
-def _index_dtype(positions: int) -> torch.dtype:
-    """The narrowest integer type for max-pool indices into maps of ``positions``: the
-    saved indices are the largest tensor the block keeps for its backward (int64 is
-    twice the activation), and fresh large tensors cost page faults on CPU."""
-    return torch.int16 if positions <= torch.iinfo(torch.int16).max + 1 else torch.int64
+# glibc serves blocks of this size and more with fresh mmaps (its mmap threshold grows to
+# at most 32 MiB on 64-bit), so every such tensor costs a page fault per 4 KiB when it
+# is first written; measured on a 2-core VM that cost more than converting the saved
+# max-pool indices to int16 and back (width 1: 316 vs 348 ms per 32x32 activation,
+# forward + backward), below it less (width 0.25: 77 vs 75 ms).
+NARROW_INDICES_BYTES = 32 << 20
+
+
+def _index_dtype(positions: int, elements: int) -> torch.dtype:
+    """How to keep the max-pool indices (into maps of ``positions``) for the backward:
+    int64 as the pool writes them, or int16 when int64 would be a large fresh block."""
+    narrow = positions <= torch.iinfo(torch.int16).max + 1 and elements * 8 >= NARROW_INDICES_BYTES
+    return torch.int16 if narrow else torch.int64
 
 
 def hah_activation(z: Tensor, sigma: float, pool: int, k: int) -> Tensor:
@@ -66,7 +74,7 @@ def hah_activation(z: Tensor, sigma: float, pool: int, k: int) -> Tensor:
 def _forward(z: Tensor, sigma: float, pool: int, k: int, keep_indices: bool
              ) -> tuple[Tensor, Tensor, Tensor | None]:
     """The activation, the pooled field (N,1,H,W) and, if asked, the max-pool's indices
-    (channels-last, narrow integers) for the backward; chunk by chunk."""
+    (channels-last; see :func:`_index_dtype`) for the backward; chunk by chunk."""
     n, c, h, w = z.shape
     chunks = batch_chunks(n, c * h * w, z.device)
     # relu(z) goes to channels-last scratch: stride-1 max-pooling is ~10x faster there
@@ -74,7 +82,8 @@ def _forward(z: Tensor, sigma: float, pool: int, k: int, keep_indices: bool
     pooled = torch.empty_like(rectified)
     chunk_indices = torch.empty_like(rectified, dtype=torch.int64)
     keep = torch.empty_like(_bits(z[: chunks[0][1]]))
-    indices = torch.empty_like(z, dtype=_index_dtype(h * w), memory_format=torch.channels_last) \
+    indices = torch.empty_like(z, dtype=_index_dtype(h * w, z.numel()),
+                               memory_format=torch.channels_last) \
         if keep_indices else None
     field = torch.empty((n, 1, h, w), dtype=z.dtype, device=z.device)
     out = torch.empty_like(z)
@@ -83,10 +92,11 @@ def _forward(z: Tensor, sigma: float, pool: int, k: int, keep_indices: bool
         part_out, part_field = out[start:stop], field[start:stop]
         torch.clamp(z[start:stop], min=0, out=part_out)  # relu(z) = |relu(z)|
         rectified[:size].copy_(part_out)
+        wide = indices is not None and indices.dtype == torch.int64  # pooled straight there
         torch.ops.aten.max_pool2d_with_indices.out(
             rectified[:size], [pool, pool], [1, 1], [pool // 2, pool // 2], [1, 1], False,
-            out=pooled[:size], indices=chunk_indices[:size])
-        if indices is not None:
+            out=pooled[:size], indices=indices[start:stop] if wide else chunk_indices[:size])
+        if indices is not None and not wide:
             indices[start:stop].copy_(chunk_indices[:size])
         _channel_mean(pooled[:size], part_field)
         # the divisor as divisive_norm_reference rounds it (its peak is per image)
@@ -149,7 +159,8 @@ def _backward(grad: Tensor, z: Tensor, out: Tensor, field: Tensor, indices: Tens
             (grad_peak / peak_count[start:stop]) * at_peak[start:stop]
         # field = mean_c(pooled): the max-pool sends grad_field / C to each window's argmax
         part_grad_magnitude = grad_magnitude[:size].zero_()
-        part_indices = chunk_indices[:size].copy_(indices[start:stop])
+        part_indices = indices[start:stop] if indices.dtype == torch.int64 else \
+            chunk_indices[:size].copy_(indices[start:stop])
         part_grad_magnitude.view(size, c, h * w).scatter_add_(
             2, part_indices.view(size, c, h * w),
             (grad_field / c).view(size, 1, h * w).expand(size, c, h * w))
