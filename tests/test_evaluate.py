@@ -369,6 +369,29 @@ def test_evaluate_model_runs_everything_with_progress():
     assert estimate["attacks_Linf"] > 0
 
 
+def test_evaluation_turns_cudnn_autotuning_off_and_restores_it():
+    """Attacks change batch sizes all the time; cuDNN would re-tune for each (the flag
+    is a plain setting, readable and settable without a GPU)."""
+    model = tiny_net()
+    seen: list[bool] = []
+    model.register_forward_pre_hook(lambda module, inputs: seen.append(
+        torch.backends.cudnn.benchmark))
+    x, y = random_uint8(6), torch.arange(6) % CLASSES
+    was = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True  # as training on CUDA leaves it
+    try:
+        runner.evaluate_model(model, x, y, FAST)
+        assert seen and not any(seen) and torch.backends.cudnn.benchmark is True
+        calls = len(seen)
+        runner.estimate_seconds(model, FAST, 6, image_shape=(3, 8, 8))
+        assert len(seen) > calls and not any(seen) and torch.backends.cudnn.benchmark is True
+        with pytest.raises(evaluation.EvalError, match="float images"):
+            runner.evaluate_model(model, x.float(), y, FAST)  # fails inside: still restored
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = was
+
+
 def test_check_compatible_rejects_mismatched_data():
     model = hahnet.vgg16(width=0.0625)
     y = torch.arange(4)

@@ -141,17 +141,24 @@ def make_cifar_like_folder(root: Path, per_class: int, test_per_class: int) -> N
                 Image.fromarray(pixels).save(root / split / name / f"{i:04d}.jpg", quality=90)
 
 
-@pytest.mark.skipif(not Path("/usr/bin/env").exists(), reason="needs a POSIX shell")
-def test_gpu_paper_script_rehearses_on_cpu(tmp_path):
-    """benchmarks/gpu_paper.sh --device cpu --tiny, end to end, on a small pack."""
+SCRIPT = ["bash", str(ROOT / "benchmarks" / "gpu_paper.sh"), "--device", "cpu", "--tiny"]
+
+
+def rehearsal_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The environment of a CPU rehearsal of gpu_paper.sh on a small pack made here."""
     pytest.importorskip("torchattacks")
     make_cifar_like_folder(tmp_path / "jpeg", per_class=30, test_per_class=10)
     jpeg_pack.pack(tmp_path / "jpeg", tmp_path / "pack.npz")
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"),
-           "PACK": str(tmp_path / "pack.npz"), "PYTHON": sys.executable,
-           "TOTAL_SECONDS": "240", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_paper.sh"), "--device", "cpu",
-                           "--tiny"], cwd=ROOT, env=env, capture_output=True, text=True,
+    return {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"),
+            "PACK": str(tmp_path / "pack.npz"), "PYTHON": sys.executable,
+            "TOTAL_SECONDS": "240", "OMP_NUM_THREADS": "1", **extra}
+
+
+@pytest.mark.skipif(not Path("/usr/bin/env").exists(), reason="needs a POSIX shell")
+def test_gpu_paper_script_rehearses_on_cpu(tmp_path):
+    """benchmarks/gpu_paper.sh --device cpu --tiny, end to end, on a small pack."""
+    env = rehearsal_env(tmp_path)
+    done = subprocess.run(SCRIPT, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
@@ -166,3 +173,41 @@ def test_gpu_paper_script_rehearses_on_cpu(tmp_path):
         names = archive.getnames()
     assert any(n.endswith("log.txt") for n in names)
     assert not any(n.endswith(".safetensors") for n in names)
+
+
+def archived(archive: Path) -> list[str]:
+    """The member names of a .tar.gz, [] while it does not exist yet."""
+    if not archive.exists():
+        return []
+    with tarfile.open(archive) as opened:
+        return opened.getnames()
+
+
+@pytest.mark.skipif(not Path("/usr/bin/env").exists(), reason="needs a POSIX shell")
+def test_gpu_paper_script_goes_on_without_its_bench_and_exports_while_running(tmp_path):
+    """A failing bench (here: an unknown section) does not stop the paper run, and results
+    reach OUT while it runs: killed, as at the device's time limit, once the standard
+    network's evaluation exists, the script has already put it into OUT/runs.tar.gz."""
+    import signal
+    import time
+
+    env = rehearsal_env(tmp_path, BENCH_SECTIONS="no-such-section", EXPORT_SECONDS="1")
+    archive, wanted = tmp_path / "out" / "runs.tar.gz", "standard/eval/results.json"
+    with open(tmp_path / "script.log", "w") as log:
+        script = subprocess.Popen(SCRIPT, cwd=ROOT, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 280
+        while script.poll() is None and time.monotonic() < deadline \
+                and wanted not in archived(archive):
+            time.sleep(0.2)
+        still_running = script.poll() is None
+    finally:
+        if script.poll() is None:
+            os.killpg(script.pid, signal.SIGKILL)  # the script and everything it started
+        script.wait()
+    output = (tmp_path / "script.log").read_text()
+    assert still_running, "the script ended before the check: " + output[-3000:]
+    assert wanted in archived(archive), output[-3000:]
+    assert "bench failed" in output and not (tmp_path / "out" / "bench.json").exists()
+    assert not (tmp_path / "out" / "report.md").exists()  # the experiment was not finished

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 from dataclasses import asdict, dataclass, replace
@@ -17,11 +18,11 @@ import torch
 from hahnet.config import TrainConfig
 from hahnet.data import Dataset
 from hahnet.rundir import RunDir
-from hahnet.train import Trainer, epoch_batches
+from hahnet.train import EpochMetrics, Trainer, epoch_batches
 
 EVAL_SPEEDUP = 3.0  # a forward pass costs about a third of a training step
 MOST_EPOCHS = 100   # a budget trains at most this long (the paper's recipe) unless told
-MARGIN = 0.03       # of the budget, kept free for checkpoints, start-up and timing noise
+MARGIN = 0.03       # of the budget, kept free for start-up and timing noise
 
 
 class BudgetError(ValueError):
@@ -36,23 +37,39 @@ class Throughput:
     train_images: int
     eval_images: int
     warmup_seconds: float
+    save_seconds: float = 0.0   # one epoch's checkpoint (written, then re-read for SHA-256)
+    probe_seconds: float = 0.0  # one epoch's gradient-ratio probe (HaH runs)
 
     def epoch_seconds(self) -> float:
-        """One epoch: the training steps plus the per-epoch accuracy pass."""
+        """One epoch: the training steps, the accuracy pass, the probe and the save."""
         ips = self.images_per_second
-        return self.train_images / ips + self.eval_images / (ips * EVAL_SPEEDUP)
+        return (self.train_images / ips + self.eval_images / (ips * EVAL_SPEEDUP)
+                + self.save_seconds + self.probe_seconds)
 
 
 def measure(config: TrainConfig, dataset: Dataset, device: torch.device, steps: int | None = None,
             warmup_steps: int = 3) -> Throughput:
     """Time ``steps`` optimizer steps (after ``warmup_steps`` untimed ones: allocator,
-    autotuning, compilation) on a throwaway copy of the run's model and data. ``steps``
-    defaults to 8 on a CPU and 30 on an accelerator (short steps, noisier timings)."""
+    autotuning, compilation) on a throwaway copy of the run's model and data, then once
+    each what every epoch adds: the gradient probe and the checkpoint save (into a scratch
+    directory). ``steps`` defaults to 8 on a CPU and 30 on an accelerator (short steps,
+    noisier timings)."""
     started = time.perf_counter()
     if steps is None:
         steps = 8 if torch.device(device).type == "cpu" else 30
     probe = replace(config, epochs=max(config.epochs, 1), snapshots=(), time_budget=None)
-    trainer = Trainer(probe, dataset, out_dir="unused-budget-probe", device=device)
+    with tempfile.TemporaryDirectory(prefix="hahnet-budget-") as scratch:
+        trainer = Trainer(probe, dataset, out_dir=Path(scratch), device=device)
+        images_per_second = _steps_per_second(trainer, steps, warmup_steps)
+        save_seconds, probe_seconds = epoch_extras(trainer)
+    return Throughput(images_per_second, len(trainer.train_split.labels),
+                      len(trainer.eval_split.labels), time.perf_counter() - started,
+                      save_seconds, probe_seconds)
+
+
+def _steps_per_second(trainer: Trainer, steps: int, warmup_steps: int) -> float:
+    """Training images per second over ``steps`` timed steps of ``trainer``."""
+    probe, device = trainer.config, trainer.device
     batches = epoch_batches(len(trainer.train_split.labels), probe.batch_size, probe.seed, 0,
                             probe.augment)
     timed_from, images = None, 0
@@ -71,9 +88,20 @@ def measure(config: TrainConfig, dataset: Dataset, device: torch.device, steps: 
     if timed_from is None or images == 0:
         raise BudgetError(f"the warm-up needs {warmup_steps + 1} batches of {probe.batch_size} "
                           f"training images; use more data or a smaller --batch-size")
-    seconds = time.perf_counter() - timed_from
-    return Throughput(images / seconds, len(trainer.train_split.labels),
-                      len(trainer.eval_split.labels), time.perf_counter() - started)
+    return images / (time.perf_counter() - timed_from)
+
+
+def epoch_extras(trainer: Trainer) -> tuple[float, float]:
+    """Seconds of (the checkpoint save, the gradient probe) that close every epoch of
+    ``trainer``'s run, timed once each; the save goes to ``trainer``'s own directory."""
+    started = time.perf_counter()
+    ratios = trainer.probe_gradients()  # [] for a standard run
+    _sync(trainer.device)
+    probed = time.perf_counter()
+    metrics = EpochMetrics(0, trainer.config.lr, 0.0, 0.0, 0.0, trainer.eval_split_name, [],
+                           0.0, 0.0, ratios)
+    trainer.save(0, metrics)
+    return time.perf_counter() - probed, probed - started
 
 
 def _sync(device: torch.device) -> None:

@@ -87,10 +87,13 @@ def reference_score(z: Tensor, ratio: float = PAPER_RATIO,
     return (top - demote * rest).mean()
 
 
-def _score_gradient(z: Tensor, top_indices: Tensor, k: int, demote: float) -> Tensor:
-    """dH/dz: 1/K on the winners, -demote/(C-K) on the others, 0 where z <= 0; / N*H*W."""
+def _score_gradient(z: Tensor, top_indices: Tensor, k: int, demote: float,
+                    scale: float | None = None) -> Tensor:
+    """dH/dz: 1/K on the winners, -demote/(C-K) on the others, 0 where z <= 0, times
+    ``scale`` (default 1/(N*H*W): the mean over positions)."""
     n, c, h, w = z.shape
-    scale = 1.0 / (n * h * w)
+    if scale is None:
+        scale = 1.0 / (n * h * w)
     loser = -demote / (c - k) if c > k else 0.0
     positive = (z > 0).to(z.dtype)
     grad = positive * (loser * scale)
@@ -163,52 +166,112 @@ def _winners_by_threshold(z: Tensor, k: int, accumulate: torch.dtype
     return _Winners(threshold, tied, chosen), top_sum, positive_sum
 
 
+def _gradient_levels(z: Tensor, k: int, demote: float, scale: float) -> tuple[float, float]:
+    """dH/dz's value on a positive loser, and what a positive winner gets on top of it
+    (rounded to z's dtype first, as :func:`_score_gradient`'s scatter_add adds it)."""
+    c = z.shape[1]
+    loser = -demote / (c - k) if c > k else 0.0
+    boost = torch.tensor((1.0 / k - loser) * scale, dtype=z.dtype).item()
+    return loser * scale, boost
+
+
+def _local_gradient(z: Tensor, found: _Winners, start: int, stop: int, loser: float,
+                    boost: float, out: Tensor, won: Tensor) -> Tensor:
+    """dH/dz of the images [start, stop) of z, written into ``out``: ``loser`` where z > 0
+    plus ``boost`` on the winners of a :class:`_Winners`; ``won`` is scratch of out's shape."""
+    part = z[start:stop]
+    local = torch.gt(part, 0, out=out).mul_(loser)
+    torch.ge(part, found.threshold[start:stop], out=won)
+    local.add_(won, alpha=boost)
+    if found.tied is not None:
+        inside = (found.tied[0] >= start) & (found.tied[0] < stop)
+        if bool(inside.any()):
+            chosen = found.chosen[inside]
+            nn_, hh, ww = (i[inside][:, None].expand_as(chosen) for i in found.tied)
+            nn_ = nn_ - start
+            positive = (part[nn_, chosen, hh, ww] > 0).to(z.dtype)
+            local.index_put_((nn_, chosen, hh, ww), positive.mul_(boost), accumulate=True)
+    return local
+
+
 def _weight_gradient_input(z: Tensor, grad_z: Tensor, grad_score: Tensor, found: _Winners,
                            k: int, demote: float) -> Tensor:
-    """``grad_z + grad_score * dH/dz`` with dH/dz as :func:`_score_gradient` computes it
-    (the losers' value, plus the winners' boost added to it), from a :class:`_Winners`,
-    chunk by chunk."""
+    """``grad_z + grad_score * dH/dz`` (fp32 or wider) with dH/dz as
+    :func:`_score_gradient` computes it, from a :class:`_Winners`, chunk by chunk (the
+    fused multiply-add rounds once)."""
     n, c, h, w = z.shape
-    scale = 1.0 / (n * h * w)
-    loser = -demote / (c - k) if c > k else 0.0
-    # the boost rounded to z's dtype first, as _score_gradient's scatter_add adds it
-    boost = torch.tensor((1.0 / k - loser) * scale, dtype=z.dtype).item()
+    loser, boost = _gradient_levels(z, k, demote, 1.0 / (n * h * w))
     factor = grad_score.to(z.dtype)
     out = torch.empty_like(z)
     chunks = batch_chunks(n, c * h * w, z.device)  # cache-sized, as the fused layers
     local_scratch = torch.empty_like(z[: chunks[0][1]])
     won_scratch = torch.empty_like(local_scratch)
     for start, stop in chunks:
-        part = z[start:stop]
-        local = torch.gt(part, 0, out=local_scratch[: stop - start]).mul_(loser * scale)
-        won = torch.ge(part, found.threshold[start:stop], out=won_scratch[: stop - start])
-        local.add_(won, alpha=boost)
-        if found.tied is not None:
-            inside = (found.tied[0] >= start) & (found.tied[0] < stop)
-            if bool(inside.any()):
-                chosen = found.chosen[inside]
-                nn_, hh, ww = (i[inside][:, None].expand_as(chosen) for i in found.tied)
-                nn_ = nn_ - start
-                positive = (part[nn_, chosen, hh, ww] > 0).to(z.dtype)
-                local.index_put_((nn_, chosen, hh, ww), positive.mul_(boost), accumulate=True)
-        if z.element_size() >= 4:  # one pass (the fused multiply-add rounds once)
-            torch.addcmul(grad_z[start:stop], local, factor, out=out[start:stop])
-        else:  # bf16/fp16: round the product first, as grad_z + factor * local does
-            torch.add(grad_z[start:stop], local.mul_(factor), out=out[start:stop])
+        local = _local_gradient(z, found, start, stop, loser, boost,
+                                local_scratch[: stop - start], won_scratch[: stop - start])
+        torch.addcmul(grad_z[start:stop], local, factor, out=out[start:stop])
     return out
+
+
+def _score_gradient_from_winners(z: Tensor, found: _Winners, k: int, demote: float,
+                                 scale: float) -> Tensor:
+    """dH/dz times ``scale`` (in place of 1/(N*H*W)), from a :class:`_Winners`."""
+    n, c, h, w = z.shape
+    loser, boost = _gradient_levels(z, k, demote, scale)
+    out = torch.empty_like(z)
+    chunks = batch_chunks(n, c * h * w, z.device)
+    won_scratch = torch.empty_like(z[: chunks[0][1]])
+    for start, stop in chunks:
+        _local_gradient(z, found, start, stop, loser, boost, out[start:stop],
+                        won_scratch[: stop - start])
+    return out
+
+
+def _weight_gradient(ctx, x: Tensor, weight: Tensor, z: Tensor, grad_z: Tensor,
+                     grad_score: Tensor | None) -> Tensor:
+    """The weight gradient of :class:`_ScoredConv`: the main branch's plus the score's
+    (dL/dH * dH/dz). In fp32 (or wider) one weight-gradient convolution of their sum. In
+    bf16/fp16 the score's term per element lies far below half a rounding step of
+    ``grad_z`` and would vanish from that sum, so it gets its own convolution, and both are
+    scaled and added in fp32."""
+    stride, padding = ctx.conv
+    common = dict(bias_sizes=None, stride=stride, padding=padding, dilation=(1, 1),
+                  transposed=False, output_padding=(0, 0), groups=1)
+
+    def convolve(grad: Tensor) -> Tensor:
+        return torch.ops.aten.convolution_backward(
+            grad, x, weight, output_mask=[False, True, False], **common)[1]
+
+    if grad_score is None:
+        return convolve(grad_z)
+    if z.element_size() >= 4:
+        if ctx.winners is not None:
+            return convolve(_weight_gradient_input(z, grad_z, grad_score, ctx.winners,
+                                                   ctx.k, ctx.demote))
+        local = _score_gradient(z, ctx.top_indices, ctx.k, ctx.demote)
+        return convolve(grad_z + grad_score.to(z.dtype) * local)
+    # dH/dz without its 1/(N*H*W), which is applied in fp32 with dL/dH
+    local = (_score_gradient_from_winners(z, ctx.winners, ctx.k, ctx.demote, 1.0)
+             if ctx.winners is not None else
+             _score_gradient(z, ctx.top_indices, ctx.k, ctx.demote, 1.0))
+    n, _, h, w = z.shape
+    score_part = convolve(local).float().mul_(grad_score.float() / (n * h * w))
+    return convolve(grad_z).float().add_(score_part)
 
 
 class _ScoredConv(torch.autograd.Function):
     """conv2d that also returns the HaH score of its output, with routed gradients.
 
     Backward: input gradient from the main branch only; weight gradient from the main
-    branch plus the score's (dL/dH * dH/dz), in one weight-gradient convolution.
+    branch plus the score's (dL/dH * dH/dz). ``weight`` may be wider than ``x`` (the
+    fp32 weights under autocast): it convolves in x's dtype and gets its gradient in its
+    own, so that a bf16 run keeps the score's small gradient (see :func:`_weight_gradient`).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, stride, padding, ratio: float,
                 demote: float) -> tuple[Tensor, Tensor]:
-        z = F.conv2d(x, weight, None, stride, padding)
+        z = F.conv2d(x, weight.to(x.dtype), None, stride, padding)
         k = winners(z.shape[1], ratio)
         found = None
         if z.device.type == "cpu" and k <= FAST_WINNERS_MAX_K and eager_mode():
@@ -234,23 +297,15 @@ class _ScoredConv(torch.autograd.Function):
         stride, padding = ctx.conv
         if grad_z is None:
             grad_z = torch.zeros_like(z)
-        grad_for_weight = grad_z
-        if grad_score is not None:
-            if ctx.winners is not None:
-                grad_for_weight = _weight_gradient_input(z, grad_z, grad_score, ctx.winners,
-                                                         ctx.k, ctx.demote)
-            else:
-                local = _score_gradient(z, ctx.top_indices, ctx.k, ctx.demote)
-                grad_for_weight = grad_z + grad_score.to(z.dtype) * local
-        common = dict(bias_sizes=None, stride=stride, padding=padding, dilation=(1, 1),
-                      transposed=False, output_padding=(0, 0), groups=1)
+        cast = weight.to(z.dtype)  # the weights as the forward convolved them
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.ops.aten.convolution_backward(
-                grad_z, x, weight, output_mask=[True, False, False], **common)[0]
+                grad_z, x, cast, bias_sizes=None, stride=stride, padding=padding,
+                dilation=(1, 1), transposed=False, output_padding=(0, 0), groups=1,
+                output_mask=[True, False, False])[0]
         if ctx.needs_input_grad[1]:
-            grad_w = torch.ops.aten.convolution_backward(
-                grad_for_weight, x, weight, output_mask=[False, True, False], **common)[1]
+            grad_w = _weight_gradient(ctx, x, cast, z, grad_z, grad_score).to(weight.dtype)
         return grad_x, grad_w, None, None, None, None
 
 
@@ -258,15 +313,15 @@ def scored_conv2d(x: Tensor, weight: Tensor, stride, padding, ratio: float,
                   demote: float) -> tuple[Tensor, Tensor]:
     """conv2d(x, weight) and its HaH score; the score's gradient reaches only ``weight``.
 
-    Under autocast, inputs are cast to the autocast dtype here (tracked by autograd) so
-    that the custom backward sees consistent dtypes.
+    Under autocast, ``x`` is cast to the autocast dtype here (tracked by autograd) so that
+    the custom backward sees consistent dtypes; ``weight`` stays as it is (fp32) and is
+    cast inside, so that its gradient comes back in fp32 with the score's part intact.
     """
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
-            return _ScoredConv.apply(x.to(dtype), weight.to(dtype), stride, padding,
-                                     ratio, demote)
+            return _ScoredConv.apply(x.to(dtype), weight, stride, padding, ratio, demote)
     return _ScoredConv.apply(x, weight, stride, padding, ratio, demote)
 
 

@@ -97,15 +97,19 @@ def gradient_ratios(model: VGG, config: TrainConfig, x: Tensor, y: Tensor) -> li
     """Per HaH layer: RMS of the alpha-weighted HaH gradient / RMS of the cross-entropy
     gradient of that layer's weight, on one batch. Measured on a copy of ``model`` (train
     mode, as in a step) so the run's weights, batch-norm statistics and RNG are untouched;
-    its batch norms are local, as only rank 0 runs this."""
+    its batch norms are local, as only rank 0 runs this. As in a training step, the
+    forward passes run in the run's precision and the backward passes outside autocast."""
     import copy
 
     probe = distributed.unsynced(copy.deepcopy(model)).train()  # rank 0 alone runs this
     objective = HaHObjective(probe, config.alphas, config.ratio, config.demote)
     weights = [conv.weight for conv in objective.layers]
+    precision = config.for_device(x.device).precision
 
     def grads(loss_fn: Callable[[], Tensor]) -> list[Tensor]:
-        return [g.detach().clone() for g in torch.autograd.grad(loss_fn(), weights)]
+        with autocast(x.device, precision):
+            loss = loss_fn()
+        return [g.detach().clone() for g in torch.autograd.grad(loss, weights)]
 
     with torch.random.fork_rng(devices=[]):
         total = grads(lambda: objective(x, y)[1])
@@ -347,8 +351,7 @@ class Trainer:
         x = to_float(self.images[:count])
         if self.config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(self.device, self.config.precision):
-            return gradient_ratios(self.model, self.config, x, self.labels[:count])
+        return gradient_ratios(self.model, self.config, x, self.labels[:count])
 
     def evaluate(self) -> float:
         """Accuracy on the eval split; under several processes each evaluates a shard

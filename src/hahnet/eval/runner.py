@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from hahnet.config import EvalSettings
 from hahnet.eval.attacks import adversarial_accuracy, compare_attacks, pgd_accuracy, square_accuracy
-from hahnet.eval.base import EvalError, Progress, _check_data, _eval_mode, _prepare
+from hahnet.eval.base import (EvalError, Progress, _check_data, _eval_mode, _prepare,
+                              cudnn_autotuning_off)
 from hahnet.eval.metrics import clean_accuracy, first_layer_filters, noise_accuracy, snr_db, sparsity
 from hahnet.eval.results import AttackSuite, EvalResult
 
@@ -25,6 +26,7 @@ def _phase(progress: PhaseProgress | None, name: str, total: int) -> Progress | 
     return None if progress is None else progress(name, total)
 
 
+@cudnn_autotuning_off()
 def evaluate_model(model: nn.Module, images: Tensor, labels: Tensor, settings: EvalSettings,
                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                    progress: PhaseProgress | None = None, name: str = "model",
@@ -34,7 +36,8 @@ def evaluate_model(model: nn.Module, images: Tensor, labels: Tensor, settings: E
     callback for that phase's loop (the CLI opens a tqdm bar per phase). With ``env``
     (torchrun, :func:`hahnet.distributed.setup`) clean and noise accuracy and the attacks
     are sharded over the processes (same numbers as one process); sparsity and SNR, which
-    are cheap, run whole on every process."""
+    are cheap, run whole on every process. cuDNN autotuning is off meanwhile (attacks
+    change batch sizes all the time)."""
     _check_data(images, labels)
     s, seconds, bs = settings, {}, settings.batch_size
     model = _prepare(model, device, dtype)
@@ -156,6 +159,7 @@ def time_batch(model: nn.Module, image_shape: Sequence[int], batch_size: int,
     return forward, time.perf_counter() - start
 
 
+@cudnn_autotuning_off()  # as evaluate_model runs
 def estimate_seconds(model: nn.Module, settings: EvalSettings, n_images: int,
                      image_shape: Sequence[int] = (3, 32, 32), num_classes: int | None = None,
                      device: torch.device | str = "cpu",

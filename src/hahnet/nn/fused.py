@@ -152,10 +152,13 @@ class _DivisiveNorm(torch.autograd.Function):
             # which can overflow)
             torch.div(grad[start:stop], part_divisor, out=part_grad_x)
             torch.mul(part_grad_x, part_x, out=part_work)
-            grad_divisor = part_work.sum(dim=1, keepdim=True).div_(part_divisor).neg_()
+            # sums in x's dtype, stated: CUDA's autocast would make them fp32 (and the
+            # scatter below fail) if this ran inside an autocast region
+            grad_divisor = part_work.sum(dim=1, keepdim=True, dtype=x.dtype)
+            grad_divisor = grad_divisor.div_(part_divisor).neg_()
             # d = sigma * peak + (1 - sigma) * field; the peak's gradient is shared evenly
             # by the positions at the maximum (as amax's backward does)
-            grad_peak = (sigma * grad_divisor).sum(dim=(2, 3), keepdim=True)
+            grad_peak = (sigma * grad_divisor).sum(dim=(2, 3), keepdim=True, dtype=x.dtype)
             part_at_peak = at_peak[start:stop]
             grad_field = (1.0 - sigma) * grad_divisor + \
                 (grad_peak / peak_count[start:stop]) * part_at_peak
