@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from hahnet.config import EvalSettings
+from hahnet.eval.adaptive import Source, Target, run_adaptive
 from hahnet.eval.attacks import adversarial_accuracy, compare_attacks, pgd_accuracy, square_accuracy
 from hahnet.eval.base import EvalError, Progress, _check_data, _eval_mode, _prepare
 from hahnet.eval.metrics import clean_accuracy, first_layer_filters, noise_accuracy, snr_db, sparsity
@@ -29,15 +30,18 @@ def evaluate_model(model: nn.Module, images: Tensor, labels: Tensor, settings: E
                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                    progress: PhaseProgress | None = None, name: str = "model",
                    checkpoint: str | None = None,
-                   info: dict[str, Any] | None = None, env: Any = None) -> EvalResult:
+                   info: dict[str, Any] | None = None, env: Any = None,
+                   sources: Sequence[Source] = ()) -> EvalResult:
     """Run every measurement ``settings`` asks for; ``progress(phase, total)`` returns the
     callback for that phase's loop (the CLI opens a tqdm bar per phase). With ``env``
     (torchrun, :func:`hahnet.distributed.setup`) clean and noise accuracy and the attacks
     are sharded over the processes (same numbers as one process); sparsity and SNR, which
-    are cheap, run whole on every process."""
+    are cheap, run whole on every process. ``sources``: (name, model) of the checkpoints
+    whose adversarial examples the transfer attack uses (``suite`` adaptive or all)."""
     _check_data(images, labels)
     s, seconds, bs = settings, {}, settings.batch_size
     model = _prepare(model, device, dtype)
+    sources = [(source_name, _prepare(source, device, dtype)) for source_name, source in sources]
 
     def timed(key: str, fn: Callable[[], Any]) -> Any:
         start = time.perf_counter()
@@ -66,7 +70,7 @@ def evaluate_model(model: nn.Module, images: Tensor, labels: Tensor, settings: E
         order = torch.randperm(n, generator=torch.Generator().manual_seed(s.attack_seed))[:m]
         for norm in s.norms:
             suites[norm] = timed(f"attacks_{norm}", lambda norm=norm: _suite(
-                model, images, labels, order, norm, s, device, dtype, progress, env))
+                model, images, labels, order, norm, s, device, dtype, progress, env, sources))
     filters = first_layer_filters(model)
     return EvalResult(name, checkpoint, _config_dict(model), info or {}, n, clean, noise,
                       suites, layers, snr, None if filters is None else filters.tolist(),
@@ -80,7 +84,8 @@ def _config_dict(model: nn.Module) -> dict[str, Any]:
 
 def _suite(model: nn.Module, all_images: Tensor, all_labels: Tensor, order: Tensor, norm: str,
            s: EvalSettings, device: torch.device | str, dtype: torch.dtype,
-           progress: PhaseProgress | None, env: Any = None) -> AttackSuite:
+           progress: PhaseProgress | None, env: Any = None,
+           sources: Sequence[Source] = ()) -> AttackSuite:
     images, labels = all_images[order], all_labels[order]
     eps, m, bs, seed = s.eps(norm), len(labels), s.attack_batch_size, s.attack_seed
     apgd = adversarial_accuracy(model, images, labels, norm, eps, s.apgd_steps, seed, None, bs,
@@ -95,8 +100,14 @@ def _suite(model: nn.Module, all_images: Tensor, all_labels: Tensor, order: Tens
         square = square_accuracy(model, images[:k], labels[:k], norm, eps, s.square_queries,
                                  seed, bs, device, dtype, _phase(progress, f"Square {norm}", k),
                                  env)
+    adaptive = None
+    if s.attacks and s.suite != "paper":
+        target = Target(model, images, labels, s, apgd.params["n_classes"], device, dtype,
+                        progress, env)
+        adaptive = run_adaptive(target, norm, eps, apgd, [r for r in (pgd, square) if r],
+                                sources)
     return AttackSuite(norm, eps, order.tolist(), apgd, pgd, square,
-                       compare_attacks(apgd, pgd, square))
+                       compare_attacks(apgd, pgd, square), adaptive)
 
 
 def check_compatible(model: nn.Module, images: Tensor, labels: Tensor,
