@@ -199,12 +199,12 @@ def runs_hooks():
     return runs.Hooks(say, console.fit_with_progress)
 
 
-def evaluate_with_eta(path, info, model, test, settings, device):
+def evaluate_with_eta(path, info, model, test, settings, device, sources=()):
     from hahnet import console
 
     console.check_and_estimate(path, info, model, test, settings, device)
     return console.evaluate_with_progress(model, test.images, test.labels, settings, device,
-                                          path, info)
+                                          path, info, sources=sources)
 
 
 def console_table(results, paths) -> str:

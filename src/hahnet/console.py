@@ -100,6 +100,8 @@ def evaluate_with_progress(model, images, labels, settings, device, path: str,
     finally:
         close_bar()
     numbers = report.summary(result)
+    numbers.update({f"worst case {norm}": r.accuracy
+                    for norm, r in report.worst_cases(result).items()})
     tqdm.write(f"{name}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in numbers.items()
                                         if v is not None)
                + f" ({sum(result.seconds.values()):.0f} s)", file=sys.stderr)

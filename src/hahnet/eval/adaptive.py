@@ -31,6 +31,9 @@ from hahnet.eval.bpda import Surrogate, bpda, has_hah_ops, parse_surrogate
 from hahnet.eval.results import AdaptiveResult, AttackResult, EpsSweep
 
 Source = tuple[str, nn.Module]  # a transfer source: (name, model on the same device)
+# The share of images that reach a cascade's later stages, for time estimates only
+# (measured at the paper's budgets: 10-30% survive APGD-CE).
+SURVIVING = 0.3
 
 
 @dataclass(frozen=True)
@@ -236,3 +239,29 @@ def run_adaptive(t: Target, norm: str, eps: float, paper: AttackResult,
     n = t.adaptive_n if s.runs("adaptive") else paper.n_images
     everything = {"paper": paper, **rows, **{check.attack: check for check in checks}}
     return AdaptiveResult(s.suite, rows, worst_over(everything, n), sweeps, notes)
+
+
+def estimate_seconds(s: EvalSettings, m: int, batch: int, forward: float, backward: float,
+                     classes: int) -> float:
+    """Rough seconds of the attacks beyond the paper's at one norm, from the seconds of
+    one batch's ``forward`` and forward+backward (``backward``) on ``m`` attacked images:
+    the first stage of a cascade on every image, later stages on SURVIVING of them, one
+    transfer source with BPDA."""
+    def batches(n: int) -> int:
+        return -(-n // batch)
+
+    targets = classes - 1 if classes >= 4 else 0
+    apgd = (s.apgd_steps + 1) * backward * s.restarts
+    total = 0.0
+    if s.runs("standard"):
+        total += batches(m) * SURVIVING * (2 * s.fab_steps * targets * backward
+                                           + s.autoattack_queries * forward)
+    if s.runs("adaptive"):
+        k, variants = batches(min(m, s.adaptive_limit)), len(s.bpda)
+        total += k * apgd * (1 + SURVIVING * targets)                    # margin
+        total += k * apgd * (1 + SURVIVING * (2 * variants - 1))         # BPDA
+        total += k * 2 * (s.transfer_steps * backward + forward)         # transfer
+        sweeps = max(len(s.sweep_eps_linf), len(s.sweep_eps_l2))
+        total += batches(min(m, s.sweep_limit)) * sweeps * 2 * (s.apgd_steps + 1) \
+            * backward * (1 + SURVIVING)                                 # APGD and BPDA
+    return total

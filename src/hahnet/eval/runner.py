@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from hahnet.config import EvalSettings
 from hahnet.eval.adaptive import Source, Target, run_adaptive
+from hahnet.eval.adaptive import estimate_seconds as adaptive_seconds
 from hahnet.eval.attacks import adversarial_accuracy, compare_attacks, pgd_accuracy, square_accuracy
 from hahnet.eval.base import EvalError, Progress, _check_data, _eval_mode, _prepare
 from hahnet.eval.metrics import clean_accuracy, first_layer_filters, noise_accuracy, snr_db, sparsity
@@ -191,7 +192,7 @@ def estimate_seconds(model: nn.Module, settings: EvalSettings, n_images: int,
         per_norm = math.ceil(m / abs_) * (calls * ga + (3 + targets + s.pgd_restarts) * fa)
         per_norm += math.ceil(k / abs_) * s.square_queries * fa
         for norm in s.norms:
-            out[f"attacks_{norm}"] = per_norm
+            out[f"attacks_{norm}"] = per_norm + adaptive_seconds(s, m, abs_, fa, ga, classes)
     out["total"] = sum(out.values())
     return out
 
