@@ -27,12 +27,7 @@ VARIANTS = [parse_surrogate(v) for v in ("identity", "sigmoid", "identity+fixed-
                                           "sigmoid+fixed-divisor")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def patterns(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence
 
 from hahnet.config import PAPER_EPS, PAPER_NOISE_SIGMA, PAPER_TABLE
 from hahnet.plots import figure, integer_ticks
+from hahnet.eval.markdown import labels, pct as _pct, table as _table
 from hahnet.eval.results import EvalResult, results_document, versions
 from hahnet.io import write_text
 
@@ -18,27 +19,12 @@ FILES = ("results.json", "report.md", "noise.png", "sparsity.png", "snr.png", "f
 
 # --------------------------------------------------------------------------- tables
 
-def labels(results: Sequence[EvalResult]) -> list[str]:
-    """Unique column names for the models (their names, numbered when repeated)."""
-    names = [r.name for r in results]
-    return [f"{n} ({i + 1})" if names.count(n) > 1 else n for i, n in enumerate(names)]
-
-
 def format_eps(eps: float) -> str:
     """``2/255`` when eps is a whole number of 8-bit levels, else the decimal."""
     levels = eps * 255
     if levels > 0 and abs(levels - round(levels)) < 1e-6:
         return f"{round(levels)}/255"
     return f"{eps:g}"
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{100 * value:.1f}%"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
 def _noise_sigma(result: EvalResult, preferred: float = 0.1) -> float | None:

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 from hahnet.eval.results import AdaptiveResult, AttackResult, AttackSuite, EvalResult
 from hahnet.plots import figure
-from hahnet.report import _pct, _table, labels
+from hahnet.eval.markdown import labels, pct as _pct, table as _table
 
 ROWS = {"paper": "paper suite (APGD-CE + APGD-T)", "AutoAttack": "AutoAttack standard",
         "BPDA": "BPDA", "margin": "margin (APGD-DLR + APGD-T, restarts)", "transfer": "transfer"}

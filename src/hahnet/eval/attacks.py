@@ -102,9 +102,8 @@ def worst_case(model: nn.Module, images: Tensor, labels: Tensor, norm: str, eps:
     (re-checked here, with the eps and [0, 1] bounds verified). Batch i is attacked with
     seed ``seed + i``; with ``env`` (torchrun) each rank attacks its shard of whole
     batches and the outcomes are summed over ranks: the same result as one process.
-    ``start``: per image, False = already broken by an earlier attack (not attacked
-    again, as AutoAttack continues its cascade). ``broken_by`` names, per image, the
-    stage that broke it ("clean" = misclassified clean, "earlier" = ``start`` False)."""
+    ``start``: per image, False = broken by an earlier attack, not attacked again (as
+    AutoAttack's cascade); ``broken_by`` names the stage that broke each image."""
     _check_data(images, labels)
     model = _prepare(model, device, dtype)
     n, begin, width = len(labels), time.perf_counter(), len(stages)
@@ -148,59 +147,57 @@ def worst_case(model: nn.Module, images: Tensor, labels: Tensor, norm: str, eps:
         total = sum_over_shards(env, n, batch_size, attack)
     else:
         total = attack(slice(0, n))
-    codes = total[:n].round().long().tolist()
-    robust = [c == _ROBUST for c in codes]
-    names = [None, None, "clean", "earlier"] + [stage for stage, _ in stages]
-    survivors = {stage: float(total[n + k]) / max(n, 1) for k, (stage, _) in enumerate(stages)}
+    robust, broken_by, survivors = _outcomes(total, n, [stage for stage, _ in stages])
     return AttackResult(name, norm, eps, n, sum(robust) / n if n else float("nan"), robust,
                         survivors, float(total[n + width:].max()),
-                        time.perf_counter() - begin, params, [names[c] for c in codes])
+                        time.perf_counter() - begin, params, broken_by)
+
+
+def _outcomes(total: Tensor, n: int, stages: list[str]
+              ) -> tuple[list[bool], list[str | None], dict[str, float]]:
+    """worst_case's summed outcome codes as (robust, broken_by, survivors per stage)."""
+    codes = total[:n].round().long().tolist()
+    names = [None, None, "clean", "earlier"] + stages
+    survivors = {stage: float(total[n + k]) / max(n, 1) for k, stage in enumerate(stages)}
+    return [c == _ROBUST for c in codes], [names[c] for c in codes], survivors
+
+
+def _stage(cls: type, model: nn.Module, device: torch.device | str,
+           **options: Any) -> StageRun:
+    """A torchattacks attack as a stage, built for each batch with the batch's seed."""
+    def run(x: Tensor, y: Tensor, s: int) -> Tensor:
+        return _make(cls, model, device, seed=s, **options)(x, y)
+    return run
 
 
 def apgd_stage(model: nn.Module, device: torch.device | str, norm: str, eps: float,
                steps: int, loss: str = "ce", restarts: int = 1) -> StageRun:
     """AutoAttack's APGD (untargeted) with the CE or DLR loss, as an attack stage."""
-    ta = _attacks_module()
-
-    def run(x: Tensor, y: Tensor, s: int) -> Tensor:
-        return _make(ta.APGD, model, device, norm=norm, eps=eps, steps=steps,
-                     n_restarts=restarts, loss=loss, seed=s)(x, y)
-    return run
+    return _stage(_attacks_module().APGD, model, device, norm=norm, eps=eps, steps=steps,
+                  n_restarts=restarts, loss=loss)
 
 
 def apgdt_stage(model: nn.Module, device: torch.device | str, norm: str, eps: float,
                 steps: int, classes: int, restarts: int = 1) -> StageRun:
     """AutoAttack's APGD-T: targeted DLR loss, each of the ``classes - 1`` most likely
     other classes as target in turn (9 on CIFAR-10, AutoAttack's standard version)."""
-    ta = _attacks_module()
-
-    def run(x: Tensor, y: Tensor, s: int) -> Tensor:
-        return _make(ta.APGDT, model, device, norm=norm, eps=eps, steps=steps,
-                     n_restarts=restarts, seed=s, n_classes=classes)(x, y)
-    return run
+    return _stage(_attacks_module().APGDT, model, device, norm=norm, eps=eps, steps=steps,
+                  n_restarts=restarts, n_classes=classes)
 
 
 def fab_t_stage(model: nn.Module, device: torch.device | str, norm: str, eps: float,
                 steps: int, classes: int) -> StageRun:
     """AutoAttack's FAB-T: the minimal-norm FAB attack towards each of the ``classes - 1``
     most likely other classes, one restart; examples beyond eps count as failures."""
-    ta = _attacks_module()
-
-    def run(x: Tensor, y: Tensor, s: int) -> Tensor:
-        return _make(ta.FAB, model, device, norm=norm, eps=eps, steps=steps, n_restarts=1,
-                     multi_targeted=True, n_classes=classes, seed=s)(x, y)
-    return run
+    return _stage(_attacks_module().FAB, model, device, norm=norm, eps=eps, steps=steps,
+                  n_restarts=1, multi_targeted=True, n_classes=classes)
 
 
 def square_stage(model: nn.Module, device: torch.device | str, norm: str, eps: float,
                  queries: int) -> StageRun:
     """The black-box Square attack (margin loss, one restart, p_init 0.8 as AutoAttack)."""
-    ta = _attacks_module()
-
-    def run(x: Tensor, y: Tensor, s: int) -> Tensor:
-        return _make(ta.Square, model, device, norm=norm, eps=eps, n_queries=queries,
-                     n_restarts=1, p_init=0.8, loss="margin", seed=s)(x, y)
-    return run
+    return _stage(_attacks_module().Square, model, device, norm=norm, eps=eps,
+                  n_queries=queries, n_restarts=1, p_init=0.8, loss="margin")
 
 
 def adversarial_accuracy(model: nn.Module, images: Tensor, labels: Tensor,
