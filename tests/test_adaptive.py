@@ -251,11 +251,11 @@ def test_worst_over_is_per_image_and_names_the_first_breaker():
 
     paper = row([True, True, False, True], [None, None, "clean", None])
     other = row([False, True, False], ["x", None, "clean"])  # covers the first 3 only
-    last = row([True, False, False, False], [None, "y", "clean", "z"])
+    last = row([False, False, False, False], ["w", "y", "clean", "z"])  # image 0 again
     worst = adaptive.worst_over({"paper": paper, "other": other, "last": last}, 4)
     assert worst.robust == [False, False, False, False]
     assert worst.broken_by == ["other", "last", "clean", "last"]
-    assert worst.stages == {"paper": 0.75, "other": 1 / 3, "last": 0.25}
+    assert worst.stages == {"paper": 0.75, "other": 1 / 3, "last": 0.0}
 
 
 # ------------------------------------------------------------------ the whole evaluation
