@@ -86,6 +86,16 @@ def make_random_uint8(n: int, size: int = 8, seed: int = 0) -> torch.Tensor:
                          dtype=torch.uint8)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and stay fast on a shared, busy CPU
+    (modules use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_dataset():
     return make_tiny_dataset

@@ -379,15 +379,28 @@ def test_errors_are_one_line_from_rank_0_and_every_rank_fails(tmp_path, data):
         assert err1 == "" and out1 == "", (flags, err1)
 
 
+def without_seconds(value):
+    """A results.json value without its wall-clock times (which differ run to run)."""
+    if isinstance(value, dict):
+        return {k: without_seconds(v) for k, v in value.items() if k != "seconds"}
+    return [without_seconds(v) for v in value] if isinstance(value, list) else value
+
+
 def test_torchrun_eval_shards_everything_and_equals_one_process(tmp_path, data):
-    """`hahnet eval` under torchrun: clean, noise and every attack sharded over 2 ranks in
-    whole batches (batch i keeps seed + i), counts summed; the report equals one process's."""
-    run = tmp_path / "run"
+    """`hahnet eval` under torchrun: clean, noise and every attack (the paper's, PGD,
+    Square, and --attacks all: AutoAttack, margin, BPDA, transfer from a second checkpoint,
+    eps sweeps) sharded over 2 ranks in whole batches (batch i keeps seed + i), counts
+    summed; the report equals one process's."""
+    run, source = tmp_path / "run", tmp_path / "source"
     assert cli.main(["train", "--data", str(data), "--out", str(run), "--epochs", "1", *TRAIN]) == 0
+    assert cli.main(["train", "--data", str(data), "--out", str(source), "--epochs", "1",
+                     *TRAIN[1:], "--no-hah"]) == 0
     args = ["eval", str(run), "--data", str(data), "--noise", "0.05,0.1", "--noise-draws", "2",
             "--attack-limit", "0", "--apgd-steps", "3", "--pgd-steps", "2", "--pgd-restarts",
             "2", "--square-limit", "6", "--square-queries", "10", "--batch-size", "4",
-            "--threads", "1"]
+            "--threads", "1", "--attacks", "all", "--fab-steps", "2", "--autoattack-queries",
+            "10", "--restarts", "2", "--adaptive-limit", "12", "--sweep-limit", "8",
+            "--transfer-steps", "2", "--transfer-from", str(source), str(run)]
     assert cli.main(args + ["--out", str(tmp_path / "one")]) == 0
     two = torchrun(tmp_path, args + ["--out", str(tmp_path / "two")])
     assert two.returncode == 0, two.stderr[-3000:]
@@ -395,10 +408,11 @@ def test_torchrun_eval_shards_everything_and_equals_one_process(tmp_path, data):
     one_doc, two_doc = (json.loads((tmp_path / d / "results.json").read_text())
                         for d in ("one", "two"))
     (a,), (b,) = one_doc["models"], two_doc["models"]
-    for key in ("seconds", "checkpoint"):
-        a.pop(key), b.pop(key)
-    for suite in (*a["attacks"].values(), *b["attacks"].values()):
-        for attack in ("apgd", "pgd", "square"):
-            suite[attack].pop("seconds")
+    a, b = without_seconds(a), without_seconds(b)
+    a.pop("checkpoint"), b.pop("checkpoint")
     assert a["n_images"] == 16 and len(a["attacks"]["Linf"]["apgd"]["robust"]) == 16
+    adaptive = a["attacks"]["L2"]["adaptive"]
+    assert list(adaptive["rows"]) == ["AutoAttack", "margin", "BPDA", "transfer"]
+    assert list(adaptive["rows"]["transfer"]["stages"]) == ["from source"]  # not itself
+    assert len(adaptive["sweeps"]) == 2 and adaptive["worst"]["n_images"] == 12
     assert a == b

@@ -23,13 +23,7 @@ import torchattacks  # noqa: F401  (make test installs it: missing is a failure)
 CLASSES = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and stay fast on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 D = 3 * 4 * 4  # pixels of the tiny linear-model images
 
 

@@ -82,6 +82,33 @@ def test_bad_sweep_files_are_refused_with_the_reason(text, message):
         sw.loads(text, "bad.toml")
 
 
+def test_eval_attacks_key_chooses_the_suite():
+    assert sw.loads(BASE + EVAL + 'attacks = "adaptive"').settings.suite == "adaptive"
+    off = sw.loads(BASE + EVAL + "attacks = false").settings
+    assert not off.attacks and off.suite == "paper"
+    with pytest.raises(sw.SweepError, match="attacks must be one of paper, standard"):
+        sw.loads(BASE + EVAL + "attacks = 3")
+    with pytest.raises(ValueError, match="suite must be one of paper"):
+        sw.loads(BASE + EVAL + 'attacks = "strong"')
+
+
+def test_sweep_evaluation_runs_the_chosen_suite(finished, tmp_path):
+    """A sweep file's `attacks = "standard"` reaches the evaluation: AutoAttack continues
+    the paper's cascade, and the sweep's metrics carry the worst case."""
+    _, out, data, _ = finished
+    spec = sw.loads(BASE + EVAL + 'attacks = "standard"\nfab_steps = 2\nautoattack_queries = 10')
+    run = spec.runs[1]
+    target = tmp_path / "eval.json"
+    sw.eval_task(str(sw.run_dir(out, run)), str(target), spec.settings.to_dict(), spec.split,
+                 spec.limit, spec.limit_seed, str(data), str(tmp_path / "cache"), 1, "cpu")
+    result = sw.read_eval(target)
+    adaptive = result.attacks["Linf"].adaptive
+    assert list(adaptive.rows) == ["AutoAttack"]
+    assert list(adaptive.rows["AutoAttack"].stages) == ["APGD-CE", "APGD-T", "FAB-T", "Square"]
+    metrics = sweep_report.metrics_of(result)
+    assert metrics["worst_linf"] == adaptive.worst.accuracy <= metrics["apgd_linf"]
+
+
 def test_unreadable_files(tmp_path):
     with pytest.raises(sw.SweepError, match="no sweep file at"):
         sw.load(tmp_path / "missing.toml")

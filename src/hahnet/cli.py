@@ -28,7 +28,8 @@ class Parser(argparse.ArgumentParser):
 
 
 FLAGS = {"arch": "model", "noise_sigmas": "noise", "attack_batch_size": "batch-size",
-         "widths": "width", "precisions": "precision"}
+         "widths": "width", "precisions": "precision", "suite": "attacks",
+         "sweep_eps": "sweep-eps-linf / --sweep-eps-l2"}
 
 
 def settings_error(error: cfg.SettingsError, flags: dict[str, str] = FLAGS) -> UserError:
@@ -104,13 +105,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- eval
 
 def eval_settings(args: argparse.Namespace) -> cfg.EvalSettings:
+    if args.no_attacks and args.suite is not None:
+        raise UserError(f"--no-attacks skips every attack; drop --attacks {args.suite} or it")
+    suite = args.suite or "paper"
+    if args.transfer_from and suite not in ("adaptive", "all"):
+        raise UserError("--transfer-from is part of the adaptive attacks: add --attacks "
+                        "adaptive (or all)")
     return build(cfg.EvalSettings, noise_sigmas=tuple(args.noise), noise_draws=args.noise_draws,
                  noise_seed=args.seed, attacks=not args.no_attacks, eps_linf=args.eps_linf,
                  eps_l2=args.eps_l2, attack_limit=args.attack_limit, apgd_steps=args.apgd_steps,
                  pgd_steps=args.pgd_steps, pgd_restarts=args.pgd_restarts,
                  square_limit=args.square_limit, square_queries=args.square_queries,
                  attack_seed=args.seed, attack_batch_size=args.batch_size,
-                 snr_seed=args.seed, batch_size=args.batch_size)
+                 snr_seed=args.seed, batch_size=args.batch_size, suite=suite,
+                 restarts=args.restarts, fab_steps=args.fab_steps,
+                 autoattack_queries=args.autoattack_queries, adaptive_limit=args.adaptive_limit,
+                 transfer_steps=args.transfer_steps, bpda=args.bpda,
+                 bpda_temperature=args.bpda_temperature, sweep_limit=args.sweep_limit,
+                 sweep_eps_linf=args.sweep_eps_linf, sweep_eps_l2=args.sweep_eps_l2)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -156,7 +168,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         raise UserError("reproduce trains both networks; drop --hah / --no-hah")
     preset = build(get_preset, args.preset)
     evaluate = {k: getattr(args, k) for k in ("limit", "attack_limit", "noise_draws",
-                                              "apgd_steps", "square_limit")
+                                              "apgd_steps", "square_limit", "suite",
+                                              "restarts", "adaptive_limit")
                 if hasattr(args, k)}  # SUPPRESS: absent unless given
     if args.noise is not None:
         evaluate["noise_sigmas"] = tuple(args.noise)
@@ -186,12 +199,12 @@ def runs_hooks():
     return runs.Hooks(say, console.fit_with_progress)
 
 
-def evaluate_with_eta(path, info, model, test, settings, device):
+def evaluate_with_eta(path, info, model, test, settings, device, sources=()):
     from hahnet import console
 
     console.check_and_estimate(path, info, model, test, settings, device)
     return console.evaluate_with_progress(model, test.images, test.labels, settings, device,
-                                          path, info)
+                                          path, info, sources=sources)
 
 
 def console_table(results, paths) -> str:

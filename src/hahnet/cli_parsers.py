@@ -149,6 +149,7 @@ def add_eval(subparsers, commands: dict[str, Any]) -> None:
     parser.add_argument("--square-queries", type=non_negative, default=1000, metavar="Q",
                         help="Square queries per image (1000)")
     parser.add_argument("--no-attacks", action="store_true", help="skip all adversarial attacks")
+    add_attack_suite(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of noise, SNR and attacks (0)")
     parser.add_argument("--batch-size", type=positive, default=128, help="images per batch (128)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -160,6 +161,38 @@ def add_eval(subparsers, commands: dict[str, Any]) -> None:
 
     corruption_cli.add_arguments(parser)  # --corruptions, --severities, --corruption-seed
     parser.set_defaults(func=commands["eval"])
+
+
+BPDA = typed(lambda t: tuple(v.strip() for v in t.split(",") if v.strip()),
+             "a comma-separated list of BPDA variants")
+
+
+def add_attack_suite(parser: argparse.ArgumentParser) -> None:
+    """``eval``'s choice of attacks beyond the paper's (docs/evaluation.md)."""
+    g = parser.add_argument_group("attack suite (docs/evaluation.md)")
+    g.add_argument("--attacks", dest="suite", choices=cfg.ATTACK_SUITES, default=None,
+                   help="paper: APGD-CE + APGD-T (default); standard: + AutoAttack's FAB-T and "
+                        "Square; adaptive: + margin, BPDA, transfer, eps sweeps; all: both")
+    g.add_argument("--restarts", type=POSITIVE, default=3, help="restarts of the margin and BPDA attacks (3)")
+    g.add_argument("--fab-steps", type=POSITIVE, default=100, help="AutoAttack FAB-T steps (100)")
+    g.add_argument("--autoattack-queries", type=POSITIVE, default=5000, metavar="Q",
+                   help="AutoAttack Square queries (5000)")
+    g.add_argument("--adaptive-limit", type=POSITIVE, default=500, metavar="N",
+                   help="margin, BPDA and transfer on the first N attacked images (500)")
+    g.add_argument("--bpda", type=BPDA, default=cfg.BPDA_VARIANTS[:3], metavar="VARIANTS",
+                   help=f"BPDA surrogates, of {', '.join(cfg.BPDA_VARIANTS)} "
+                        f"(default: the first three)")
+    g.add_argument("--bpda-temperature", type=NUMBER, default=0.1, metavar="T",
+                   help="sigmoid surrogate width in standard deviations of the map (0.1)")
+    g.add_argument("--transfer-from", nargs="+", default=[], metavar="CKPT",
+                   help="checkpoints whose PGD examples are tried on each evaluated one")
+    g.add_argument("--transfer-steps", type=POSITIVE, default=100, help="PGD steps on the source (100)")
+    g.add_argument("--sweep-limit", type=NON_NEGATIVE, default=200, metavar="N",
+                   help="eps sweeps on the first N attacked images (200; 0 = none)")
+    g.add_argument("--sweep-eps-linf", type=NUMBERS, default=cfg.SWEEP_EPS["Linf"], metavar="EPS",
+                   help="l_inf sweep (0.5/255,1/255,2/255,4/255,8/255,16/255)")
+    g.add_argument("--sweep-eps-l2", type=NUMBERS, default=cfg.SWEEP_EPS["L2"], metavar="EPS",
+                   help="l_2 sweep (0.1,0.25,0.5,1,1.5,2)")
 
 
 def add_presets(subparsers, commands: dict[str, Any]) -> None:
@@ -194,6 +227,13 @@ def add_reproduce(subparsers, commands: dict[str, Any]) -> None:
     group.add_argument("--square-limit", type=NON_NEGATIVE, default=hidden, metavar="N",
                        help="Square attack on N images (0 = none)")
     group.add_argument("--no-attacks", action="store_true", help="skip the adversarial attacks")
+    group.add_argument("--attacks", dest="suite", choices=cfg.ATTACK_SUITES, default=hidden,
+                       help="attack suite (paper); adaptive and all also transfer between "
+                            "the two networks")
+    group.add_argument("--restarts", type=POSITIVE, default=hidden,
+                       help="restarts of the margin and BPDA attacks (3)")
+    group.add_argument("--adaptive-limit", type=POSITIVE, default=hidden, metavar="N",
+                       help="margin, BPDA and transfer on N of the attacked images (500)")
     group.add_argument("--eval-batch-size", type=POSITIVE, default=128,
                        help="evaluation batch size (128)")
     add_train_options(parser)

@@ -22,6 +22,11 @@ PAPER_KEEP = 0.2        # top-fraction threshold: fraction of each map kept
 PAPER_HAH_LAYERS = 6    # leading convolutions that are HaH blocks
 PAPER_NOISE_SIGMA = 0.1
 PAPER_EPS: dict[str, float] = {"Linf": 2 / 255, "L2": 0.25}  # attack budgets per norm
+# Attack suites of `hahnet eval --attacks` (docs/evaluation.md) and their eps sweeps.
+ATTACK_SUITES = ("paper", "standard", "adaptive", "all")
+BPDA_VARIANTS = ("sigmoid", "identity", "identity+fixed-divisor", "sigmoid+fixed-divisor")
+SWEEP_EPS: dict[str, tuple[float, ...]] = {
+    "Linf": tuple(e / 255 for e in (0.5, 1, 2, 4, 8, 16)), "L2": (0.1, 0.25, 0.5, 1.0, 1.5, 2.0)}
 # The paper's CIFAR-10 VGG16 numbers, in percent, at the settings above.
 PAPER_TABLE: dict[str, dict[str, float]] = {
     "Standard": {"clean": 92.5, "noise": 26.6, "linf": 10.4, "l2": 13.9},
@@ -259,15 +264,38 @@ class EvalSettings:
     snr_seed: int = 0
     layer_stats: bool = True         # sparsity and SNR
     batch_size: int = 256
+    # Which attacks (docs/evaluation.md): paper = APGD-CE + APGD-T only; standard adds
+    # AutoAttack's FAB-T and Square; adaptive adds margin, BPDA, transfer and eps sweeps.
+    suite: str = "paper"
+    restarts: int = 3                # restarts of the margin and BPDA attacks
+    fab_steps: int = 100             # AutoAttack's FAB-T steps
+    autoattack_queries: int = 5000   # AutoAttack's Square queries
+    adaptive_limit: int = 500        # margin, BPDA, transfer: the first N attacked images
+    transfer_steps: int = 100        # PGD steps on the transfer source
+    bpda: tuple[str, ...] = BPDA_VARIANTS[:3]
+    bpda_temperature: float = 0.1    # sigmoid surrogate width, in map standard deviations
+    sweep_limit: int = 200           # eps sweeps on the first N attacked images; 0 = none
+    sweep_eps_linf: tuple[float, ...] = SWEEP_EPS["Linf"]
+    sweep_eps_l2: tuple[float, ...] = SWEEP_EPS["L2"]
 
     def __post_init__(self) -> None:
         self.noise_sigmas, self.norms = tuple(self.noise_sigmas), tuple(self.norms)
+        self.bpda = tuple(self.bpda)
+        self.sweep_eps_linf, self.sweep_eps_l2 = tuple(self.sweep_eps_linf), tuple(self.sweep_eps_l2)
+        sweeps = self.sweep_eps_linf + self.sweep_eps_l2
         _check("evaluation settings", [
             *[(name, getattr(self, name), getattr(self, name) >= 1, ">= 1")
-              for name in ("noise_draws", "apgd_steps", "attack_batch_size", "batch_size")],
+              for name in ("noise_draws", "apgd_steps", "attack_batch_size", "batch_size",
+                           "restarts", "fab_steps", "autoattack_queries", "adaptive_limit",
+                           "transfer_steps")],
             *[(name, getattr(self, name), getattr(self, name) >= 0, ">= 0")
               for name in ("eps_linf", "eps_l2", "pgd_steps", "pgd_restarts", "square_limit",
-                           "square_queries", "snr_sigma")],
+                           "square_queries", "snr_sigma", "sweep_limit")],
+            ("suite", self.suite, self.suite in ATTACK_SUITES, "one of " + "|".join(ATTACK_SUITES)),
+            ("bpda", self.bpda, all(v in BPDA_VARIANTS for v in self.bpda),
+             "a list of " + ", ".join(BPDA_VARIANTS)),
+            ("bpda_temperature", self.bpda_temperature, self.bpda_temperature > 0, "> 0"),
+            ("sweep_eps", sweeps, all(e > 0 for e in sweeps), "numbers > 0"),
             ("noise_sigmas", self.noise_sigmas, all(s >= 0 for s in self.noise_sigmas),
              "numbers >= 0"),
             ("attack_limit", self.attack_limit,
@@ -278,6 +306,15 @@ class EvalSettings:
     def eps(self, norm: str) -> float:
         """The budget for ``norm``."""
         return self.eps_linf if norm == "Linf" else self.eps_l2
+
+    def sweep_eps(self, norm: str) -> tuple[float, ...]:
+        """The eps sweep for ``norm``, ascending."""
+        return tuple(sorted(self.sweep_eps_linf if norm == "Linf" else self.sweep_eps_l2))
+
+    def runs(self, part: str) -> bool:
+        """Whether the chosen suite includes ``part``: "standard" (AutoAttack) or
+        "adaptive" (margin, BPDA, transfer, sweeps)."""
+        return self.attacks and self.suite in (part, "all")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

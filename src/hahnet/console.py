@@ -70,7 +70,7 @@ def fit_with_progress(trainer, quiet: bool, tensorboard: bool = False) -> None:
 
 
 def evaluate_with_progress(model, images, labels, settings, device, path: str,
-                           info: dict[str, Any], env=None):
+                           info: dict[str, Any], env=None, sources=()):
     """Evaluate one loaded checkpoint under a tqdm bar per phase and print its summary."""
     from tqdm import tqdm
 
@@ -93,12 +93,15 @@ def evaluate_with_progress(model, images, labels, settings, device, path: str,
 
     try:
         result = ev.evaluate_model(model, images, labels, settings, device, progress=open_bar,
-                                   name=name, checkpoint=str(path), info=info, env=env)
+                                   name=name, checkpoint=str(path), info=info, env=env,
+                                   sources=sources)
     except ev.EvalError as error:
         raise UserError(f"{path}: {error}") from None
     finally:
         close_bar()
     numbers = report.summary(result)
+    numbers.update({f"worst case {norm}": r.accuracy
+                    for norm, r in report.worst_cases(result).items()})
     tqdm.write(f"{name}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in numbers.items()
                                         if v is not None)
                + f" ({sum(result.seconds.values()):.0f} s)", file=sys.stderr)

@@ -49,12 +49,8 @@ def evaluate_and_report(args: argparse.Namespace, settings: EvalSettings, env) -
     from hahnet import checkpoint, report
     from hahnet.reproduce import eval_data
 
-    models = []
-    for path in args.checkpoints:
-        try:
-            models.append((path, checkpoint.read_info(path), checkpoint.load(path, device=env.device)))
-        except checkpoint.CheckpointError as error:
-            raise UserError(str(error)) from None
+    models = _load_all(args.checkpoints, env.device)
+    sources = _load_all(getattr(args, "transfer_from", None) or [], env.device)
     dataset = load_data(args.data or DEFAULT_DATA, args.cache_dir, say=console.say)
     test = _split(dataset, args.split, [(path, info) for path, info, _ in models])
     test = test.limit(args.limit, args.limit_seed) if args.limit else test
@@ -63,8 +59,10 @@ def evaluate_and_report(args: argparse.Namespace, settings: EvalSettings, env) -
     console.say(f"evaluating {len(models)} checkpoint(s) on {len(test)} test images on "
                 f"{env.device}; ETA ~{console.minutes(eta)} (attacks estimated as if every "
                 f"image survived every stage)")
+    _check_sources(models, sources)
     results = [console.evaluate_with_progress(model, test.images, test.labels, settings,
-                                              env.device, path, info, env)
+                                              env.device, path, info, env,
+                                              transfer_sources(path, sources))
                for path, info, model in models]
     from hahnet import corruption_cli
 
@@ -78,3 +76,38 @@ def evaluate_and_report(args: argparse.Namespace, settings: EvalSettings, env) -
     console.warn_gradient_masking(results, paths["report.md"])
     print(f"report: {paths['report.md']}")
     return 0
+
+
+def _load_all(paths, device) -> list:
+    """(path, info, model) of each checkpoint; a one-line UserError for a bad one."""
+    from hahnet import checkpoint
+
+    loaded = []
+    for path in paths:
+        try:
+            loaded.append((path, checkpoint.read_info(path), checkpoint.load(path, device=device)))
+        except checkpoint.CheckpointError as error:
+            raise UserError(str(error)) from None
+    return loaded
+
+
+def _check_sources(models, sources) -> None:
+    """Transfer sources must take the same images and predict the same classes."""
+    for source_path, _, source in sources:
+        for path, _, model in models:
+            mine, theirs = model.config, source.config
+            if (mine.in_channels, mine.num_classes) != (theirs.in_channels, theirs.num_classes):
+                raise UserError(f"--transfer-from {source_path}: {theirs.in_channels} channels and "
+                                f"{theirs.num_classes} classes, but {path} has {mine.in_channels} "
+                                f"and {mine.num_classes}; transfer needs the same")
+
+
+def transfer_sources(path: str, sources) -> list:
+    """(name, model) of the transfer sources for the checkpoint at ``path``, without
+    itself (its own examples are the white-box attacks)."""
+    from hahnet import checkpoint
+    from hahnet.eval.runner import checkpoint_name
+
+    own = checkpoint.resolve(path).resolve()
+    return [(checkpoint_name(p), model) for p, _, model in sources
+            if checkpoint.resolve(p).resolve() != own]

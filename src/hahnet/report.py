@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence
 
 from hahnet.config import PAPER_EPS, PAPER_NOISE_SIGMA, PAPER_TABLE
 from hahnet.plots import figure, integer_ticks
+from hahnet.eval.markdown import labels, pct as _pct, table as _table
 from hahnet.eval.results import EvalResult, results_document, versions
 from hahnet.io import write_text
 
@@ -18,27 +19,12 @@ FILES = ("results.json", "report.md", "noise.png", "sparsity.png", "snr.png", "f
 
 # --------------------------------------------------------------------------- tables
 
-def labels(results: Sequence[EvalResult]) -> list[str]:
-    """Unique column names for the models (their names, numbered when repeated)."""
-    names = [r.name for r in results]
-    return [f"{n} ({i + 1})" if names.count(n) > 1 else n for i, n in enumerate(names)]
-
-
 def format_eps(eps: float) -> str:
     """``2/255`` when eps is a whole number of 8-bit levels, else the decimal."""
     levels = eps * 255
     if levels > 0 and abs(levels - round(levels)) < 1e-6:
         return f"{round(levels)}/255"
     return f"{eps:g}"
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{100 * value:.1f}%"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
 def _noise_sigma(result: EvalResult, preferred: float = 0.1) -> float | None:
@@ -57,26 +43,40 @@ def summary(result: EvalResult) -> dict[str, float | None]:
             "l2": result.attacks["L2"].apgd.accuracy if "L2" in result.attacks else None}
 
 
+def worst_cases(result: EvalResult) -> dict[str, Any]:
+    """Per norm, the worst case per image over every attack run (``--attacks`` beyond
+    paper), as an AttackResult; norms without one are left out."""
+    return {norm: suite.adaptive.worst for norm, suite in result.attacks.items()
+            if suite.adaptive is not None}
+
+
 def main_table(results: Sequence[EvalResult], paper: bool = True) -> str:
     """The paper's table (clean / noise / APGD l_inf / APGD l_2), measured rows below the
-    paper's reference rows so the two can be read side by side."""
+    paper's reference rows so the two can be read side by side; with adaptive attacks, the
+    worst case per image (the robust accuracy to quote) in two more columns."""
     first = results[0] if results else None
     sigma = _noise_sigma(first) if first else None
     linf = first.attacks["Linf"].eps if first and "Linf" in first.attacks else PAPER_SETTINGS["linf"]
     l2 = first.attacks["L2"].eps if first and "L2" in first.attacks else PAPER_SETTINGS["l2"]
     header = ["Model", "n", "Clean", f"Noise sigma={sigma if sigma is not None else 0.1:g}",
               f"APGD l_inf {format_eps(linf)}", f"APGD l_2 {format_eps(l2)}"]
+    worst = any(worst_cases(r) for r in results)
+    header += ["worst case l_inf", "worst case l_2"] if worst else []
     rows = []
     if paper:
         for name, row in PAPER_TABLE.items():
             rows.append([f"{name} (paper, VGG16)", "10000"]
-                        + [f"{row[k]:.1f}%" for k in ("clean", "noise", "linf", "l2")])
+                        + [f"{row[k]:.1f}%" for k in ("clean", "noise", "linf", "l2")]
+                        + ["-", "-"] * worst)
     for label, result in zip(labels(results), results):
         s = summary(result)
         n_attack = next((a.apgd.n_images for a in result.attacks.values()), None)
         n = str(result.n_images) + (f" ({n_attack} attacked)" if n_attack is not None
                                     and n_attack != result.n_images else "")
-        rows.append([label, n] + [_pct(s[k]) for k in ("clean", "noise", "linf", "l2")])
+        cases = worst_cases(result)
+        rows.append([label, n] + [_pct(s[k]) for k in ("clean", "noise", "linf", "l2")]
+                    + [f"{_pct(cases[k].accuracy)} (n={cases[k].n_images})" if k in cases
+                       else "-" for k in ("Linf", "L2") if worst])
     return _table(header, rows)
 
 
@@ -365,9 +365,13 @@ def write_report(results: Sequence[EvalResult], out_dir: str | Path,
     document = results_document(results, data, extra)
     write_text(paths["results.json"], document)
     from hahnet import report_corruptions  # CIFAR-10-C section, when measured
+    from hahnet.eval import adaptive_report  # adaptive attacks, when run
     corrupt_md, corrupt_plots = report_corruptions.write(results, out)
+    adaptive_md, adaptive_plots = adaptive_report.write(results, out)
     paths.update(corrupt_plots)
+    paths.update(adaptive_plots)
+    sections = "".join("\n" + md for md in (adaptive_md, corrupt_md) if md)
     write_text(paths["report.md"], render_markdown(results, data, plots, title, preamble,
-                                                    histories) + ("\n" + corrupt_md if corrupt_md else ""))
-    return {k: p for k, p in paths.items()
-            if k in ("results.json", "report.md") or k in plots or k in corrupt_plots}
+                                                    histories) + sections)
+    return {k: p for k, p in paths.items() if k in ("results.json", "report.md")
+            or k in plots or k in corrupt_plots or k in adaptive_plots}

@@ -35,10 +35,10 @@ def settings_record(settings: EvalSettings, limit: int | None) -> dict[str, Any]
 def reusable(cached: EvalResult, info: dict[str, Any], settings: EvalSettings,
              limit: int | None) -> bool:
     """Whether a saved evaluation measured this very checkpoint (same saved info: epoch,
-    config, metrics) with these settings on the same test subset."""
+    config, metrics) with these settings on the same test subset. Settings a saved file
+    predates count at their defaults (e.g. suite "paper": what was run before it existed)."""
     record = settings_record(settings, limit)
-    saved = dict(cached.settings)
-    saved.setdefault("limit", None)
+    saved = {**settings_record(EvalSettings(), None), **cached.settings}
     return same_json(saved, record) and same_json(cached.info, json.loads(json.dumps(info)))
 
 
@@ -131,17 +131,19 @@ def eval_data(path: str, dataset, test, limit: int | None) -> dict[str, Any]:
             "limit": limit, "limit_seed": 0, "classes": list(test.classes)}
 
 
-def _evaluate_silently(path: str, info: dict[str, Any], model, test, settings, device):
+def _evaluate_silently(path: str, info: dict[str, Any], model, test, settings, device,
+                       sources=()):
     from hahnet.eval import runner as ev
 
     return ev.evaluate_model(model, test.images, test.labels, settings, device,
-                             name=ev.checkpoint_name(path), checkpoint=path, info=info)
+                             name=ev.checkpoint_name(path), checkpoint=path, info=info,
+                             sources=sources)
 
 
 @dataclass
 class Hooks:
     """Where reproduce reports: ``say`` (one line), ``training`` (each run's hooks) and
-    ``evaluate(path, info, model, test, settings, device) -> EvalResult``."""
+    ``evaluate(path, info, model, test, settings, device, sources) -> EvalResult``."""
 
     say: Callable[[str], None] = lambda message: None
     training: runs.Hooks = field(default_factory=runs.Hooks)
@@ -188,15 +190,20 @@ def to_train(experiment: Experiment, say: Callable[[str], None]) -> dict[Path, d
     return wanted_runs
 
 
-def _evaluate(experiment: Experiment, name: str, run_dir: Path, dataset, test, device,
-              hooks: Hooks) -> EvalResult:
-    """One network's evaluation: the saved one when it matches, else a fresh one."""
-    from hahnet import report
-
+def _load(run_dir: Path, device) -> tuple[dict[str, Any], Any]:
     try:
-        info, model = checkpoint.read_info(run_dir), checkpoint.load(run_dir, device=device)
+        return checkpoint.read_info(run_dir), checkpoint.load(run_dir, device=device)
     except checkpoint.CheckpointError as error:
         raise UserError(str(error)) from None
+
+
+def _evaluate(experiment: Experiment, name: str, run_dir: Path, dataset, test, device,
+              hooks: Hooks) -> EvalResult:
+    """One network's evaluation: the saved one when it matches, else a fresh one (with
+    the adaptive attacks, the other network is the transfer source)."""
+    from hahnet import report
+
+    info, model = _load(run_dir, device)
     saved = run_dir / EVAL_DIR / "results.json"
     if saved.exists() and not experiment.re_evaluate:
         try:
@@ -206,7 +213,11 @@ def _evaluate(experiment: Experiment, name: str, run_dir: Path, dataset, test, d
         if reusable(cached, info, experiment.settings, experiment.limit):
             hooks.say(f"{name}: reusing the evaluation in {saved}")
             return cached
-    result = hooks.evaluate(str(run_dir), info, model, test, experiment.settings, device)
+    sources = [(other, _load(directory, device)[1]) for other, directory
+               in run_dirs(experiment.out).items()
+               if other != name and experiment.settings.runs("adaptive")]
+    result = hooks.evaluate(str(run_dir), info, model, test, experiment.settings, device,
+                            sources)
     result.settings = settings_record(experiment.settings, experiment.limit)
     report.write_report([result], run_dir / EVAL_DIR,
                         eval_data(experiment.data, dataset, test, experiment.limit))

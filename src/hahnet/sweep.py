@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from hahnet import checkpoint
-from hahnet.config import EvalSettings, TrainConfig
+from hahnet.config import ATTACK_SUITES, EvalSettings, TrainConfig
 from hahnet.eval.results import EvalResult, result_from_dict, results_json
 from hahnet.io import write_json
 from hahnet.reproduce import reusable, settings_record
@@ -161,6 +161,11 @@ def _parse_eval(spec: dict[str, Any], source: str) -> tuple[EvalSettings, str, i
     for key in ("noise_sigmas", "norms"):
         if key in spec:
             spec[key] = tuple(spec[key])
+    if isinstance(spec.get("attacks"), str):  # attacks = "adaptive": the suite, as `eval --attacks`
+        spec["suite"] = spec.pop("attacks")
+    elif not isinstance(spec.get("attacks", True), bool):
+        raise SweepError(f"{source} [eval]: attacks must be one of {', '.join(ATTACK_SUITES)} "
+                         f"or false, got {spec['attacks']!r}")
     spec.setdefault("pgd_steps", 0)       # masking checks are `hahnet eval`'s job
     spec.setdefault("square_limit", 0)
     return EvalSettings(**spec), split, limit, int(limit_seed), tuple(sorted(set(epochs)))

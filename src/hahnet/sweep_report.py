@@ -24,6 +24,8 @@ def metrics_of(result: EvalResult) -> dict[str, float]:
                 values[f"noise{sigma:g}"] = result.noise.at(sigma)
     for norm, suite in result.attacks.items():
         values[f"apgd_{norm.lower()}"] = suite.apgd.accuracy
+        if suite.adaptive is not None:  # the worst case over every attack run
+            values[f"worst_{norm.lower()}"] = suite.adaptive.worst.accuracy
     early = [layer.nonzero_fraction for layer in result.sparsity[:6]]
     if early:
         values["nonzero_first6"] = sum(early) / len(early)
@@ -104,7 +106,7 @@ def _curves(sweep: Sweep, out: Path) -> dict[str, list[dict[str, Any]]]:
 # ------------------------------------------------------------------ Markdown
 
 HEADLINE = ("clean", "noise0.05", "noise0.1", "noise0.2", "apgd_linf", "apgd_l2",
-            "nonzero_first6", "train_acc")
+            "worst_linf", "worst_l2", "nonzero_first6", "train_acc")
 
 
 def _columns(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -182,7 +184,7 @@ def _differences(sweep: Sweep, shared: dict[str, Any]) -> dict[str, dict[str, An
 
 # ------------------------------------------------------------------ plots
 
-PLOTTED = ("clean", "noise0.1", "apgd_linf", "apgd_l2")
+PLOTTED = ("clean", "noise0.1", "apgd_linf", "apgd_l2", "worst_linf", "worst_l2")
 
 
 def _panels(path: Path, panels: int, draw) -> None:

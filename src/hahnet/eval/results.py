@@ -48,6 +48,9 @@ class AttackResult:
     max_perturbation: float   # largest ||x_adv - x|| in the attack's norm, checked <= eps
     seconds: float
     params: dict[str, Any]
+    # per image: None = robust, "clean" = misclassified clean, "earlier" = broken before
+    # this attack ran, else the stage that broke it (None for files of earlier versions)
+    broken_by: list[str | None] | None = None
 
 
 @dataclass
@@ -99,6 +102,32 @@ class SNRResult:
 
 
 @dataclass
+class EpsSweep:
+    """Robust accuracy of one attack at each eps, each eps attacked on its own."""
+
+    norm: str
+    attack: str
+    n_images: int
+    eps: list[float]
+    accuracy: list[float]
+    seconds: float
+    params: dict[str, Any]
+
+
+@dataclass
+class AdaptiveResult:
+    """The attacks beyond the paper's suite at one norm (``--attacks standard|adaptive|all``):
+    each row an attack run on its own ("AutoAttack" continues the paper's cascade), the
+    worst case per image over everything run (the headline), and the eps sweeps."""
+
+    suite: str
+    rows: dict[str, AttackResult]
+    worst: AttackResult
+    sweeps: list[EpsSweep]
+    notes: list[str]
+
+
+@dataclass
 class AttackSuite:
     """All attacks at one norm: APGD (the paper's number), PGD, Square and their comparison."""
 
@@ -109,6 +138,7 @@ class AttackSuite:
     pgd: AttackResult | None
     square: AttackResult | None
     comparison: AttackComparison
+    adaptive: AdaptiveResult | None = None
 
 
 @dataclass
@@ -170,7 +200,15 @@ def result_from_dict(data: dict[str, Any]) -> EvalResult:
     def suite(d: dict[str, Any]) -> AttackSuite:
         return AttackSuite(d["norm"], d["eps"], list(d["indices"]), attack(d["apgd"]),
                            attack(d.get("pgd")), attack(d.get("square")),
-                           AttackComparison(**d["comparison"]))
+                           AttackComparison(**d["comparison"]), adaptive(d.get("adaptive")))
+
+    def adaptive(d: dict[str, Any] | None) -> AdaptiveResult | None:
+        if d is None:
+            return None
+        sweeps = [EpsSweep(**{**e, "accuracy": [_float(a) for a in e["accuracy"]]})
+                  for e in d["sweeps"]]
+        return AdaptiveResult(d["suite"], {k: attack(v) for k, v in d["rows"].items()},
+                              attack(d["worst"]), sweeps, list(d["notes"]))
 
     snr = data.get("snr")
     return EvalResult(

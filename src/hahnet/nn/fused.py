@@ -25,13 +25,17 @@ def eager_mode() -> bool:
                 or torch.compiler.is_compiling())
 
 
-def divisive_norm_reference(x: Tensor, sigma: float, pool: int) -> Tensor:
-    """DivisiveNorm2d's formula as plain autograd code."""
+def divisive_divisor(x: Tensor, sigma: float, pool: int) -> Tensor:
+    """DivisiveNorm2d's denominator ``sigma * peak + (1 - sigma) * field + eps`` (N1HW)."""
     field = F.max_pool2d(x.abs(), pool, stride=1, padding=pool // 2)
     field = field.mean(dim=1, keepdim=True)
     peak = field.amax(dim=(2, 3), keepdim=True)
-    divisor = sigma * peak + (1.0 - sigma) * field + DIVNORM_EPS
-    return x / divisor
+    return sigma * peak + (1.0 - sigma) * field + DIVNORM_EPS
+
+
+def divisive_norm_reference(x: Tensor, sigma: float, pool: int) -> Tensor:
+    """DivisiveNorm2d's formula as plain autograd code."""
+    return x / divisive_divisor(x, sigma, pool)
 
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
