@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from hahnet.config import EvalSettings
 from hahnet.eval.attacks import adversarial_accuracy, compare_attacks, pgd_accuracy, square_accuracy
 from hahnet.eval.base import EvalError, Progress, _check_data, _eval_mode, _prepare
-from hahnet.eval.metrics import clean_accuracy, first_layer_filters, noise_accuracy, snr_db, sparsity
+from hahnet.eval.metrics import (clean_accuracy, first_layer_filters, measurable, noise_accuracy,
+                                 snr_db, sparsity)
 from hahnet.eval.results import AttackSuite, EvalResult
 
 PhaseProgress = Callable[[str, int], Progress]  # (phase, images) -> per-batch callback
@@ -54,7 +55,7 @@ def evaluate_model(model: nn.Module, images: Tensor, labels: Tensor, settings: E
             model, images, labels, s.noise_sigmas, s.noise_draws, s.noise_seed, bs, device,
             dtype, _phase(progress, "noise", n), env))
     layers, snr = [], None
-    if s.layer_stats and getattr(model, "features", None) is not None:
+    if s.layer_stats and measurable(model):
         layers = timed("sparsity", lambda: sparsity(model, images, labels, bs, device, dtype,
                                                     progress=_phase(progress, "sparsity", n)))
         snr = timed("snr", lambda: snr_db(model, images, labels, s.snr_sigma, s.snr_seed, bs,
