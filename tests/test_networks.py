@@ -73,6 +73,30 @@ def test_hah_front_end_is_the_stem_and_the_first_stage(name, hah_layers, blocks)
     assert all(not isinstance(m, hahnet.WNConv2d) for stage in rest for m in stage.modules())
 
 
+@pytest.mark.parametrize("make", [
+    lambda: HaHResidualBlock(4, 4, sigma=0.1, keep=0.2), lambda: HaHResidualBlock(4, 6, 0.1, 0.2),
+    lambda: BasicBlock(4, 4), lambda: PreActBlock(4, 4), lambda: PreActBlock(4, 6)])
+def test_blocks_add_their_branch_to_the_skip(make):
+    """With the branch's last convolution zeroed a block passes its skip path on (the
+    identity, or the 1x1 projection of what the block's first convolution sees)."""
+    torch.manual_seed(1)
+    block = make().eval()
+    x = torch.rand(2, 4, 8, 8)
+    last = block.hah2.conv if isinstance(block, HaHResidualBlock) else block.conv2
+    with torch.no_grad():
+        before = block(x)
+        last.weight.zero_()
+        after = block(x)
+    if isinstance(block, PreActBlock) and block.shortcut is not None:
+        skip = block.shortcut(block.relu1(block.bn1(x)))
+    elif isinstance(block, PreActBlock):
+        skip = x
+    else:
+        skip = block.shortcut(x)
+    torch.testing.assert_close(after, skip if not isinstance(block, BasicBlock) else torch.relu(skip))
+    assert not torch.allclose(before, after)
+
+
 def test_hah_layers_stop_at_whole_blocks():
     model = hahnet.create_model("resnet18", hah=True, width=0.0625, hah_layers=3)
     assert [type(b) for b in model.stages[0]] == [HaHResidualBlock, BasicBlock]
