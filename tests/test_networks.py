@@ -19,6 +19,7 @@ from hahnet.hah import hah_convs
 from hahnet.nn.resnet import BasicBlock, HaHResidualBlock, PreActBlock
 from hahnet.train import Trainer
 
+from conftest import crash_at
 from conftest import make_cifar as write_cifar
 from conftest import make_tiny_config as tiny_config
 from conftest import make_tiny_dataset as tiny_dataset
@@ -142,10 +143,6 @@ def test_committed_vgg_checkpoints_still_load(run):
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
 
 
-class Crash(Exception):
-    pass
-
-
 def small_images(dataset: Dataset) -> Dataset:
     """The data set at 16x16 (every other pixel): residual networks pool globally, so any
     size works, and a quarter of the pixels keeps these runs short."""
@@ -165,15 +162,7 @@ def test_train_save_load_and_exact_resume(tmp_path, name):
     straight = Trainer(config, dataset, tmp_path / "straight", torch.device("cpu"))
     straight.fit()
     crashed = Trainer(config, dataset, tmp_path / "crashed", torch.device("cpu"))
-    steps = {"n": 0}
-
-    def die_in_second_epoch(images, loss):
-        steps["n"] += 1
-        if steps["n"] == crashed.steps_per_epoch() + 1:
-            raise Crash
-
-    with pytest.raises(Crash):
-        crashed.fit(on_step=die_in_second_epoch)
+    crash_at(crashed, crashed.steps_per_epoch() + 1)  # the first step of epoch 2
     resumed = Trainer(config, dataset, tmp_path / "crashed", torch.device("cpu"))
     assert resumed.resume() == 1
     resumed.fit()
