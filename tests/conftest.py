@@ -80,6 +80,24 @@ def make_tiny_net(hah: bool = True, classes: int = 10) -> nn.Module:
     return Tiny().eval()
 
 
+class Crash(Exception):
+    """What :func:`crash_at` raises to stop a training run, as a kill would."""
+
+
+def crash_at(trainer, step: int) -> None:
+    """Run ``trainer.fit()`` and stop it with :class:`Crash` at its ``step``-th training
+    step (1-based), leaving the run directory as a kill there would."""
+    count = {"n": 0}
+
+    def on_step(images, loss) -> None:
+        count["n"] += 1
+        if count["n"] == step:
+            raise Crash
+
+    with pytest.raises(Crash):
+        trainer.fit(on_step=on_step)
+
+
 def make_random_uint8(n: int, size: int = 8, seed: int = 0) -> torch.Tensor:
     """``n`` random uint8 RGB images of ``size`` x ``size``."""
     return torch.randint(0, 256, (n, 3, size, size), generator=torch.Generator().manual_seed(seed),

@@ -278,6 +278,53 @@ def test_two_ranks_gradient_and_sharded_evaluation_equal_one_process(tmp_path):
     assert ranks[0]["tiny"] == ev.clean_accuracy(model, test.images[:1], test.labels[:1], 8)
 
 
+RESNET_WORKER = textwrap.dedent("""
+    import sys, torch
+    from hahnet import distributed
+    from hahnet.train import Trainer, epoch_batches
+    from conftest import make_tiny_config as tiny_config
+    from conftest import make_tiny_dataset as tiny_dataset
+
+    torch.set_num_threads(1)
+    out = sys.argv[1]
+    env = distributed.setup(torch.device("cpu"), timeout_s=60)
+    trainer = Trainer(tiny_config(arch="resnet18"), tiny_dataset(), out, env.device,
+                      env.rank, env.world_size, distributed.wrapper(env, sync_bn=True))
+    indices, params = next(epoch_batches(48, 16, 7, 0, True))
+    trainer.train_step(*trainer.local_batch(indices, params))
+    torch.save({n: p.grad.clone() for n, p in trainer.model.named_parameters()},
+               f"{out}/rank{env.rank}.pt")
+    distributed.teardown(env)
+""")
+
+
+def test_two_ranks_train_a_hah_resnet_like_one_process(tmp_path):
+    """The same for a residual network: its HaH blocks sit inside residual blocks, its
+    later stages keep (synchronized) BatchNorm; one 2-rank step's gradient equals the
+    1-process gradient of the same global batch, with the HaH part far above the error."""
+    script = tmp_path / "worker.py"
+    script.write_text(RESNET_WORKER)
+    for rc, _, err in finish(start_ranks(tmp_path, [str(script), str(tmp_path)])):
+        assert rc == 0, err
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    indices, params = next(epoch_batches(48, 16, 7, 0, True))
+    single = Trainer(tiny_config(arch="resnet18"), tiny_dataset(), tmp_path, torch.device("cpu"))
+    single.train_step(*single.local_batch(indices, params))
+    plain = Trainer(tiny_config(arch="resnet18"), tiny_dataset(), tmp_path, torch.device("cpu"))
+    x, y = plain.local_batch(indices, params)
+    torch.nn.functional.cross_entropy(plain.model(x), y).backward()  # CE only
+    from hahnet.hah import hah_convs
+    hah_weights = {id(conv.weight) for conv in hah_convs(single.model)}
+    assert len(hah_weights) == 5
+    for name, p in single.model.named_parameters():
+        assert torch.equal(ranks[0][name], ranks[1][name]), f"ranks disagree on {name}"
+        error = float((ranks[0][name] - p.grad).abs().max())
+        assert error <= 1e-5 * max(float(p.grad.abs().max()), 1.0), (name, error)
+        if id(p) in hah_weights:
+            hah_part = float((p.grad - plain.model.get_parameter(name).grad).abs().max())
+            assert hah_part > 10 * error, (name, hah_part, error)
+
+
 # ---------------------------------------------------------------- 2 ranks, the CLI
 
 @pytest.mark.parametrize("hah", [True, False])

@@ -11,7 +11,7 @@ from hahnet import checkpoint
 from hahnet import io as hio
 from hahnet.train import (TrainConfig, Trainer, epoch_batches, learning_rate)
 
-from conftest import CLASSES
+from conftest import CLASSES, crash_at
 from conftest import make_tiny_config as tiny_config
 from conftest import make_tiny_dataset as tiny_dataset
 
@@ -58,10 +58,6 @@ def test_training_runs_writes_metrics_and_loadable_checkpoint(tmp_path, hah):
     assert info["epoch"] == 1 and info["dataset"]["classes"] == list(CLASSES)
 
 
-class Crash(Exception):
-    pass
-
-
 def test_killed_mid_epoch_and_resumed_is_bit_identical(tmp_path):
     dataset = tiny_dataset()
     config = tiny_config()
@@ -69,15 +65,7 @@ def test_killed_mid_epoch_and_resumed_is_bit_identical(tmp_path):
     straight.fit()
 
     crashed = Trainer(config, dataset, tmp_path / "crashed", torch.device("cpu"))
-    steps = {"n": 0}
-
-    def die_in_third_epoch(images, loss):
-        steps["n"] += 1
-        if steps["n"] == 2 * crashed.steps_per_epoch() + 2:  # two steps into epoch 3
-            raise Crash
-
-    with pytest.raises(Crash):
-        crashed.fit(on_step=die_in_third_epoch)
+    crash_at(crashed, 2 * crashed.steps_per_epoch() + 2)  # two steps into epoch 3
     assert checkpoint.read_info(tmp_path / "crashed")["epoch"] == 1
 
     resumed = Trainer(config, dataset, tmp_path / "crashed", torch.device("cpu"))

@@ -4,13 +4,14 @@ authors' reference procedure, the HaH building blocks alone, and evaluation thro
 One call of :func:`run_benchmark` measures, for every (width, precision, memory format)
 configuration, in one process:
 
-(a) ``hah``: one HaH VGG16 training step with :class:`~hahnet.hah.HaHObjective`
+(a) ``hah``: one training step of the HaH network (``model``, VGG16 by default; any name
+    of :func:`hahnet.list_models`) with :class:`~hahnet.hah.HaHObjective`
     (forward + backward + Adam step);
 (b) ``plain``: one cross-entropy step of the same HaH network (no HaH score);
 (c) ``reference``: one step of the authors' procedure on the same network: HaH forward,
     one HaH backward per layer in reverse order with that layer's weight gradient zeroed
     first, then a second forward and the cross-entropy backward (+ Adam step);
-(d) ``standard``: one cross-entropy step of the standard VGG16 of the same width;
+(d) ``standard``: one cross-entropy step of the standard network of the same width;
 (e) forward + backward of DivisiveNorm2d, TopFractionThreshold and WNConv2d alone at each
     VGG16 resolution (32, 16, 8) with the HaH channel counts (64, 128, 256) x width;
 (f) evaluation throughput of the HaH network: clean images/s, and APGD-CE
@@ -40,11 +41,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hahnet.config import _check, PAPER_ALPHAS, PAPER_DEMOTE, PAPER_EPS, PAPER_RATIO
+from hahnet.config import _check, default_alphas, PAPER_ALPHAS, PAPER_DEMOTE, PAPER_EPS, PAPER_RATIO
 from hahnet.device import autocast, tune_device
 from hahnet.hah import HaHObjective, hah_convs, reference_score
 from hahnet.nn.layers import DivisiveNorm2d, TopFractionThreshold, WNConv2d
-from hahnet.models import scaled, vgg16
+from hahnet.models import create_model, list_models, scaled
 
 TARGETS = {  # ratio -> (comparison, bound, where it applies)
     "hah_over_plain": ("<=", 1.10, "all widths"),
@@ -56,7 +57,7 @@ STEP_LABELS = {
     "hah": "(a) HaH step, HaHObjective",
     "plain": "(b) plain CE step, same HaH net",
     "reference": "(c) reference procedure step",
-    "standard": "(d) standard VGG16 CE step",
+    "standard": "(d) standard network CE step",
 }
 BLOCKS = ("DivisiveNorm2d", "TopFractionThreshold", "WNConv2d")
 RESOLUTIONS = ((32, 64), (16, 128), (8, 256))  # VGG16 resolution -> HaH channels at width 1
@@ -80,6 +81,7 @@ class BenchConfig:
     seed: int = 0
     clock: str = "wall"
     device: str = "cpu"  # cpu or cuda[:N]; on CUDA each timing ends with a device sync
+    model: str = "vgg16"  # the network of (a)-(d) and (f): a name of hahnet.list_models()
 
     def __post_init__(self) -> None:
         sections = ("steps", "blocks", "eval")
@@ -87,6 +89,7 @@ class BenchConfig:
         cuda_missing = kind == "cuda" and not torch.cuda.is_available()
         _check("benchmark config", [
             ("device", self.device, kind in ("cpu", "cuda"), "cpu or cuda"),
+            ("model", self.model, self.model in list_models(), "one of " + ", ".join(list_models())),
             ("clock", self.clock, not (kind == "cuda" and self.clock == "cpu"),
              "wall on cuda (cpu measures host CPU time)"),
             ("device", self.device, not cuda_missing, "cpu here: CUDA is not available"),
@@ -243,17 +246,20 @@ class ReferenceStep:
 
 
 def step_functions(width: float, batch_size: int, precision: str, channels_last: bool,
-                   seed: int, device: str = "cpu") -> dict[str, Callable[[], Any]]:
-    """The four training steps (a)-(d) as closures over their own models and data."""
+                   seed: int, device: str = "cpu", model: str = "vgg16"
+                   ) -> dict[str, Callable[[], Any]]:
+    """The four training steps (a)-(d) of ``model`` as closures over their own models and
+    data (one alpha per HaH layer: the paper's, as training uses them)."""
     torch.manual_seed(seed)
     fmt = memory_format(channels_last)
     x = torch.rand(batch_size, 3, 32, 32).to(device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch_size,)).to(device)
-    hah_model = vgg16(hah=True, width=width).train().to(device, memory_format=fmt)
+    hah_model = create_model(model, hah=True, width=width).train().to(device, memory_format=fmt)
     hah_optimizer = torch.optim.Adam(hah_model.parameters(), lr=1e-3)
-    objective = HaHObjective(hah_model)
-    reference = ReferenceStep(hah_model, hah_optimizer)
-    std_model = vgg16(hah=False, width=width).train().to(device, memory_format=fmt)
+    alphas = default_alphas(len(hah_convs(hah_model)))
+    objective = HaHObjective(hah_model, alphas)
+    reference = ReferenceStep(hah_model, hah_optimizer, alphas)
+    std_model = create_model(model, hah=False, width=width).train().to(device, memory_format=fmt)
     std_optimizer = torch.optim.Adam(std_model.parameters(), lr=1e-3)
 
     def hah_step() -> None:
@@ -321,11 +327,12 @@ def block_functions(width: float, batch_size: int, precision: str, channels_last
 
 def eval_throughput(width: float, batch_size: int, precision: str, channels_last: bool,
                     batches: int, apgd_steps: int, apgd_batch_size: int,
-                    seed: int, clock: str = "wall", device: str = "cpu") -> dict[str, Any]:
-    """Clean images/s and APGD-CE iterations x images / s of an eval-mode HaH VGG16."""
+                    seed: int, clock: str = "wall", device: str = "cpu",
+                    name: str = "vgg16") -> dict[str, Any]:
+    """Clean images/s and APGD-CE iterations x images / s of the eval-mode HaH network."""
     torch.manual_seed(seed)
     fmt = memory_format(channels_last)
-    model = vgg16(hah=True, width=width).eval().to(device, memory_format=fmt)
+    model = create_model(name, hah=True, width=width).eval().to(device, memory_format=fmt)
     for p in model.parameters():
         p.requires_grad_(False)
     x = torch.rand(batch_size, 3, 32, 32).to(device).contiguous(memory_format=fmt)
@@ -435,14 +442,15 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = 
         for precision in config.precisions:
             for channels_last in config.channels_last:
                 label = f"width {width:g} {precision} {'channels-last' if channels_last else 'NCHW'}"
-                run: dict[str, Any] = {"width": width, "precision": precision,
+                run: dict[str, Any] = {"model": config.model, "width": width,
+                                       "precision": precision,
                                        "channels_last": channels_last,
                                        "batch_size": config.batch_size}
                 if "steps" in config.sections:
                     say(f"{label}: training steps (a)-(d), {config.warmup} warm-up + "
                         f"{config.repeats} timed rounds")
                     fns = step_functions(width, config.batch_size, precision, channels_last,
-                                         config.seed, config.device)
+                                         config.seed, config.device, config.model)
                     times = time_interleaved(fns, config.repeats, config.warmup,
                                              config.clock, config.device)
                     run["steps"] = {name: summary(t) for name, t in times.items()}
@@ -462,7 +470,8 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = 
                     run["eval"] = eval_throughput(width, config.batch_size, precision,
                                                   channels_last, config.eval_batches,
                                                   config.apgd_steps, config.apgd_batch_size,
-                                                  config.seed, config.clock, config.device)
+                                                  config.seed, config.clock, config.device,
+                                                  config.model)
                 runs.append(run)
     machine = {**machine_info(config.device), "malloc": "tuned" if _MALLOC_TUNED else "default"}
     machine["load_average_at_start"] = busy

@@ -34,7 +34,8 @@ def format_report(result: dict[str, Any]) -> str:
              f"rounds after {cfg['warmup']} warm-up"]
     for run in result["runs"]:
         lines.append("")
-        lines.append(f"== VGG16 width {run['width']:g}, batch {run['batch_size']}, "
+        lines.append(f"== {run.get('model', 'vgg16')} width {run['width']:g}, "
+                     f"batch {run['batch_size']}, "
                      f"{run['precision']}, {'channels-last' if run['channels_last'] else 'NCHW'}")
         if "steps" in run:
             lines.append(f"  {'training step (fwd+bwd+Adam)':36s} {'median ms':>9s} {'min ms':>9s}")

@@ -19,7 +19,7 @@ from torch import nn
 
 from hahnet.config import ModelConfig
 from hahnet.io import DamagedFileError, atomic_write, read_json, sha256_file, write_json
-from hahnet.models import VGG, build_model
+from hahnet.models import MODEL_CLASSES, build_model
 
 MODEL_FILE = "model.safetensors"
 INFO_FILE = "model.json"
@@ -51,8 +51,9 @@ def _contiguous_state(module: nn.Module) -> dict[str, torch.Tensor]:
 def save_model(run_dir: Path, model: nn.Module, info: dict[str, Any]) -> None:
     """Write the weights and their description (``info`` gains model config and format)."""
     plain = unwrap(model)
-    if not isinstance(plain, VGG):
-        raise TypeError(f"save_model expects a hahnet VGG model, got {type(plain).__name__}")
+    if not isinstance(plain, MODEL_CLASSES):
+        raise TypeError(f"save_model expects a model of hahnet.create_model, got "
+                        f"{type(plain).__name__}")
     info = {"format": FORMAT, "model": plain.config.to_dict(), **info}
     header = {"hahnet": json.dumps(info)}
     run_dir = Path(run_dir)
@@ -160,7 +161,7 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
     verify(file)
     plain = unwrap(model)
     saved = ModelConfig.from_dict(info["model"])
-    if isinstance(plain, VGG) and saved != plain.config:
+    if isinstance(plain, MODEL_CLASSES) and saved != plain.config:
         diff = {k: (v, getattr(plain.config, k)) for k, v in saved.to_dict().items()
                 if v != getattr(plain.config, k)}
         raise CheckpointError(f"checkpoint {file} is for another model: (saved, requested) "
@@ -179,8 +180,9 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
     return info
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> VGG:
-    """A ready model from a checkpoint (run directory or .safetensors file), in eval mode."""
+def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """A ready model from a checkpoint (run directory or .safetensors file), in eval mode:
+    the registered network its header names (``model.arch``), with its weights."""
     info = read_info(path)
     try:
         config = ModelConfig.from_dict(info["model"])

@@ -222,7 +222,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     values = {"widths": args.width, "batch_size": args.batch_size, "precisions": args.precision,
               "channels_last": args.channels_last, "repeats": args.repeats,
               "warmup": args.warmup, "apgd_steps": args.apgd_steps, "clock": args.clock,
-              "sections": args.sections, "device": args.device}
+              "sections": args.sections, "device": args.device, "model": args.model}
     values = {k: v for k, v in values.items() if v is not None}
     config = build(bench.BenchConfig.quick if args.quick else bench.BenchConfig, **values)
     check_out(args.out, "file")

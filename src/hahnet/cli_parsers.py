@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from hahnet import config as cfg
+from hahnet.nn.catalog import ARCHITECTURES
 from hahnet.runs import DEFAULT_DATA
 
 
@@ -52,14 +53,18 @@ NUMBER = typed(one_number, "one number such as 0.25 or 2/255")
 def add_train_options(parser: argparse.ArgumentParser) -> None:
     """Flags shared by ``train`` and ``reproduce`` (all default to None = not given)."""
     g = parser.add_argument_group("model and recipe (defaults: the paper's, docs/method.md)")
-    g.add_argument("--model", choices=["vgg11", "vgg13", "vgg16", "vgg19"])
-    g.add_argument("--width", type=float, help="channel multiplier > 0 (1.0 = 64..512)")
+    g.add_argument("--model", choices=list(ARCHITECTURES),
+                   help="network (vgg16; `hahnet presets` and docs/method.md describe them)")
+    g.add_argument("--width", type=float, help="channel multiplier > 0 (1.0 = the paper's widths)")
     g.add_argument("--hah", action=argparse.BooleanOptionalAction, default=None,
-                   help="HaH network and objective (--no-hah: standard VGG)")
-    g.add_argument("--hah-layers", type=POSITIVE, help="leading convolutions that are HaH blocks (6)")
+                   help="HaH network and objective (--no-hah: standard network)")
+    g.add_argument("--hah-layers", type=POSITIVE,
+                   help="leading convolutions that are HaH blocks (VGG: 6; residual "
+                        "networks: the stem and the first stage)")
     g.add_argument("--sigma", type=float, help="divisive normalization sigma > 0 (0.1)")
     g.add_argument("--keep", type=float, help="fraction in (0, 1] kept by the threshold (0.2)")
-    g.add_argument("--alphas", type=NUMBERS, help="HaH weights per layer, comma-separated")
+    g.add_argument("--alphas", type=NUMBERS,
+                   help="HaH weights per HaH layer, comma-separated (the paper's)")
     g.add_argument("--ratio", type=float, help="HaH winner ratio K/C in (0, 1) (0.1)")
     g.add_argument("--demote", type=float, help="weight >= 0 of the losers' mean (1.0)")
     g.add_argument("--epochs", type=POSITIVE)
@@ -101,8 +106,8 @@ def add_data(parser: argparse.ArgumentParser, download: bool = True) -> None:
 
 
 def add_train(subparsers, commands: dict[str, Any]) -> None:
-    parser = subparsers.add_parser("train", help="train a standard or HaH VGG",
-                                   description="Train a standard or HaH VGG; checkpoints after "
+    parser = subparsers.add_parser("train", help="train a standard or HaH network",
+                                   description="Train a standard or HaH network; checkpoints after "
                                                "every epoch into --out, resumable.")
     add_data(parser)
     parser.add_argument("--out", help="run directory (default runs/<model>-<hah|std>-w<width>)")
@@ -205,7 +210,7 @@ def add_presets(subparsers, commands: dict[str, Any]) -> None:
 
 def add_reproduce(subparsers, commands: dict[str, Any]) -> None:
     parser = subparsers.add_parser(
-        "reproduce", help="train standard + HaH VGG, evaluate both, write the paper's table",
+        "reproduce", help="train standard + HaH network, evaluate both, write the paper's table",
         description="Train the standard and the HaH network of a preset (resumable: finished "
                     "runs and evaluations are reused), evaluate both as the paper does and "
                     "write DIR/report.md, DIR/results.json and plots. Every preset setting can "
@@ -260,12 +265,15 @@ def _choice(allowed: dict[str, Any]):
 def add_bench(subparsers, commands: dict[str, Any]) -> None:
     parser = subparsers.add_parser(
         "bench", help="time HaH training vs plain and reference training, blocks, eval",
-        description="Time, in one run: (a) a HaH VGG16 step with the one-pass HaH objective, "
+        description="Time, in one run: (a) a HaH network's step (--model, VGG16 by default) "
+                    "with the one-pass HaH objective, "
                     "(b) a plain cross-entropy step of the same network, (c) a step of the "
-                    "authors' reference procedure, (d) a standard VGG16 step, (e) each HaH "
+                    "authors' reference procedure, (d) a standard network's step, (e) each HaH "
                     "block alone, (f) clean and APGD-CE evaluation throughput. Prints a table "
                     "with the ratios a/b, c/a, a/d; medians of interleaved repeats.")
     positive = POSITIVE
+    parser.add_argument("--model", choices=list(ARCHITECTURES),
+                        help="the network of steps (a)-(d) and the evaluation (vgg16)")
     parser.add_argument("--width", type=_list(float, "comma-separated widths > 0"),
                         help="comma-separated widths (default 0.25,1.0; --quick: 0.0625)")
     parser.add_argument("--batch-size", type=positive, help="training batch size (128; --quick: 8)")

@@ -19,7 +19,7 @@ PAPER_RATIO = 0.1       # HaH winners K = ceil(ratio * C)
 PAPER_DEMOTE = 1.0      # weight of the losers' mean in the HaH score
 PAPER_SIGMA = 0.1       # divisive normalization: weight of the image-wide peak
 PAPER_KEEP = 0.2        # top-fraction threshold: fraction of each map kept
-PAPER_HAH_LAYERS = 6    # leading convolutions that are HaH blocks
+PAPER_HAH_LAYERS = 6    # leading convolutions that are HaH blocks (VGG16)
 PAPER_NOISE_SIGMA = 0.1
 PAPER_EPS: dict[str, float] = {"Linf": 2 / 255, "L2": 0.25}  # attack budgets per norm
 # Attack suites of `hahnet eval --attacks` (docs/evaluation.md) and their eps sweeps.
@@ -32,6 +32,28 @@ PAPER_TABLE: dict[str, dict[str, float]] = {
     "Standard": {"clean": 92.5, "noise": 26.6, "linf": 10.4, "l2": 13.9},
     "HaH": {"clean": 87.3, "noise": 64.0, "linf": 21.5, "l2": 27.6},
 }
+
+
+def _catalog():
+    """:mod:`hahnet.nn.catalog` (the registered model names), imported on first use:
+    the ``hahnet.nn`` package imports this module."""
+    import hahnet.nn.catalog as catalog
+
+    return catalog
+
+
+def default_hah_layers(arch: str) -> int:
+    """HaH blocks when none are asked for: the paper's 6 for VGG; for a residual network
+    its stem and every convolution of its first stage (docs/method.md says why)."""
+    spec = _catalog().architecture(arch)
+    return PAPER_HAH_LAYERS if spec.family == "vgg" else spec.max_hah_layers
+
+
+def default_alphas(hah_layers: int) -> tuple[float, ...]:
+    """One alpha per HaH layer when none are given: the paper's, in order; layers past the
+    paper's sixth repeat its last (smallest) value."""
+    extra = max(0, hah_layers - len(PAPER_ALPHAS))
+    return PAPER_ALPHAS[:hah_layers] + (PAPER_ALPHAS[-1],) * extra
 
 
 def parse_numbers(text: str) -> tuple[float, ...]:
@@ -107,18 +129,24 @@ def parse_count(text: str) -> int | None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Everything needed to rebuild a model (stored in checkpoints)."""
+    """Everything needed to rebuild a model (stored in checkpoints). ``arch`` is the
+    registered model name (:func:`hahnet.list_models`); ``hah_layers`` None means the
+    model's default (:func:`default_hah_layers`), resolved on construction."""
 
     arch: str = "vgg16"
     hah: bool = False
     width: float = 1.0
     num_classes: int = 10
     in_channels: int = 3
-    hah_layers: int = PAPER_HAH_LAYERS
+    hah_layers: int | None = None
     sigma: float = PAPER_SIGMA
     keep: float = PAPER_KEEP
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.hah_layers is None and self.arch in _catalog().ARCHITECTURES:
+            object.__setattr__(self, "hah_layers", default_hah_layers(self.arch))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,10 +178,10 @@ class TrainConfig:
     arch: str = "vgg16"
     hah: bool = False
     width: float = 1.0
-    hah_layers: int = PAPER_HAH_LAYERS
+    hah_layers: int | None = None      # None: the model's default (default_hah_layers)
     sigma: float = PAPER_SIGMA
     keep: float = PAPER_KEEP
-    alphas: tuple[float, ...] = PAPER_ALPHAS
+    alphas: tuple[float, ...] | None = None  # None: one per HaH layer (default_alphas)
     ratio: float = PAPER_RATIO
     demote: float = PAPER_DEMOTE
     epochs: int = 100
@@ -173,11 +201,18 @@ class TrainConfig:
     time_budget: float | None = None   # minutes: choose the epochs that fit (hahnet.budget)
 
     def __post_init__(self) -> None:
+        catalog = _catalog()
+        _check("training config", [("arch", self.arch, self.arch in catalog.ARCHITECTURES,
+                                    "one of " + ", ".join(catalog.ARCHITECTURES))])
+        if self.hah_layers is None:
+            object.__setattr__(self, "hah_layers", default_hah_layers(self.arch))
+        if self.alphas is None:
+            object.__setattr__(self, "alphas", default_alphas(self.hah_layers))
         _check("training config", [
-            ("arch", self.arch, self.arch in ("vgg11", "vgg13", "vgg16", "vgg19"),
-             "vgg11, vgg13, vgg16 or vgg19"),
             ("width", self.width, self.width > 0, "> 0"),
-            ("hah_layers", self.hah_layers, self.hah_layers >= 1, ">= 1"),
+            ("hah_layers", self.hah_layers, self.hah_layers >= 1 and self.hah_layers
+             in catalog.allowed_hah_layers(self.arch),
+             ">= 1 and " + catalog.describe_hah_layers(self.arch)),
             ("sigma", self.sigma, self.sigma > 0, "> 0"),
             ("keep", self.keep, 0 < self.keep <= 1, "in (0, 1]"),
             ("alphas", self.alphas, all(a >= 0 for a in self.alphas), "numbers >= 0"),

@@ -12,18 +12,19 @@ weight gradient only, so it never reaches earlier layers (docs/method.md states 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hahnet.config import PAPER_ALPHAS, PAPER_DEMOTE, PAPER_RATIO
+from hahnet.config import PAPER_ALPHAS, PAPER_DEMOTE, PAPER_RATIO, default_alphas
 from hahnet.nn.fused import batch_chunks, eager_mode
-from hahnet.nn.layers import HaHBlock, WNConv2d, conv_override
+from hahnet.nn.layers import HaHBlock, WNConv2d
+from hahnet.nn.objective import LayerCostObjective
 
-__all__ = ["PAPER_ALPHAS", "HaHObjective", "hah_score", "reference_score", "winners",
-           "hah_convs", "scored_conv2d"]
+__all__ = ["PAPER_ALPHAS", "HaHCost", "HaHObjective", "hah_score", "reference_score",
+           "winners", "hah_convs", "scored_conv2d"]
 
 
 def winners(channels: int, ratio: float) -> int:
@@ -330,58 +331,54 @@ def hah_convs(model: nn.Module) -> list[WNConv2d]:
     return [m.conv for m in model.modules() if isinstance(m, HaHBlock)]
 
 
-class HaHObjective:
-    """Cross-entropy minus alpha-weighted, layer-local HaH scores, in one pass.
+class HaHCost:
+    """The HaH score as a layer cost (:class:`hahnet.nn.costs.LayerCost`): ``-H(z)``,
+    since objectives minimize costs and HaH rewards a high score. ``convolve`` is the
+    fused path: the convolution and its score in one autograd Function (:func:`scored_conv2d`)."""
+
+    def __init__(self, ratio: float = PAPER_RATIO, demote: float = PAPER_DEMOTE) -> None:
+        winners(2, ratio)  # validates ratio
+        if demote < 0:
+            raise ValueError(f"HaHCost: demote must be >= 0, got {demote}")
+        self.ratio, self.demote = float(ratio), float(demote)
+
+    def __call__(self, z: Tensor) -> Tensor:
+        return -hah_score(z, self.ratio, self.demote)
+
+    def convolve(self, x: Tensor, weight: Tensor, stride, padding) -> tuple[Tensor, Tensor]:
+        z, score = scored_conv2d(x, weight, stride, padding, self.ratio, self.demote)
+        return z, -score
+
+    def __repr__(self) -> str:
+        return f"HaHCost(ratio={self.ratio}, demote={self.demote})"
+
+
+class HaHObjective(LayerCostObjective):
+    """Cross-entropy minus alpha-weighted, layer-local HaH scores, in one pass: the
+    :class:`~hahnet.nn.objective.LayerCostObjective` whose costs are :class:`HaHCost`.
 
     ``logits, loss = objective(x, y)``; ``loss.backward()`` then leaves in every
     ``.grad`` the gradient of the HaH method. The first ``len(alphas)`` HaH convolutions
-    of ``model`` are scored during the objective's own forward pass only (through
-    :func:`hahnet.nn.layers.conv_override`): the model itself is never modified, and
-    calling it directly is a plain forward. ``objective.scores`` holds the last
+    of ``model`` are scored (default: one alpha per HaH block, the paper's,
+    :func:`hahnet.config.default_alphas`) during the objective's own forward pass only
+    (through :func:`hahnet.nn.layers.conv_override`): the model itself is never modified,
+    and calling it directly is a plain forward. ``objective.scores`` holds the last
     per-layer scores as floats.
     """
 
-    def __init__(self, model: nn.Module, alphas: Sequence[float] = PAPER_ALPHAS,
+    def __init__(self, model: nn.Module, alphas: Sequence[float] | None = None,
                  ratio: float = PAPER_RATIO, demote: float = PAPER_DEMOTE) -> None:
         convs = hah_convs(model)
+        alphas = default_alphas(len(convs)) if alphas is None else alphas
         if len(alphas) > len(convs):
             raise ValueError(f"HaHObjective: {len(alphas)} alphas given but the model has "
                              f"only {len(convs)} HaH blocks; pass at most {len(convs)} alphas")
-        winners(2, ratio)  # validates ratio
-        if demote < 0:
-            raise ValueError(f"HaHObjective: demote must be >= 0, got {demote}")
-        self.model = model
-        self.alphas = tuple(float(a) for a in alphas)
-        self.ratio = float(ratio)
-        self.demote = float(demote)
-        self.layers = convs[: len(self.alphas)]
-        self._scores: Tensor | None = None
-
-    def _scorer(self, found: dict[nn.Module, Tensor], conv: nn.Module
-                ) -> Callable[[Tensor, Tensor, tuple, tuple], Tensor]:
-        def convolve(x: Tensor, weight: Tensor, stride: tuple, padding: tuple) -> Tensor:
-            if not torch.is_grad_enabled():
-                return F.conv2d(x, weight, None, stride, padding)
-            z, found[conv] = scored_conv2d(x, weight, stride, padding, self.ratio, self.demote)
-            return z
-        return convolve
-
-    def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        found: dict[nn.Module, Tensor] = {}
-        with conv_override({conv: self._scorer(found, conv) for conv in self.layers}):
-            logits = self.model(x)
-        loss = F.cross_entropy(logits, y)
-        scores = []
-        for alpha, conv in zip(self.alphas, self.layers):
-            if conv not in found:
-                raise RuntimeError("HaHObjective: a HaH layer produced no score; call the "
-                                   "objective with gradients enabled (not under no_grad)")
-            scores.append(found[conv])
-            loss = loss - alpha * found[conv]
-        self._scores = torch.stack(scores).detach() if scores else None
-        return logits, loss
+        cost = HaHCost(ratio, demote)
+        super().__init__(model, {conv: (alpha, cost) for alpha, conv in zip(alphas, convs)},
+                         name="HaHObjective")
+        self.ratio, self.demote = cost.ratio, cost.demote
 
     @property
     def scores(self) -> list[float]:
         """Per-layer HaH scores of the last call (converted lazily: no device sync per step)."""
-        return [] if self._scores is None else [float(v) for v in self._scores.tolist()]
+        return [-value for value in self.values]

@@ -1,5 +1,8 @@
-"""VGG networks for 32x32 inputs, standard or with leading HaH blocks.
+"""The model registry and the VGG networks for 32x32 inputs.
 
+:func:`create_model` builds any registered network by name (:func:`list_models`): the
+VGGs defined here and the residual networks of :mod:`hahnet.nn.resnet` (ResNet-18,
+PreAct-ResNet-18, WideResNet-16-4 and -28-10), standard or with a HaH front-end.
 ``vgg16()`` is the CIFAR VGG16 (13 conv blocks, one Linear); ``vgg16(hah=True)`` turns
 its first ``hah_layers`` convolutions into HaH blocks and makes the remaining ones WN
 convolutions, as in the paper. Models take inputs in [0, 1] and normalize themselves.
@@ -7,19 +10,18 @@ convolutions, as in the paper. Models take inputs in [0, 1] and normalize themse
 
 from __future__ import annotations
 
-
 from typing import Any
 
 import torch
+import torch.fx
 from torch import Tensor, nn
 
 from hahnet.config import ModelConfig
-from hahnet.nn.layers import HaHBlock, InputNormalize, VGGBlock
-
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2471, 0.2435, 0.2616)
-FASHION_MNIST_MEAN = (0.2860,)
-FASHION_MNIST_STD = (0.3530,)
+from hahnet.nn.catalog import ARCHITECTURES, architecture, check_hah_layers
+from hahnet.nn.layers import (CIFAR10_MEAN, CIFAR10_STD, FASHION_MNIST_MEAN,  # noqa: F401
+                              FASHION_MNIST_STD, HaHBlock, VGGBlock, default_normalization,
+                              input_normalization, scaled)
+from hahnet.nn.resnet import ResidualNet
 
 POOL = "M"
 VGG_LAYOUTS: dict[str, tuple[int | str, ...]] = {
@@ -32,20 +34,6 @@ VGG_LAYOUTS: dict[str, tuple[int | str, ...]] = {
 }
 
 
-def default_normalization(in_channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """CIFAR-10 statistics for 3 channels, Fashion-MNIST's for 1, else 0.5/0.25."""
-    if in_channels == 3:
-        return CIFAR10_MEAN, CIFAR10_STD
-    if in_channels == 1:
-        return FASHION_MNIST_MEAN, FASHION_MNIST_STD
-    return (0.5,) * in_channels, (0.25,) * in_channels
-
-
-def scaled(channels: int, width: float) -> int:
-    """Channel count scaled by width, at least 1."""
-    return max(1, int(round(channels * width)))
-
-
 class VGG(nn.Module):
     """Input normalization, a stack of HaH/VGG blocks and max-pools, one Linear."""
 
@@ -56,18 +44,10 @@ class VGG(nn.Module):
         if config.width <= 0:
             raise ValueError(f"width must be positive, got {config.width}")
         layout = VGG_LAYOUTS[config.arch]
-        num_convs = sum(1 for item in layout if item != POOL)
-        if config.hah and not 0 <= config.hah_layers <= num_convs:
-            raise ValueError(f"hah_layers must be in [0, {num_convs}] for {config.arch}, "
-                             f"got {config.hah_layers}")
-        mean, std = config.mean, config.std
-        if mean is None or std is None:
-            mean, std = default_normalization(config.in_channels)
-        if len(mean) != config.in_channels:
-            raise ValueError(f"normalization has {len(mean)} channels but in_channels="
-                             f"{config.in_channels}")
+        if config.hah:
+            check_hah_layers(config.arch, config.hah_layers)
         self.config = config
-        self.normalize = InputNormalize(mean, std)
+        self.normalize = input_normalization(config.in_channels, config.mean, config.std)
         layers: list[nn.Module] = []
         channels, conv_index = config.in_channels, 0
         for item in layout:
@@ -85,20 +65,32 @@ class VGG(nn.Module):
         self.classifier = nn.Linear(channels, config.num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        min_size = 2 ** self.num_pools
-        if x.dim() == 4 and min(x.shape[-2:]) < min_size:
-            raise ValueError(f"input of {x.shape[-2]}x{x.shape[-1]} is too small for "
-                             f"{self.num_pools} max-pools; pad images to at least "
-                             f"{min_size}x{min_size}")
-        features = self.features(self.normalize(x))
-        if features.shape[-2:] != (1, 1):
-            features = torch.amax(features, dim=(2, 3))
-        return self.classifier(features.flatten(1))
+        features = self.features(self.normalize(large_enough(x, self.num_pools)))
+        return self.classifier(torch.amax(features, dim=(2, 3)))
 
 
-def build_model(config: ModelConfig) -> VGG:
-    """The model a config describes (used by checkpoints)."""
-    return VGG(config)
+def large_enough(x: Tensor, num_pools: int) -> Tensor:
+    """``x``, or ValueError when its images are too small for ``num_pools`` 2x2 max-pools.
+    (A function torch.fx records as one call instead of tracing into, so that
+    :func:`hahnet.hahify` can trace the VGGs.)"""
+    min_size = 2 ** num_pools
+    if x.dim() == 4 and min(x.shape[-2:]) < min_size:
+        raise ValueError(f"input of {x.shape[-2]}x{x.shape[-1]} is too small for "
+                         f"{num_pools} max-pools; pad images to at least {min_size}x{min_size}")
+    return x
+
+
+torch.fx.wrap("large_enough")
+
+MODEL_CLASSES = (VGG, ResidualNet)  # what build_model returns; what checkpoints save
+
+
+def build_model(config: ModelConfig) -> VGG | ResidualNet:
+    """The model a config describes (used by checkpoints): a VGG or a residual network."""
+    if config.arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {config.arch!r}; choose one of "
+                         f"{', '.join(ARCHITECTURES)}")
+    return VGG(config) if architecture(config.arch).family == "vgg" else ResidualNet(config)
 
 
 def vgg16(hah: bool = False, width: float = 1.0, **options: Any) -> VGG:
@@ -123,22 +115,21 @@ def vgg19(**options: Any) -> VGG:
     return VGG(ModelConfig(arch="vgg19", **options))
 
 
-# name -> (architecture, HaH?): "vgg16" is the standard network, "vgg16_hah" the paper's.
-MODELS: dict[str, tuple[str, bool]] = {
-    **{arch: (arch, False) for arch in VGG_LAYOUTS},
-    **{f"{arch}_hah": (arch, True) for arch in VGG_LAYOUTS},
-}
-
-
 def list_models() -> list[str]:
-    """The names :func:`create_model` accepts."""
-    return sorted(MODELS)
+    """The names :func:`create_model` accepts (each also with a ``_hah`` suffix, which
+    makes ``hah=True`` the default)."""
+    return list(ARCHITECTURES)
 
 
-def create_model(name: str, **options: Any) -> VGG:
-    """A fresh model by name, e.g. ``create_model("vgg16_hah", width=0.25)``; ``options``
-    are :class:`ModelConfig` fields (width, num_classes, in_channels, hah_layers, ...)."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {list_models()}")
-    arch, hah = MODELS[name]
-    return VGG(ModelConfig(**{"hah": hah, **options, "arch": arch}))
+def create_model(name: str, **options: Any) -> VGG | ResidualNet:
+    """A fresh model by name, e.g. ``create_model("resnet18", hah=True, width=0.5)``;
+    ``options`` are :class:`ModelConfig` fields (hah, width, num_classes, in_channels,
+    hah_layers, sigma, keep, mean, std). ``"vgg16_hah"`` is ``"vgg16"`` with hah=True."""
+    arch, hah = (name[:-4], True) if name.endswith("_hah") else (name, False)
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
+    unknown = sorted(set(options) - set(ModelConfig.__dataclass_fields__) - {"arch"})
+    if unknown or "arch" in options:
+        raise ValueError(f"create_model: unknown option(s) {unknown or ['arch']}; the name "
+                         f"chooses the architecture, options are ModelConfig fields")
+    return build_model(ModelConfig(**{"hah": hah, **options, "arch": arch}))

@@ -212,7 +212,8 @@ def render_markdown(results: Sequence[EvalResult], data: dict[str, Any] | None =
     if any(r.sparsity for r in results):
         parts += ["## Sparsity per layer (non-zero fraction / top-10% channel share)", "",
                   sparsity_table(results), "",
-                  "HaH blocks: block output. VGG blocks: ReLU output before BatchNorm.", ""]
+                  "HaH blocks: block output. VGG blocks: ReLU output before BatchNorm. "
+                  "relu (residual networks): that ReLU's output.", ""]
     if any(r.snr for r in results):
         sigma = next(r.snr.sigma for r in results if r.snr)
         parts += [f"## SNR per layer (dB, noise sigma={sigma:g})", "", snr_table(results), ""]

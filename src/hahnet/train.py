@@ -1,5 +1,6 @@
 """The training loop: standard (cross-entropy) or HaH (:class:`HaHObjective`) training
-of a VGG on an in-memory dataset, with per-epoch metrics and resumable checkpoints.
+of any registered network (:func:`hahnet.create_model`) on an in-memory dataset, with
+per-epoch metrics and resumable checkpoints.
 
 Data stay on the training device as uint8 tensors; each epoch's permutation and random
 crops/flips are drawn from a generator seeded by (seed, epoch), so an epoch can be
@@ -26,7 +27,7 @@ from hahnet.data import Dataset, ImageDataset, to_float
 from hahnet.config import RUNTIME_OPTIONS, ModelConfig, TrainConfig
 from hahnet.device import autocast, resolve_device, tune_device
 from hahnet.hah import HaHObjective
-from hahnet.models import VGG, build_model
+from hahnet.models import build_model
 from hahnet.rundir import CONFIG_FILE, METRICS_FILE, RunDir
 
 GRAD_PROBE_SIZE = 128  # images in the fixed batch of the per-epoch gradient-ratio probe
@@ -93,7 +94,7 @@ def plan_batches(order: Tensor, params: tuple[Tensor, ...] | None, batch_size: i
         yield order[start:stop], (None if params is None else tuple(p[start:stop] for p in params))
 
 
-def gradient_ratios(model: VGG, config: TrainConfig, x: Tensor, y: Tensor) -> list[float]:
+def gradient_ratios(model: nn.Module, config: TrainConfig, x: Tensor, y: Tensor) -> list[float]:
     """Per HaH layer: RMS of the alpha-weighted HaH gradient / RMS of the cross-entropy
     gradient of that layer's weight, on one batch. Measured on a copy of ``model`` (train
     mode, as in a step) so the run's weights, batch-norm statistics and RNG are untouched;
@@ -184,7 +185,7 @@ class Trainer:
                              f"batch of {config.batch_size}; lower --batch-size or use more data")
         with torch.random.fork_rng(devices=[]):  # seeded init without touching global RNG
             torch.manual_seed(config.seed)
-            self.model: VGG = build_model(config.model_config(dataset)).to(device)
+            self.model: nn.Module = build_model(config.model_config(dataset)).to(device)
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)

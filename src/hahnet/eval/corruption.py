@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from hahnet import corruptions as C
 from hahnet.eval.base import EvalError, _check_data
-from hahnet.eval.metrics import clean_accuracy, sparsity
+from hahnet.eval.metrics import clean_accuracy, measurable, sparsity
 from hahnet.eval.results import CorruptionResult
 
 PhaseProgress = Callable[[str, int], Callable[[int], None]]
@@ -204,7 +204,7 @@ def evaluate_corruptions(model: nn.Module, images: Tensor, labels: Tensor,
     layers: dict[str, list] = {}
     sev = sparsity_severity if sparsity_severity in severities else None
     k = min(n, sparsity_images)
-    if sev is not None and k > 0 and getattr(model, "features", None) is not None:
+    if sev is not None and k > 0 and measurable(model):
         layers["clean"] = sparsity(model, images[:k], batch_size=batch_size, device=device,
                                    dtype=dtype)
         for family, members in C.FAMILIES.items():

@@ -114,18 +114,40 @@ Point = tuple[str, str, nn.Module]  # (name, kind, module whose output is measur
 
 
 def probe_points(model: nn.Module) -> list[Point]:
-    """What is measured per block of ``model.features``: a HaH block's output; for a VGG
-    block its ReLU output (pre-BatchNorm), since BN output is dense by construction."""
+    """What is measured per layer. A VGG (blocks in ``model.features``): a HaH block's
+    output, a VGG block's ReLU output (pre-BatchNorm, since BN output is dense by
+    construction). Any other network (the residual ones): every HaH block's output and
+    every other ReLU's output, in module order, named by module path."""
     features = getattr(model, "features", None)
-    if not isinstance(features, nn.Sequential):
-        raise EvalError("sparsity/SNR need a model with a `features` nn.Sequential of blocks")
     points: list[Point] = []
-    for block in features:
-        if isinstance(block, HaHBlock):
-            points.append((f"conv{len(points) + 1}", "hah", block))
-        elif isinstance(block, VGGBlock):
-            points.append((f"conv{len(points) + 1}", "vgg", block.relu))
+    if isinstance(features, nn.Sequential):
+        for block in features:
+            if isinstance(block, HaHBlock):
+                points.append((f"conv{len(points) + 1}", "hah", block))
+            elif isinstance(block, VGGBlock):
+                points.append((f"conv{len(points) + 1}", "vgg", block.relu))
+        return points
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in inside):
+            continue
+        if isinstance(module, HaHBlock):
+            points.append((name, "hah", module))
+            inside.append(name + ".")
+        elif isinstance(module, nn.ReLU):
+            points.append((name, "relu", module))
+    if not points:
+        raise EvalError("sparsity/SNR need a model with HaH blocks or nn.ReLU modules "
+                        "(or a `features` nn.Sequential of blocks)")
     return points
+
+
+def measurable(model: nn.Module) -> bool:
+    """Whether :func:`probe_points` finds layers to measure in ``model``."""
+    try:
+        return bool(probe_points(model))
+    except EvalError:
+        return False
 
 
 @contextlib.contextmanager

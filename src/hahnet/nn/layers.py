@@ -23,6 +23,10 @@ from hahnet.nn.fused import (_DivisiveNorm, _TopFraction, divisive_norm_referenc
                              top_fraction_reference)
 
 WN_EPS = 1e-6
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+FASHION_MNIST_MEAN = (0.2860,)
+FASHION_MNIST_STD = (0.3530,)
 
 # (x, normalized weight, stride, padding) -> output; see conv_override.
 ConvFunction = Callable[[Tensor, Tensor, tuple, tuple], Tensor]
@@ -51,8 +55,9 @@ class WNConv2d(nn.Conv2d):
     activation-sized one.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
-                 stride: int = 1, padding: int = 1) -> None:
+    def __init__(self, in_channels: int, out_channels: int,
+                 kernel_size: int | tuple[int, int] = 3, stride: int | tuple[int, int] = 1,
+                 padding: int | tuple[int, int] = 1) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride=stride,
                          padding=padding, bias=False)
 
@@ -132,12 +137,15 @@ class TopFractionThreshold(nn.Module):
 
 
 class HaHBlock(nn.Module):
-    """WN conv -> ReLU -> divisive normalization -> top-fraction threshold."""
+    """WN conv -> ReLU -> divisive normalization -> top-fraction threshold. The paper's
+    convolution is 3x3, stride 1, padding 1; :func:`hahnet.hahify` passes other shapes."""
 
     def __init__(self, in_channels: int, out_channels: int, sigma: float = PAPER_SIGMA,
-                 keep: float = PAPER_KEEP) -> None:
+                 keep: float = PAPER_KEEP, kernel_size: int | tuple[int, int] = 3,
+                 stride: int | tuple[int, int] = 1,
+                 padding: int | tuple[int, int] = 1) -> None:
         super().__init__()
-        self.conv = WNConv2d(in_channels, out_channels)
+        self.conv = WNConv2d(in_channels, out_channels, kernel_size, stride, padding)
         self.relu = nn.ReLU()
         self.divnorm = DivisiveNorm2d(sigma)
         self.threshold = TopFractionThreshold(keep)
@@ -185,3 +193,28 @@ class InputNormalize(nn.Module):
         mean = tuple(round(v, 4) for v in self.mean.flatten().tolist())
         std = tuple(round(v, 4) for v in self.std.flatten().tolist())
         return f"mean={mean}, std={std}"
+
+
+def default_normalization(in_channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """CIFAR-10 statistics for 3 channels, Fashion-MNIST's for 1, else 0.5/0.25."""
+    if in_channels == 3:
+        return CIFAR10_MEAN, CIFAR10_STD
+    if in_channels == 1:
+        return FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    return (0.5,) * in_channels, (0.25,) * in_channels
+
+
+def input_normalization(in_channels: int, mean: tuple[float, ...] | None,
+                        std: tuple[float, ...] | None) -> InputNormalize:
+    """The model's first module: ``mean``/``std`` if given, else the defaults for
+    ``in_channels``; ValueError when their length is not ``in_channels``."""
+    if mean is None or std is None:
+        mean, std = default_normalization(in_channels)
+    if len(mean) != in_channels:
+        raise ValueError(f"normalization has {len(mean)} channels but in_channels={in_channels}")
+    return InputNormalize(mean, std)
+
+
+def scaled(channels: int, width: float) -> int:
+    """Channel count scaled by width, at least 1."""
+    return max(1, int(round(channels * width)))
