@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -207,8 +208,15 @@ def evaluation_split(dataset: Any, split: str, infos: Sequence[tuple[str, dict[s
     return split_holdout(dataset.train, fraction, seed)[1]
 
 
+def shown_path(path: str | Path) -> str:
+    """The data path as a report shows it: as given when relative, only the folder's name
+    when absolute (reports are shared; the layout of the machine that wrote them is not)."""
+    return Path(path).name if Path(path).is_absolute() else str(path)
+
+
 def data_record(path: str, dataset: Any, test: Any, limit: int | None, limit_seed: int = 0,
                 split: str = "test") -> dict[str, Any]:
     """How the evaluated images were chosen, for results.json and the report."""
-    return {"path": str(path), "name": dataset.name, "split": split, "n_images": len(test),
-            "limit": limit, "limit_seed": limit_seed, "classes": list(test.classes)}
+    return {"path": shown_path(path), "name": dataset.name, "split": split,
+            "n_images": len(test), "limit": limit, "limit_seed": limit_seed,
+            "classes": list(test.classes)}
