@@ -1,15 +1,26 @@
-"""What several test files share: tiny data sets, configs and networks.
+"""What several test files share: tiny data sets, configs and networks, launching
+several processes, and a guard on process-wide settings.
 
 Test files take these as fixtures (``tiny_dataset``, ``tiny_config``, ``write_cifar``,
-``tiny_net``, ``random_uint8``: each returns its factory function) instead of importing
-each other. ``autocast_like_cuda`` makes CPU autocast follow CUDA's rules for one test. Worker processes that tests spawn, which run outside pytest, import the
-plain functions from here (``from conftest import ...``).
+``tiny_net``, ``random_uint8``, ``torchrun``: each returns its function) or import the
+plain functions from here (``from conftest import ...``), never from each other; so do
+worker processes that tests spawn, which run outside pytest.
+
+Every test runs inside :func:`process_settings_guard`: a test that changes torch's
+thread count, default dtype or backend flags and does not put them back is restored
+and reported as an error, so no test runs with settings another test left behind.
+
+``autocast_like_cuda`` makes CPU autocast follow CUDA's rules for one test.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import pickle
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -22,7 +33,59 @@ from hahnet.config import TrainConfig
 from hahnet.data import Dataset, ImageDataset
 from hahnet.nn.layers import HaHBlock, VGGBlock
 
+pytest_plugins = ["pytester"]  # test_process_guard runs a pytest session of its own
+
 CLASSES = ("a", "b", "c", "d")
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+
+
+def committed_files(*patterns: str) -> list[Path]:
+    """The files git tracks in this checkout that match ``patterns`` (git pathspecs);
+    skips the calling test outside a git checkout, where they are unknown."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z", "--", *patterns], cwd=REPO,
+                                capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout: which files are committed is unknown")
+    return [REPO / name for name in listed.split("\0") if name]
+
+
+# ---------------------------------------------------------------- process-wide settings
+
+def process_settings() -> dict[str, object]:
+    """The process-wide torch settings a test could leave changed."""
+    return {"threads": torch.get_num_threads(), "default dtype": torch.get_default_dtype(),
+            "cudnn.benchmark": torch.backends.cudnn.benchmark,
+            "cudnn.deterministic": torch.backends.cudnn.deterministic,
+            "deterministic algorithms": torch.are_deterministic_algorithms_enabled(),
+            "float32 matmul precision": torch.get_float32_matmul_precision(),
+            "grad enabled": torch.is_grad_enabled()}
+
+
+def restore_process_settings(saved: dict[str, object]) -> None:
+    torch.set_num_threads(saved["threads"])
+    torch.set_default_dtype(saved["default dtype"])
+    torch.backends.cudnn.benchmark = saved["cudnn.benchmark"]
+    torch.backends.cudnn.deterministic = saved["cudnn.deterministic"]
+    torch.use_deterministic_algorithms(saved["deterministic algorithms"])
+    torch.set_float32_matmul_precision(saved["float32 matmul precision"])
+    torch.set_grad_enabled(saved["grad enabled"])
+
+
+@pytest.fixture(autouse=True)
+def process_settings_guard(request):
+    """Restore torch's process-wide settings after every test and fail the test that
+    changed them: later tests then run as they would alone, on any thread count."""
+    before = process_settings()
+    yield
+    after = process_settings()
+    if after != before:
+        restore_process_settings(before)
+        changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+        pytest.fail(f"{request.node.nodeid} left process-wide settings changed (before, "
+                    f"after): {changed}; restore them in the test (restored now)",
+                    pytrace=False)
 
 
 def make_tiny_dataset(n_train: int = 48, n_test: int = 16, seed: int = 0) -> Dataset:
@@ -232,3 +295,64 @@ def autocast_like_cuda():
     """CPU autocast with CUDA's rules (:func:`cuda_autocast_rules`) for one test."""
     with cuda_autocast_rules():
         yield
+
+
+# ---------------------------------------------------------------- several processes
+
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+               "MASTER_PORT", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RESTART_COUNT",
+               "TORCHELASTIC_RUN_ID", "OMP_NUM_THREADS")
+LAUNCH_TIMEOUT = 180  # seconds for one launch: a hang fails the test instead of blocking it
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(tmp: Path, **extra: str) -> dict[str, str]:
+    """This process's environment without launcher variables, with its own cache and
+    tests/ on PYTHONPATH (worker scripts import from conftest)."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env.update(HAHNET_CACHE=str(tmp / "cache"), PYTHONUNBUFFERED="1", **extra)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
+    return env
+
+
+def start_torchrun(tmp: Path, args: list[str], script: Path | None = None, restarts: int = 0,
+                   **extra: str) -> subprocess.Popen:
+    """torchrun --nproc-per-node 2 on 127.0.0.1 running `hahnet` (or ``script``)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           "--max-restarts", str(restarts), "--monitor-interval", "0.2"]
+    cmd += [str(script)] if script else ["-m", "hahnet"]
+    return subprocess.Popen(cmd + args, env=child_env(tmp, **extra), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def finish(procs: list[subprocess.Popen],
+           timeout: float = LAUNCH_TIMEOUT) -> list[tuple[int, str, str]]:
+    """(exit status, stdout, stderr) of each process; all are killed if one hangs."""
+    results = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+        results.append((proc.returncode, out, err))
+    return results
+
+
+def run_torchrun(tmp: Path, args: list[str], **options) -> subprocess.CompletedProcess:
+    """`hahnet ARGS` (or a script) under torchrun with 2 processes, to the end."""
+    proc = start_torchrun(tmp, args, **options)
+    (rc, out, err), = finish([proc])
+    return subprocess.CompletedProcess(proc.args, rc, out, err)
+
+
+@pytest.fixture
+def torchrun():
+    return run_torchrun

@@ -58,6 +58,7 @@ BAD = [  # argv (OUT = a fresh directory under tmp_path), words the one line mus
     (["bench", "--threads", "-1"], "--threads"),
     (["bench", "--precision", "fp16"], "--precision"),
     (["bench", "--out", "OUT"], "directory"),
+    (["bench", "--malloc", "tuned"], "whole process"),  # cli.main is not the entry point
     (["sweep", "SWEEP", "--jobs", "0"], "--jobs"),
     (["sweep", "SWEEP", "--threads", "0"], "--threads"),
     (["sweep", "MISSING"], "no sweep file"),

@@ -188,31 +188,6 @@ def test_hah_runs_record_gradient_ratios_per_epoch(tmp_path):
     assert len(line["grad_ratios"]) == 6 and all(r > 0 for r in line["grad_ratios"])
 
 
-def learnable_dataset(n_train: int = 192, n_test: int = 64) -> "Dataset":
-    """Four classes that differ in colour and brightness: easy, but only if training works."""
-    from hahnet.data import Dataset, ImageDataset
-
-    g = torch.Generator().manual_seed(11)
-
-    def split(n):
-        labels = torch.arange(n) % 4
-        images = torch.randint(0, 96, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
-        images[labels == 0, 0] += 150
-        images[labels == 1, 1] += 150
-        images[labels == 2, 2] += 150
-        return ImageDataset(images, labels, CLASSES)
-
-    return Dataset("learnable", "synthetic", split(n_train), split(n_test), "memory")
-
-
-@pytest.mark.parametrize("hah", [False, True])
-def test_training_learns(tmp_path, hah):
-    config = tiny_config(hah=hah, epochs=8, batch_size=32, lr=3e-3, milestones=(1.0,))
-    history = Trainer(config, learnable_dataset(), tmp_path, torch.device("cpu")).fit()
-    assert history[-1].train_loss < 0.7 * history[0].train_loss
-    assert history[-1].eval_acc >= 0.5  # twice chance (0.25)
-
-
 @pytest.mark.parametrize("options", [dict(precision="bf16"), dict(channels_last=True),
                                      dict(precision="bf16", channels_last=True)])
 def test_bf16_and_channels_last_train_resume_and_load(tmp_path, options):

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hahnet.config import _check, default_alphas, PAPER_ALPHAS, PAPER_DEMOTE, PAPER_EPS, PAPER_RATIO
-from hahnet.device import autocast, tune_device
+from hahnet.device import autocast, rng_kept, tune_device
 from hahnet.hah import HaHObjective, hah_convs, reference_score
 from hahnet.nn.layers import DivisiveNorm2d, TopFractionThreshold, WNConv2d
 from hahnet.models import create_model, list_models, scaled
@@ -437,6 +437,18 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = 
         say(f"warning: the machine is busy (load {busy:.1f} on {os.cpu_count()} cores): "
             f"wall-clock timings with {torch.get_num_threads()} threads stall on every "
             f"parallel op; for steady ratios use --threads 1 --clock cpu")
+    with rng_kept(config.device):  # the sections seed the global RNGs; the caller's stay
+        runs = measure_runs(config, say)
+    machine = {**machine_info(config.device), "malloc": "tuned" if _MALLOC_TUNED else "default"}
+    machine["load_average_at_start"] = busy
+    return {"machine": machine, "config": asdict(config), "runs": runs,
+            "targets": {k: {"compare": c, "bound": b, "applies": a}
+                        for k, (c, b, a) in TARGETS.items()},
+            "seconds": time.perf_counter() - started}
+
+
+def measure_runs(config: BenchConfig, say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Every (width, precision, layout) combination's measured sections."""
     runs = []
     for width in config.widths:
         for precision in config.precisions:
@@ -473,9 +485,4 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] | None = 
                                                   config.seed, config.clock, config.device,
                                                   config.model)
                 runs.append(run)
-    machine = {**machine_info(config.device), "malloc": "tuned" if _MALLOC_TUNED else "default"}
-    machine["load_average_at_start"] = busy
-    return {"machine": machine, "config": asdict(config), "runs": runs,
-            "targets": {k: {"compare": c, "bound": b, "applies": a}
-                        for k, (c, b, a) in TARGETS.items()},
-            "seconds": time.perf_counter() - started}
+    return runs

@@ -9,6 +9,7 @@ settings, for people and tools) and ``train_state.safetensors``/``.json`` (Adam 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,7 @@ def save_model(run_dir: Path, model: nn.Module, info: dict[str, Any]) -> None:
     run_dir = Path(run_dir)
     atomic_write(run_dir / MODEL_FILE,
                  lambda tmp: save_file(_contiguous_state(plain), str(tmp), metadata=header))
-    write_json(run_dir / INFO_FILE, {**info, "sha256": sha256_file(run_dir / MODEL_FILE)})
+    seal(run_dir / MODEL_FILE, info)
 
 
 def sidecar(file: Path) -> Path:
@@ -68,19 +69,40 @@ def sidecar(file: Path) -> Path:
     return Path(file).with_suffix(".json")
 
 
-def verify(file: str | Path) -> None:
-    """Check a .safetensors file against the SHA-256 its sidecar JSON records (files
-    written before checksums were recorded, or without a sidecar, pass unchecked)."""
+def seal(file: str | Path, info: dict[str, Any] | None = None) -> str:
+    """Record ``file``'s SHA-256 in its sidecar JSON, written from ``info`` (or, when None,
+    the sidecar's own contents); returns the checksum. Every save does this; call it on a
+    checkpoint saved without a checksum once you trust its bytes."""
     file = Path(file)
     described = sidecar(file)
-    if not described.exists():
-        return
-    try:
-        record = read_json(described)
-    except DamagedFileError as error:
-        raise CheckpointError(str(error)) from None
+    if info is None:
+        try:
+            info = read_json(described) if described.exists() else {}
+        except DamagedFileError as error:
+            raise CheckpointError(str(error)) from None
+    digest = sha256_file(file)
+    write_json(described, {**info, "sha256": digest})
+    return digest
+
+
+def check_sha256(file: str | Path) -> None:
+    """Check a .safetensors file against the SHA-256 its sidecar JSON records: a mismatch
+    is a :class:`CheckpointError`; a file with no recorded checksum (saved before they
+    were recorded, or without its sidecar) is used, with one warning line naming it."""
+    file = Path(file)
+    described = sidecar(file)
+    record: Any = None
+    if described.exists():
+        try:
+            record = read_json(described)
+        except DamagedFileError as error:
+            raise CheckpointError(str(error)) from None
     expected = record.get("sha256") if isinstance(record, dict) else None
-    if expected and expected != sha256_file(file):
+    if not expected:
+        print(f"hahnet: warning: {file} has no recorded SHA-256 ({described.name}), so it is "
+              f"used unchecked; once you trust it, record one with "
+              f"hahnet.checkpoint.seal('{file}')", file=sys.stderr)
+    elif expected != sha256_file(file):
         raise CheckpointError(f"{file} is damaged: its SHA-256 differs from the one recorded in "
                               f"{described.name} when it was saved; restore the file or train again")
 
@@ -153,12 +175,13 @@ def read_info(path: str | Path) -> dict[str, Any]:
     return _read_header(_model_file(Path(path)))
 
 
-def load_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint's weights into ``model`` (checking it is the same model); returns
-    the checkpoint's info."""
+def load_weights(model: nn.Module, path: str | Path, verify: bool = True) -> dict[str, Any]:
+    """Load a checkpoint's weights into ``model`` (checking it is the same model, and with
+    ``verify`` its SHA-256, see :func:`check_sha256`); returns the checkpoint's info."""
     file = _model_file(Path(path))
     info = _read_header(file)
-    verify(file)
+    if verify:
+        check_sha256(file)
     plain = unwrap(model)
     saved = ModelConfig.from_dict(info["model"])
     if isinstance(plain, MODEL_CLASSES) and saved != plain.config:
@@ -180,16 +203,19 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
     return info
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """A ready model from a checkpoint (run directory or .safetensors file), in eval mode:
-    the registered network its header names (``model.arch``), with its weights."""
+def load(path: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> nn.Module:
+    """A ready model from a checkpoint (``RUN_DIR``, a .safetensors file or ``RUN_DIR@EPOCH``),
+    in eval mode: the registered network its header names (``model.arch``), with its weights.
+    ``verify`` (default): check the weights against the SHA-256 recorded in the JSON beside
+    them; a damaged file is a :class:`CheckpointError`, and one saved without a checksum
+    loads with a one-line warning naming it. ``verify=False`` skips both."""
     info = read_info(path)
     try:
         config = ModelConfig.from_dict(info["model"])
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"checkpoint {path} has an unusable model config: {error}") from None
     model = build_model(config)
-    load_weights(model, path)
+    load_weights(model, path, verify)
     return model.to(device).eval()
 
 
@@ -207,9 +233,7 @@ def save_train_state(run_dir: Path, optimizer: torch.optim.Optimizer, info: dict
     run_dir = Path(run_dir)
     atomic_write(run_dir / STATE_FILE,
                  lambda tmp: save_file(tensors, str(tmp), metadata={"epoch": str(info["epoch"])}))
-    write_json(run_dir / STATE_INFO_FILE,
-               {**info, "param_groups": state["param_groups"], "scalars": scalars,
-                "sha256": sha256_file(run_dir / STATE_FILE)})
+    seal(run_dir / STATE_FILE, {**info, "param_groups": state["param_groups"], "scalars": scalars})
 
 
 def load_train_state(run_dir: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -219,7 +243,7 @@ def load_train_state(run_dir: Path, optimizer: torch.optim.Optimizer) -> dict[st
         if not (run_dir / name).exists():
             raise CheckpointError(f"cannot resume from {run_dir}: {name} is missing; "
                                   f"start a fresh run instead")
-    verify(run_dir / STATE_FILE)
+    check_sha256(run_dir / STATE_FILE)
     try:
         info = read_json(run_dir / STATE_INFO_FILE)
         tensors = load_file(str(run_dir / STATE_FILE))

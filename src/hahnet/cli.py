@@ -9,6 +9,7 @@ one line on stderr and exit status 2, see docs/errors.md) and prints; the work i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import sys
@@ -49,6 +50,8 @@ def build(make, *args: Any, **kwargs: Any):
 
 
 def configure_threads(threads: int | None) -> None:
+    """Set torch's intra-op threads for this command (``--threads``, or the torchrun
+    share); :func:`main` restores the caller's count on return."""
     from hahnet import distributed
     import torch
 
@@ -226,6 +229,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     values = {k: v for k, v in values.items() if v is not None}
     config = build(bench.BenchConfig.quick if args.quick else bench.BenchConfig, **values)
     check_out(args.out, "file")
+    if args.malloc == "tuned" and not args.own_process:
+        raise UserError("--malloc tuned changes the allocator of the whole process for good: "
+                        "run it as the hahnet command (or python -m hahnet), not through "
+                        "hahnet.cli.main() inside another program")
     configure_threads(args.threads)
     if args.malloc == "tuned" and not bench.tune_malloc():
         raise UserError("--malloc tuned needs glibc malloc (Linux)")
@@ -271,14 +278,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+@contextlib.contextmanager
+def threads_restored():
+    """Run a command and give the caller back its torch thread count (``--threads`` sets
+    a process-wide value; a program or test that calls :func:`main` keeps its own)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+def main(argv: Sequence[str] | None = None, own_process: bool = False) -> int:
+    """Run one ``hahnet`` command; returns its exit status. Process-wide settings it makes
+    are undone on return (threads), or refused unless ``own_process`` says this call is
+    the process's entry point (the allocator tuning of ``bench --malloc tuned``)."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as done:  # a bad flag (one line printed) or --help
         return int(done.code or 0)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for reports: how to rerun
+    args.own_process = own_process
     try:
-        return args.func(args)
+        with threads_restored():
+            return args.func(args)
     except UserError as error:
         if not getattr(error, "quiet", False):
             print(f"hahnet {args.command}: error: {error}", file=sys.stderr)
@@ -291,5 +317,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141
 
 
+def entry() -> None:
+    """The ``hahnet`` command and ``python -m hahnet``: this process's entry point."""
+    sys.exit(main(own_process=True))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -35,3 +35,11 @@ def tune_device(device: torch.device | str) -> None:
     (the shapes repeat every step, so the best kernels are found once). Nothing elsewhere."""
     if torch.device(device).type == "cuda":
         torch.backends.cudnn.benchmark = True
+
+
+def rng_kept(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """Fork the global RNGs of the CPU and of ``device`` (when CUDA) and restore them on
+    exit: code that must reseed them (torchattacks, the benchmark's seeded set-up) leaves
+    its caller's random state untouched."""
+    dev = torch.device(device)
+    return torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else [])

@@ -47,7 +47,7 @@ def _split(dataset, split: str, checkpoints):
 
 def evaluate_and_report(args: argparse.Namespace, settings: EvalSettings, env) -> int:
     from hahnet import checkpoint, report
-    from hahnet.reproduce import eval_data
+    from hahnet.eval.runner import data_record
 
     models = _load_all(args.checkpoints, env.device)
     sources = _load_all(getattr(args, "transfer_from", None) or [], env.device)
@@ -69,8 +69,8 @@ def evaluate_and_report(args: argparse.Namespace, settings: EvalSettings, env) -
     corruption_cli.evaluate(args, env, models, test, results)  # if --corruptions
     if not env.is_main:
         return 0
-    data = {**eval_data(args.data or DEFAULT_DATA, dataset, test, args.limit),
-            "limit_seed": args.limit_seed, "split": args.split}
+    data = data_record(args.data or DEFAULT_DATA, dataset, test, args.limit, args.limit_seed,
+                       args.split)
     paths = report.write_report(results, args.out, data)
     print(report.paper_table(results))
     console.warn_gradient_masking(results, paths["report.md"])

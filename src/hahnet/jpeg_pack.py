@@ -1,5 +1,5 @@
 """A JPEG image folder packed into one small file, byte for byte, for carrying data to a
-machine that cannot see it (the GPU machine takes 64 MiB of working tree).
+machine that cannot see it (a rented GPU with a small upload, a cluster node).
 
 Tiny JPEGs from one encoder share their headers (quantization and Huffman tables): in
 the CIFAR-10 JPEG copy 623 of ~890 bytes per image. A pack stores that common prefix once

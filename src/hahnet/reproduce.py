@@ -15,6 +15,7 @@ from hahnet import checkpoint, runs
 from hahnet.config import EvalSettings, TrainConfig, same_json
 from hahnet.errors import UserError
 from hahnet.eval.results import EvalResult, read_results
+from hahnet.eval.runner import data_record
 from hahnet.presets import Preset
 from hahnet.rundir import RunDir
 
@@ -125,12 +126,6 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def eval_data(path: str, dataset, test, limit: int | None) -> dict[str, Any]:
-    """How the evaluated images were chosen, for results.json and the report."""
-    return {"path": str(path), "name": dataset.name, "split": "test", "n_images": len(test),
-            "limit": limit, "limit_seed": 0, "classes": list(test.classes)}
-
-
 def _evaluate_silently(path: str, info: dict[str, Any], model, test, settings, device,
                        sources=()):
     from hahnet.eval import runner as ev
@@ -220,7 +215,7 @@ def _evaluate(experiment: Experiment, name: str, run_dir: Path, dataset, test, d
                             sources)
     result.settings = settings_record(experiment.settings, experiment.limit)
     report.write_report([result], run_dir / EVAL_DIR,
-                        eval_data(experiment.data, dataset, test, experiment.limit))
+                        data_record(experiment.data, dataset, test, experiment.limit))
     return result
 
 
@@ -265,7 +260,7 @@ def reproduce(experiment: Experiment, command: str, hooks: Hooks | None = None):
     label = "CIFAR-10 (JPEG copy)" if "cifar10-jpeg" in str(experiment.data) \
         else dataset.describe()
     paths = report.write_report(
-        results, experiment.out, eval_data(experiment.data, dataset, test, limit),
+        results, experiment.out, data_record(experiment.data, dataset, test, limit),
         title=f"Reproducing the paper: preset {experiment.preset.name}",
         preamble=preamble(experiment.preset, experiment.train, command, label, plan),
         histories={name: RunDir(run_dir).history() for name, run_dir in dirs.items()},

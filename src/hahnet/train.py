@@ -52,6 +52,18 @@ class EpochMetrics:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class StepRecord:
+    """One training step as ``on_gradients`` sees it: after the backward pass (under
+    torchrun the gradients are already averaged over processes) and before the optimizer
+    applies them, so the parameters still hold the weights the gradients belong to."""
+
+    epoch: int
+    step: int  # within the epoch, from 0
+    indices: Tensor  # the global batch: indices into the training split, every process's
+    loss: Tensor  # this process's loss on its share of the global batch
+
+
 def learning_rate(config: TrainConfig, epoch: int) -> float:
     """Step schedule: lr * gamma^(milestones passed), milestones as fractions of epochs."""
     passed = sum(1 for m in config.milestones if epoch >= round(m * config.epochs))
@@ -237,8 +249,10 @@ class Trainer:
             self.run_dir.truncate_metrics(self.start_epoch)
         return self.start_epoch
 
-    def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """One optimizer step on a (local) batch; returns (loss, number correct) tensors."""
+    def train_step(self, x: Tensor, y: Tensor,
+                   before_update: Callable[[Tensor], None] | None = None) -> tuple[Tensor, Tensor]:
+        """One optimizer step on a (local) batch; returns (loss, number correct) tensors.
+        ``before_update(loss)`` runs between the backward pass and the optimizer step."""
         with autocast(self.device, self.config.precision):
             if self.objective is not None:
                 logits, loss = self.objective(x, y)
@@ -247,6 +261,8 @@ class Trainer:
                 loss = F.cross_entropy(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if before_update is not None:
+            before_update(loss.detach())
         self.optimizer.step()
         return loss.detach(), (logits.argmax(1) == y).sum()
 
@@ -268,9 +284,12 @@ class Trainer:
 
     def train_epoch(self, epoch: int,
                     on_step: Callable[[int, Tensor], None] | None = None,
-                    stop_after: int | None = None) -> tuple[float, float, int]:
+                    stop_after: int | None = None,
+                    on_gradients: Callable[[StepRecord], None] | None = None
+                    ) -> tuple[float, float, int]:
         """Train one epoch; returns (mean loss, accuracy, images) over this process's data.
-        ``stop_after`` ends the epoch early after that many steps (for tests of crashes)."""
+        ``stop_after`` ends the epoch early after that many steps (for tests of crashes);
+        ``on_gradients`` sees every step before its update (see :class:`StepRecord`)."""
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.config, epoch)
         self.network.train()
@@ -284,7 +303,10 @@ class Trainer:
             if stop_after is not None and step >= stop_after:
                 break
             x, y = self.local_batch(indices, params)
-            loss, hits = self.train_step(x, y)
+            inspect = None if on_gradients is None else (
+                lambda loss, step=step, indices=indices: on_gradients(
+                    StepRecord(epoch, step, indices, loss)))
+            loss, hits = self.train_step(x, y, inspect)
             loss_sum += loss * len(y)
             correct += hits
             seen += len(y)
@@ -316,12 +338,15 @@ class Trainer:
         self.run_dir.append_metrics(metrics.to_dict())
 
     def fit(self, on_step: Callable[[int, Tensor], None] | None = None,
-            on_epoch: Callable[[EpochMetrics], None] | None = None) -> list[EpochMetrics]:
-        """Train from ``start_epoch`` to the end, checkpointing after every epoch."""
+            on_epoch: Callable[[EpochMetrics], None] | None = None,
+            on_gradients: Callable[[StepRecord], None] | None = None) -> list[EpochMetrics]:
+        """Train from ``start_epoch`` to the end, checkpointing after every epoch.
+        Callbacks: ``on_step(images, loss)`` after each step, ``on_epoch(metrics)`` after
+        each epoch, ``on_gradients(record)`` before each update (:class:`StepRecord`)."""
         history = []
         for epoch in range(self.start_epoch, self.config.epochs):
             started = time.perf_counter()
-            loss, acc, seen = self.train_epoch(epoch, on_step)
+            loss, acc, seen = self.train_epoch(epoch, on_step, on_gradients=on_gradients)
             loss, acc = self.reduce_mean(loss), self.reduce_mean(acc)
             seconds = time.perf_counter() - started
             if not math.isfinite(loss):

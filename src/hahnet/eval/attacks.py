@@ -13,15 +13,10 @@ import torch
 from torch import Tensor, nn
 
 from hahnet.config import PAPER_EPS
+from hahnet.device import rng_kept
 from hahnet.eval.base import (EvalError, Progress, _batches, _check_data, _eval_mode, _prepare,
                               _to_unit, predict)
 from hahnet.eval.results import AttackComparison, AttackResult
-
-
-def _rng_guard(device: torch.device | str) -> contextlib.AbstractContextManager:
-    """torchattacks reseeds the global RNGs; fork them so callers' RNG state is untouched."""
-    dev = torch.device(device)
-    return torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else [])
 
 
 StageRun = Callable[[Tensor, Tensor, int], Tensor]  # (x, y, seed) -> x_adv
@@ -115,7 +110,7 @@ def worst_case(model: nn.Module, images: Tensor, labels: Tensor, norm: str, eps:
     def attack(part: slice) -> Tensor:
         # [outcome code per image | images alive after each stage | largest perturbation per rank]
         out = torch.zeros(n + width + ranks, dtype=torch.float64)
-        with _eval_mode(model), _rng_guard(device):
+        with _eval_mode(model), rng_kept(device):  # torchattacks reseeds the global RNGs
             for index, sl in enumerate(_batches(n, batch_size)):
                 if not part.start <= sl.start < part.stop:
                     continue
