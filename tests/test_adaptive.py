@@ -14,6 +14,7 @@ from torch import nn
 
 from conftest import make_tiny_net
 from hahnet.config import EvalSettings
+from hahnet.device import rng_kept
 from hahnet.eval import adaptive, attacks
 from hahnet.eval.bpda import Surrogate, bpda, parse_surrogate, sigmoid_step_grad
 from hahnet.eval.metrics import clean_accuracy
@@ -200,7 +201,7 @@ def test_fab_t_and_square_respect_eps(trained, norm, eps):
     x, y = patterns(16, 2)
     for run in (attacks.fab_t_stage(trained, "cpu", norm, eps, 10, CLASSES),
                 attacks.square_stage(trained, "cpu", norm, eps, 300)):
-        with attacks._rng_guard("cpu"):
+        with rng_kept("cpu"):
             adv = run(x, y, 0)
         norms = attacks.perturbation_norms(x, adv, norm)
         assert float(norms.max()) <= eps * (1 + 1e-5) and adv.min() >= 0 and adv.max() <= 1  # fp32
