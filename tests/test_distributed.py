@@ -38,11 +38,11 @@ KILLER = textwrap.dedent("""
             and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
         step, steps = train.Trainer.train_step, [0]
 
-        def train_step(self, x, y):
+        def train_step(self, *args, **kwargs):
             steps[0] += 1
             if steps[0] == at:
                 os.kill(os.getpid(), getattr(signal, os.environ.get("KILL_SIGNAL", "SIGKILL")))
-            return step(self, x, y)
+            return step(self, *args, **kwargs)
 
         train.Trainer.train_step = train_step
     sys.exit(cli.main(sys.argv[1:]))

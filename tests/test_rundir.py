@@ -22,11 +22,11 @@ def kill_after(monkeypatch, steps: int) -> None:
     """Make training die (as a killed process would) after ``steps`` more steps."""
     original, count = train.Trainer.train_step, [0]
 
-    def step(self, x, y):
+    def step(self, *args, **kwargs):
         count[0] += 1
         if count[0] > steps:
             raise Killed
-        return original(self, x, y)
+        return original(self, *args, **kwargs)
 
     monkeypatch.setattr(train.Trainer, "train_step", step)
 
