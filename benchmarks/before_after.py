@@ -74,7 +74,7 @@ def patch_to_old(model: torch.nn.Module, old_layers, old_hah) -> None:
 def old_objective(model: torch.nn.Module):
     """The old revision's objective protocol on a :func:`patch_to_old` model: each HaH
     convolution gets ``score_spec`` and leaves its score in ``last_score``."""
-    from hahnet.hah import PAPER_ALPHAS, hah_convs
+    from hahnet.nn.hah import PAPER_ALPHAS, hah_convs
 
     convs = hah_convs(model)[: len(PAPER_ALPHAS)]
     for conv in convs:
@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--reference", action="store_true",
                         help="also time (c), the authors' reference procedure, before and after")
     parser.add_argument("--malloc", choices=["default", "tuned"], default="default",
-                        help="tuned: hahnet.bench.tune_malloc() (no mmap, no heap trimming)")
+                        help="tuned: hahnet.experiments.bench.tune_malloc() (no mmap, no heap trimming)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall: perf_counter; cpu: this process's CPU time (use with "
                              "--threads 1 on a busy machine: it ignores time spent waiting)")
@@ -111,7 +111,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.malloc == "tuned":
-        from hahnet.bench import tune_malloc
+        from hahnet.experiments.bench import tune_malloc
         if not tune_malloc():
             raise SystemExit("--malloc tuned: not supported here (glibc malloc only)")
     old_layers, old_hah = load_revision(args.rev)
@@ -148,7 +148,7 @@ def main() -> None:
              "before plain": make(old_plain, False), "after plain": make(new_plain, False),
              "standard": make(std, False)}
     if args.reference:
-        from hahnet.bench import ReferenceStep
+        from hahnet.experiments.bench import ReferenceStep
 
         for when, model in (("before", copy.deepcopy(old_plain)), ("after", copy.deepcopy(new))):
             if when == "before":

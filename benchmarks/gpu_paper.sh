@@ -74,7 +74,7 @@ export TQDM_MININTERVAL=${TQDM_MININTERVAL:-20}  # progress bars: a line every 2
 
 # 2. the data
 DATA="$WORK/cifar10-jpeg"
-"$PY" -c "import sys; from hahnet import jpeg_pack; print('unpacked', jpeg_pack.unpack(sys.argv[1], sys.argv[2]), 'files')" "$PACK" "$DATA" 2>&1 | tee -a "$LOG"
+"$PY" -c "import sys; from hahnet.data import jpeg_pack; print('unpacked', jpeg_pack.unpack(sys.argv[1], sys.argv[2]), 'files')" "$PACK" "$DATA" 2>&1 | tee -a "$LOG"
 step "data unpacked"
 STOP="$WORK/export.stop"
 ( while [ ! -e "$STOP" ]; do  # results leave while the bench and the networks run
@@ -91,7 +91,7 @@ else
 fi
 if [ -z "$SECTIONS" ]; then
   step "bench skipped"
-elif "$PY" -m hahnet.cli bench --device "$DEVICE" --sections "$SECTIONS" "${BENCH[@]}" \
+elif "$PY" -m hahnet bench --device "$DEVICE" --sections "$SECTIONS" "${BENCH[@]}" \
     --out "$OUT/bench.json" 2>&1 | tee -a "$LOG"; then
   step "bench done"
 else  # optional: its failure must not cost the paper run
@@ -109,7 +109,7 @@ else
 fi
 step "reproduce --preset paper --time-budget $MINUTES"
 set +e
-timeout $(( LEFT + RESERVE / 2 )) "$PY" -m hahnet.cli reproduce --preset paper --data "$DATA" \
+timeout $(( LEFT + RESERVE / 2 )) "$PY" -m hahnet reproduce --preset paper --data "$DATA" \
   --cache-dir "$WORK/cache" --out "$WORK/paper" --device "$DEVICE" --time-budget "$MINUTES" \
   "${REPRO[@]}" 2>&1 | tee -a "$LOG"
 STATUS=${PIPESTATUS[0]}

@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from hahnet.data import load_dataset
-from hahnet.train import TrainConfig, Trainer, epoch_batches
+from hahnet.data.datasets import load_dataset
+from hahnet.training.trainer import TrainConfig, Trainer, epoch_batches
 
 
 def bare_epoch(trainer: Trainer, batches) -> float:

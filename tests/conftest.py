@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from hahnet.config import TrainConfig
-from hahnet.data import Dataset, ImageDataset
+from hahnet.data.datasets import Dataset, ImageDataset
 from hahnet.nn.layers import HaHBlock, VGGBlock
 
 pytest_plugins = ["pytester"]  # test_process_guard runs a pytest session of its own

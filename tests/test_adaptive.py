@@ -14,13 +14,13 @@ from torch import nn
 
 from conftest import make_tiny_net
 from hahnet.config import EvalSettings
-from hahnet.device import rng_kept
+from hahnet.training.device import rng_kept
 from hahnet.eval import adaptive, attacks
 from hahnet.eval.bpda import Surrogate, bpda, parse_surrogate, sigmoid_step_grad
 from hahnet.eval.metrics import clean_accuracy
 from hahnet.eval.results import AttackResult, result_from_dict, results_json
 from hahnet.eval.runner import evaluate_model
-from hahnet.models import ModelConfig, build_model
+from hahnet.nn.models import ModelConfig, build_model
 from hahnet.nn.layers import DivisiveNorm2d, TopFractionThreshold, threshold_rank
 
 CLASSES = 4

@@ -10,8 +10,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from hahnet import budget
-from hahnet.train import TrainConfig
+from hahnet.training import budget
+from hahnet.training.trainer import TrainConfig
 from conftest import make_tiny_dataset as tiny_dataset
 
 
@@ -57,7 +57,7 @@ def test_warm_up_times_the_save_and_probe_that_end_every_epoch(monkeypatch):
     """Each epoch ends with a checkpoint (weights and Adam state written, then re-read for
     their SHA-256) and, for HaH, the gradient probe; the warm-up times both, here with
     the real save slowed down as by a slow disk."""
-    from hahnet import checkpoint
+    from hahnet.training import checkpoint
 
     real_save, pause, saved = checkpoint.save_model, 0.4, []
 

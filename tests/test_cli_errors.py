@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from hahnet import cli
+from hahnet.cli import commands as cli
 
 BAD = [  # argv (OUT = a fresh directory under tmp_path), words the one line must hold
     (["train", "--gamma", "-1"], "--gamma"),

@@ -12,7 +12,7 @@ from torch import nn
 
 import hahnet
 from hahnet import HaHCost, L1Cost, LayerCostObjective
-from hahnet.hah import hah_convs, reference_score
+from hahnet.nn.hah import hah_convs, reference_score
 
 
 class ChannelGroupL2:

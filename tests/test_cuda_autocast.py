@@ -10,10 +10,11 @@ import math
 import pytest
 import torch
 
-from hahnet import checkpoint, hah
+from hahnet.training import checkpoint
+from hahnet.nn import hah
 from hahnet.config import EvalSettings
 from hahnet.eval.runner import evaluate_model
-from hahnet.train import Trainer
+from hahnet.training.trainer import Trainer
 
 from conftest import (CUDA_FP32_OPS, CUDA_FP32_REDUCTIONS, CUDA_PROMOTE_OPS, cuda_autocast_rules,
                       make_tiny_config, make_tiny_dataset)

@@ -16,9 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 import hahnet
-from hahnet import checkpoint, cli, distributed
-from hahnet.data import load_dataset
-from hahnet.train import Trainer, accuracy, epoch_batches, epoch_plan, plan_batches
+from hahnet.training import checkpoint, distributed
+from hahnet.cli import commands as cli
+from hahnet.data.datasets import load_dataset
+from hahnet.training.trainer import Trainer, accuracy, epoch_batches, epoch_plan, plan_batches
 
 from conftest import LAUNCH_VARS, child_env, finish, free_port, start_torchrun
 from conftest import make_cifar as write_cifar
@@ -31,7 +32,8 @@ TRAIN = ["--hah", "--width", "0.0625", "--batch-size", "16", "--seed", "7"]
 # sends itself KILL_SIGNAL at that training step (only in torchrun's first attempt).
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    from hahnet import cli, train
+    from hahnet.cli import commands as cli
+    from hahnet.training import trainer as train
 
     at = int(os.environ.get("KILL_AT_STEP", "0"))
     if at and os.environ.get("RANK") == os.environ.get("KILL_RANK", "1") \\
@@ -145,9 +147,9 @@ def test_sync_batchnorm_keeps_checkpoint_keys_and_is_batchnorm_in_one_process():
 
 WORKER = textwrap.dedent("""
     import sys, torch
-    from hahnet import distributed
+    from hahnet.training import distributed
     from hahnet.eval import metrics as ev
-    from hahnet.train import Trainer, accuracy, epoch_batches, epoch_plan, plan_batches
+    from hahnet.training.trainer import Trainer, accuracy, epoch_batches, epoch_plan, plan_batches
     from conftest import make_tiny_config as tiny_config
     from conftest import make_tiny_dataset as tiny_dataset
 
@@ -205,7 +207,7 @@ def test_two_ranks_gradient_and_sharded_evaluation_equal_one_process(tmp_path):
                             torch.device("cpu"))
             x, y = fresh.local_batch(indices, params)
             torch.nn.functional.cross_entropy(fresh.model(x), y).backward()  # CE only
-            from hahnet.hah import hah_convs
+            from hahnet.nn.hah import hah_convs
             names = {id(p): n for n, p in fresh.model.named_parameters()}
             for conv in hah_convs(fresh.model):
                 name = names[id(conv.weight)]
@@ -230,8 +232,8 @@ def test_two_ranks_gradient_and_sharded_evaluation_equal_one_process(tmp_path):
 
 STEPS = textwrap.dedent("""
     import sys, torch
-    from hahnet import distributed
-    from hahnet.train import Trainer
+    from hahnet.training import distributed
+    from hahnet.training.trainer import Trainer
     from conftest import make_tiny_config, make_tiny_dataset
 
     torch.set_num_threads(1)
@@ -312,8 +314,8 @@ def test_torchrun_every_step_of_two_epochs_equals_one_process(tmp_path):
 
 RESNET_WORKER = textwrap.dedent("""
     import sys, torch
-    from hahnet import distributed
-    from hahnet.train import Trainer, epoch_batches
+    from hahnet.training import distributed
+    from hahnet.training.trainer import Trainer, epoch_batches
     from conftest import make_tiny_config as tiny_config
     from conftest import make_tiny_dataset as tiny_dataset
 
@@ -345,7 +347,7 @@ def test_two_ranks_train_a_hah_resnet_like_one_process(tmp_path):
     plain = Trainer(tiny_config(arch="resnet18"), tiny_dataset(), tmp_path, torch.device("cpu"))
     x, y = plain.local_batch(indices, params)
     torch.nn.functional.cross_entropy(plain.model(x), y).backward()  # CE only
-    from hahnet.hah import hah_convs
+    from hahnet.nn.hah import hah_convs
     hah_weights = {id(conv.weight) for conv in hah_convs(single.model)}
     assert len(hah_weights) == 5
     for name, p in single.model.named_parameters():

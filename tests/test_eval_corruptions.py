@@ -10,8 +10,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from hahnet import checkpoint, cli, corruptions as C, vgg11
-from hahnet.eval import corruption as ec
+from hahnet.training import checkpoint
+from hahnet.cli import commands as cli
+from hahnet.eval import corruptions as C
+from hahnet import vgg11
+from hahnet.eval.corruptions import evaluate as ec
 from hahnet.eval.base import EvalError
 from hahnet.eval.results import CorruptionResult, read_results, result_from_dict
 

@@ -14,9 +14,9 @@ from conftest import make_tiny_net
 from hahnet import eval as evaluation
 from hahnet.config import PAPER_EPS, parse_numbers
 from hahnet.eval import attacks, metrics, results, runner
-from hahnet.hah import winners
+from hahnet.nn.hah import winners
 from hahnet.nn.layers import HaHBlock, threshold_rank
-from hahnet.models import VGG, ModelConfig
+from hahnet.nn.models import VGG, ModelConfig
 
 import torchattacks  # noqa: F401  (make test installs it: missing is a failure)
 
@@ -400,7 +400,7 @@ def test_check_compatible_rejects_mismatched_data():
 
 def evaluate_checkpoint(path, images, labels, settings):
     """The library's pieces as ``hahnet eval`` puts them together for one checkpoint."""
-    from hahnet import checkpoint
+    from hahnet.training import checkpoint
 
     model = hahnet.load(path)
     return runner.evaluate_model(model, images, labels, settings, name=runner.checkpoint_name(path),
@@ -408,7 +408,7 @@ def evaluate_checkpoint(path, images, labels, settings):
 
 
 def test_evaluate_checkpoint_round_trip(tmp_path):
-    from hahnet import checkpoint
+    from hahnet.training import checkpoint
 
     model = hahnet.vgg11(width=0.0625).eval()
     checkpoint.save_model(tmp_path / "run", model, {"epoch": 1, "dataset": {"name": "x"}})

@@ -16,14 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-from hahnet.rundir import RunDir
+from hahnet.training.rundir import RunDir
 
-from hahnet import budget, jpeg_pack
-from hahnet import reproduce as rp
-from hahnet.bench import BenchConfig, time_interleaved
+from hahnet.training import budget
+from hahnet.data import jpeg_pack
+from hahnet.experiments import reproduce as rp
+from hahnet.experiments.bench import BenchConfig, time_interleaved
 from hahnet.config import EvalSettings, TrainConfig
 from hahnet.nn.fused import batch_chunks
-from hahnet.train import Trainer, epoch_batches, epoch_plan, plan_batches
+from hahnet.training.trainer import Trainer, epoch_batches, epoch_plan, plan_batches
 from conftest import make_tiny_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +76,7 @@ def test_train_time_budget_chooses_records_and_keeps_epochs(tmp_path, monkeypatc
     # epoch = 48/48 s + 16/(48*3) s; (6 s - 3% reserved) / 1.11 s -> 5 epochs
     assert len(history) == 5 and trainer.config.epochs == 5
     assert history[-1].lr == pytest.approx(1e-5)  # milestones 0.6, 0.8 of the chosen 5
-    from hahnet import checkpoint
+    from hahnet.training import checkpoint
     info = checkpoint.read_info(tmp_path / "run")
     assert info["time_budget"]["epochs"] == 5 and info["time_budget"]["minutes"] == 0.1
     assert info["time_budget"]["measured"]["standard"]["images_per_second"] == 48.0
@@ -105,7 +106,7 @@ def test_reproduce_budget_covers_both_networks_and_evaluation(tmp_path, monkeypa
     for where in (tmp_path, tmp_path / "standard", tmp_path / "hah"):
         assert RunDir(where).read_time_budget()["epochs"] == 4
     assert rp.plan_time_budget(train, tmp_path, data, "cpu", settings, None)[0]["epochs"] == 4
-    from hahnet.presets import PAPER
+    from hahnet.experiments.presets import PAPER
     text = rp.preamble(PAPER, chosen, "hahnet x", "d", plan)
     assert "Time budget" in text and "4 epochs" in text
     with pytest.raises(budget.BudgetError, match="does not fit one epoch"):
@@ -121,7 +122,7 @@ def test_bench_takes_a_device():
     calls = []
     times = time_interleaved({"f": lambda: calls.append(1)}, repeats=2, warmup=1, device="cpu")
     assert len(times["f"]) == 2 and len(calls) == 3
-    from hahnet.cli import build_parser
+    from hahnet.cli.commands import build_parser
 
     assert build_parser().parse_args(["bench", "--device", "cuda", "--quick"]).device == "cuda"
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from hahnet import PAPER_ALPHAS, HaHObjective, hah_score, vgg16
-from hahnet.hah import _ScoredConv, hah_convs, reference_score, winners
+from hahnet.nn.hah import _ScoredConv, hah_convs, reference_score, winners
 
 
 @pytest.mark.parametrize("channels,expected", [(1, 1), (2, 1), (3, 1), (10, 1), (11, 2),
@@ -159,7 +159,7 @@ def test_bf16_hah_weight_gradient_matches_fp32(monkeypatch, scoring):
     gradient of the activations that forward computed, at HaH/CE ratios from 0.001 to 0.1
     (the study's runs saw 0.001-0.02): in bf16 it is far below half a rounding step of the
     cross-entropy's gradient at each activation, and must not be rounded away there."""
-    from hahnet import hah
+    from hahnet.nn import hah
 
     if scoring == "topk":  # the path CUDA takes
         monkeypatch.setattr(hah, "FAST_WINNERS_MAX_K", 0)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hahnet
-from hahnet.hah import hah_convs
+from hahnet.nn.hah import hah_convs
 from hahnet.nn.fused import divisive_norm_reference, top_fraction_reference
 from hahnet.nn.hahify import HahifyError
 from hahnet.nn.layers import threshold_rank

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import hahnet
-from hahnet import checkpoint
-from hahnet.rundir import RunDir
-from hahnet.train import Trainer
+from hahnet.training import checkpoint
+from hahnet.training.rundir import RunDir
+from hahnet.training.trainer import Trainer
 
 from conftest import committed_files, make_tiny_config, make_tiny_dataset
 

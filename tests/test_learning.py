@@ -14,9 +14,9 @@ import torch
 
 import hahnet
 from hahnet.config import PAPER_ALPHAS
-from hahnet.data import Dataset, ImageDataset
-from hahnet.hah import HaHObjective, hah_convs, hah_score
-from hahnet.train import Trainer
+from hahnet.data.datasets import Dataset, ImageDataset
+from hahnet.nn.hah import HaHObjective, hah_convs, hah_score
+from hahnet.training.trainer import Trainer
 
 from conftest import make_tiny_config as tiny_config
 

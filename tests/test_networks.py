@@ -12,12 +12,13 @@ import torch
 from torch import nn
 
 import hahnet
-from hahnet import checkpoint, cli
+from hahnet.training import checkpoint
+from hahnet.cli import commands as cli
 from hahnet.config import PAPER_ALPHAS, ModelConfig, TrainConfig
-from hahnet.data import Dataset, ImageDataset
-from hahnet.hah import hah_convs
+from hahnet.data.datasets import Dataset, ImageDataset
+from hahnet.nn.hah import hah_convs
 from hahnet.nn.resnet import BasicBlock, HaHResidualBlock, PreActBlock
-from hahnet.train import Trainer
+from hahnet.training.trainer import Trainer
 
 from conftest import crash_at
 from conftest import make_cifar as write_cifar
@@ -208,7 +209,7 @@ def test_bad_model_settings_are_one_line_errors(argv, words, capsys):
 
 
 def test_bench_and_sweep_take_any_network(tmp_path):
-    from hahnet import bench, sweep
+    from hahnet.experiments import bench, sweep
 
     config = bench.BenchConfig.quick(model="wrn_16_4", batch_size=2, sections=("steps",),
                                      repeats=1, warmup=0)

@@ -12,8 +12,8 @@ from torch import nn
 from hahnet import eval as evaluation
 from hahnet.config import PAPER_EPS, PAPER_TABLE, parse_numbers
 from hahnet.eval import attacks, metrics, results, runner
-from hahnet.hah import winners
-from hahnet import report
+from hahnet.nn.hah import winners
+from hahnet.reporting import evaluation as report
 from hahnet.nn.layers import HaHBlock, VGGBlock
 
 import matplotlib  # noqa: F401,E402  (installed by make test: missing is a failure)
@@ -144,7 +144,9 @@ def test_report_without_attacks_or_layers(tmp_path):
 
 
 def test_cli_eval_end_to_end(tmp_path, capsys):
-    from hahnet import checkpoint, cli, vgg11
+    from hahnet.training import checkpoint
+    from hahnet.cli import commands as cli
+    from hahnet import vgg11
 
     from conftest import make_cifar
 

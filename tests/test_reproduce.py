@@ -9,17 +9,18 @@ from dataclasses import replace
 import pytest
 import torch
 
-from hahnet import cli, report
+from hahnet.cli import commands as cli
+from hahnet.reporting import evaluation as report
 from hahnet import eval as evaluation
 from hahnet.config import PAPER_EPS, parse_numbers
 from hahnet.eval import attacks, metrics, results, runner
-from hahnet.hah import winners
-from hahnet import reproduce as rp
-from hahnet.presets import PRESETS, get_preset
+from hahnet.nn.hah import winners
+from hahnet.experiments import reproduce as rp
+from hahnet.experiments.presets import PRESETS, get_preset
 from conftest import make_cifar as write_cifar
 from conftest import make_random_uint8 as random_uint8
 from conftest import make_tiny_net as tiny_net
-from hahnet.rundir import RunDir
+from hahnet.training.rundir import RunDir
 
 TINY = ["--width", "0.0625", "--epochs", "1", "--batch-size", "16", "--limit", "12", "--attack-limit", "3",
         "--apgd-steps", "2", "--square-limit", "2", "--noise", "0.1", "--threads", "1"]

@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hahnet import cli, train
-from hahnet.rundir import RunDir
+from hahnet.cli import commands as cli
+from hahnet.training import trainer as train
+from hahnet.training.rundir import RunDir
 
 ARGS = ["--hah", "--width", "0.0625", "--batch-size", "16", "--seed", "7", "--epochs", "3"]
 

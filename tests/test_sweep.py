@@ -9,7 +9,10 @@ import math
 
 import pytest
 
-from hahnet import cli, sweep as sw, sweep_report
+from hahnet.cli import commands as cli
+from hahnet.experiments import sweep as sw
+from hahnet.reporting import sweep as sweep_report
+from hahnet.experiments import sweep_summary
 from conftest import make_cifar as write_cifar
 
 BASE = """
@@ -105,7 +108,7 @@ def test_sweep_evaluation_runs_the_chosen_suite(finished, tmp_path):
     adaptive = result.attacks["Linf"].adaptive
     assert list(adaptive.rows) == ["AutoAttack"]
     assert list(adaptive.rows["AutoAttack"].stages) == ["APGD-CE", "APGD-T", "FAB-T", "Square"]
-    metrics = sweep_report.metrics_of(result)
+    metrics = sweep_summary.metrics_of(result)
     assert metrics["worst_linf"] == adaptive.worst.accuracy <= metrics["apgd_linf"]
 
 
@@ -131,7 +134,7 @@ def test_whole_sweep_trains_evaluates_and_reports_progress(finished):
 def test_summary_gain_is_paired_by_seed(finished):
     file, out, _, _ = finished
     spec = sw.load(file)
-    summary = sweep_report.summarise(spec, out)
+    summary = sweep_summary.summarise(spec, out)
     per = {(r["name"], r["seed"], r["epoch"]): r["metrics"] for r in summary["runs"]}
     assert len(per) == 12
     gain = next(g for g in summary["gains"] if g["name"] == "hah" and g["epoch"] == 2)
@@ -175,8 +178,8 @@ def test_run_with_other_settings_is_refused_before_any_work(finished, tmp_path, 
 def test_half_trained_run_is_resumed_not_restarted(tmp_path):
     import torch
 
-    from hahnet.data import load_dataset
-    from hahnet.train import EpochMetrics, Trainer
+    from hahnet.data.datasets import load_dataset
+    from hahnet.training.trainer import EpochMetrics, Trainer
 
     data = write_cifar(tmp_path / "data", n_train=60, n_test=8)
     text = (BASE + EVAL).replace("seeds = [1, 2]", "seeds = [1]")

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import hahnet
-from hahnet import checkpoint
+from hahnet.training import checkpoint
 from hahnet import io as hio
-from hahnet.train import (TrainConfig, Trainer, epoch_batches, learning_rate)
+from hahnet.training.trainer import (TrainConfig, Trainer, epoch_batches, learning_rate)
 
 from conftest import CLASSES, crash_at
 from conftest import make_tiny_config as tiny_config
@@ -47,9 +47,9 @@ def test_training_runs_writes_metrics_and_loadable_checkpoint(tmp_path, hah):
     assert [l["epoch"] for l in lines] == [0, 1]
     assert len(lines[0]["hah_scores"]) == (6 if hah else 0)
     assert all(l["images_per_second"] > 0 for l in lines)
-    from hahnet.train import accuracy  # the logged accuracy is the final model's, recomputed
+    from hahnet.training.trainer import accuracy  # the logged accuracy is the final model's, recomputed
     assert lines[-1]["eval_acc"] == accuracy(trainer.model, trainer.eval_split, torch.device("cpu"))
-    model = hahnet.checkpoint.load(tmp_path)
+    model = hahnet.training.checkpoint.load(tmp_path)
     assert not model.training and model.config == trainer.model.config
     x = torch.rand(2, 3, 32, 32)
     trainer.model.eval()
@@ -100,13 +100,13 @@ def test_truncated_and_foreign_files_are_refused(tmp_path):
     data = file.read_bytes()
     file.write_bytes(data[: len(data) // 2])
     with pytest.raises(checkpoint.CheckpointError, match="truncated or corrupt"):
-        hahnet.checkpoint.load(tmp_path)
+        hahnet.training.checkpoint.load(tmp_path)
     from safetensors.torch import save_file
     save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(checkpoint.CheckpointError, match="not a hahnet checkpoint"):
-        hahnet.checkpoint.load(tmp_path / "other.safetensors")
+        hahnet.training.checkpoint.load(tmp_path / "other.safetensors")
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
-        hahnet.checkpoint.load(tmp_path / "missing")
+        hahnet.training.checkpoint.load(tmp_path / "missing")
 
 
 def test_atomic_write_keeps_old_file_when_writer_fails(tmp_path):
@@ -137,7 +137,7 @@ def test_snapshots_keep_the_weights_of_the_named_epochs(tmp_path):
     trainer = Trainer(tiny_config(epochs=3, snapshots=(1, 3)), tiny_dataset(), tmp_path,
                       torch.device("cpu"))
     trainer.fit()
-    from hahnet.checkpoint import snapshot_path
+    from hahnet.training.checkpoint import snapshot_path
 
     first, last = snapshot_path(tmp_path, 1), snapshot_path(tmp_path, 3)
     assert first.exists() and last.exists() and not snapshot_path(tmp_path, 2).exists()
@@ -149,8 +149,8 @@ def test_snapshots_keep_the_weights_of_the_named_epochs(tmp_path):
 
 
 def test_gradient_ratio_probe_matches_separate_gradients_and_leaves_model_untouched():
-    from hahnet.hah import hah_score
-    from hahnet.train import gradient_ratios
+    from hahnet.nn.hah import hah_score
+    from hahnet.training.trainer import gradient_ratios
 
     config = tiny_config(alphas=(0.5, 0.25))
     trainer = Trainer(config, tiny_dataset(), "unused", torch.device("cpu"))
@@ -163,7 +163,7 @@ def test_gradient_ratio_probe_matches_separate_gradients_and_leaves_model_untouc
     assert all(p.grad is None for p in model.parameters())
     # reference: alpha * dH_l/dW_l from the layer's own pre-activation, CE gradient apart
     import copy
-    from hahnet.hah import hah_convs
+    from hahnet.nn.hah import hah_convs
 
     ref = copy.deepcopy(model).train()
     convs = hah_convs(ref)[:2]

@@ -9,14 +9,15 @@ The method, in equations and the paper's settings: docs/method.md; the package l
 docs/architecture.md.
 """
 
-from hahnet.checkpoint import load
+from hahnet.training.checkpoint import load
 from hahnet.config import PAPER_ALPHAS, ModelConfig, TrainConfig
-from hahnet.hah import HaHCost, HaHObjective, hah_score
-from hahnet.models import build_model, create_model, list_models, vgg11, vgg13, vgg16, vgg19
+from hahnet.nn.hah import HaHCost, HaHObjective, hah_score
+from hahnet.nn.models import build_model, create_model, list_models, vgg11, vgg13, vgg16, vgg19
 from hahnet.nn.costs import L1Cost, LayerCost
 from hahnet.nn.hahify import hahify
 from hahnet.nn.objective import LayerCostObjective
 from hahnet.nn.layers import DivisiveNorm2d, HaHBlock, TopFractionThreshold, VGGBlock, WNConv2d
+from hahnet.data import jpeg_pack  # also importable from here: data-packing instructions do so
 
 __version__ = "0.1.0"
 

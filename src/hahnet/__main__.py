@@ -1,5 +1,5 @@
 """``python -m hahnet`` (also what torchrun runs): the hahnet command."""
 
-from hahnet.cli import entry
+from hahnet.cli.commands import entry
 
 entry()

@@ -198,7 +198,7 @@ class TrainConfig:
     compile: bool = False              # off: not measured to pay on a GPU yet (docs/gpu.md)
     eval_batch_size: int = 500
     snapshots: tuple[int, ...] = ()
-    time_budget: float | None = None   # minutes: choose the epochs that fit (hahnet.budget)
+    time_budget: float | None = None   # minutes: choose the epochs that fit (hahnet.training.budget)
 
     def __post_init__(self) -> None:
         catalog = _catalog()
@@ -264,8 +264,8 @@ class TrainConfig:
                 if k not in RUNTIME_OPTIONS and not same_json(v, theirs[k])}
 
     def model_config(self, dataset: Any) -> ModelConfig:
-        """The model this config trains on ``dataset`` (a :class:`hahnet.data.Dataset`)."""
-        from hahnet.data import channel_stats
+        """The model this config trains on ``dataset`` (a :class:`hahnet.data.datasets.Dataset`)."""
+        from hahnet.data.datasets import channel_stats
 
         mean, std = channel_stats(dataset.train)
         shape = dataset.train.images.shape

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from hahnet.config import PAPER_EPS
-from hahnet.device import rng_kept
+from hahnet.training.device import rng_kept
 from hahnet.eval.base import (EvalError, Progress, _batches, _check_data, _eval_mode, _prepare,
                               _to_unit, predict)
 from hahnet.eval.results import AttackComparison, AttackResult
@@ -137,7 +137,7 @@ def worst_case(model: nn.Module, images: Tensor, labels: Tensor, norm: str, eps:
         return out
 
     if ranks > 1:
-        from hahnet.distributed import sum_over_shards
+        from hahnet.training.distributed import sum_over_shards
 
         total = sum_over_shards(env, n, batch_size, attack)
     else:

@@ -1,7 +1,7 @@
 """Clean and noisy accuracy, activation sparsity and per-layer SNR of a model.
 
 Functions return the dataclasses of :mod:`hahnet.eval.results` and never print. With
-``env`` (several processes, :mod:`hahnet.distributed`) the accuracies are sharded over
+``env`` (several processes, :mod:`hahnet.training.distributed`) the accuracies are sharded over
 the processes and summed: the same numbers as one process.
 """
 
@@ -17,7 +17,7 @@ from hahnet.config import PAPER_NOISE_SIGMA, PAPER_RATIO
 from hahnet.eval.base import (EvalError, Progress, _batches, _check_data, _eval_mode, _prepare,
                               _to_unit, predict)
 from hahnet.eval.results import LayerSNR, LayerSparsity, NoiseResult, SNRResult
-from hahnet.hah import winners
+from hahnet.nn.hah import winners
 from hahnet.nn.layers import HaHBlock, VGGBlock
 
 SNR_TINY = 1e-30  # keeps per-image dB finite when a layer's output does not change at all
@@ -43,10 +43,10 @@ def clean_accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size:
                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                    progress: Progress | None = None, env: Any = None) -> float:
     """Fraction of images classified correctly. With ``env`` (a multi-process
-    :class:`hahnet.distributed.DistEnv`) each rank classifies its shard of whole batches
+    :class:`hahnet.training.distributed.DistEnv`) each rank classifies its shard of whole batches
     and the counts are summed over ranks: the same number as one process."""
     if env is not None and env.active:
-        from hahnet.distributed import sum_over_shards
+        from hahnet.training.distributed import sum_over_shards
 
         def count(part: slice) -> Tensor:
             mask = correct_mask(model, images[part], labels[part], batch_size, device, dtype,
@@ -100,7 +100,7 @@ def noise_accuracy(model: nn.Module, images: Tensor, labels: Tensor,
         return correct
 
     if env is not None and env.active:
-        from hahnet.distributed import sum_over_shards
+        from hahnet.training.distributed import sum_over_shards
 
         correct = sum_over_shards(env, len(labels), batch_size, count)
     else:

@@ -12,6 +12,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+from hahnet.config import EvalSettings, same_json
+
 FORMAT = "hahnet-eval-1"
 
 
@@ -143,7 +145,7 @@ class AttackSuite:
 
 @dataclass
 class CorruptionResult:
-    """Accuracy under the CIFAR-10-C corruptions (:mod:`hahnet.eval.corruption`).
+    """Accuracy under the CIFAR-10-C corruptions (:mod:`hahnet.eval.corruptions.evaluate`).
 
     ``accuracy[name][i]`` is the accuracy at ``severities[i]``; ``clean_accuracy`` is on
     the same images.  ``ce`` / ``relative_ce`` (per corruption) and ``mce`` /
@@ -303,7 +305,7 @@ def results_document(results: Sequence[EvalResult], data: dict[str, Any] | None 
 
 
 def read_results(path: str | Path) -> tuple[list[EvalResult], dict[str, Any]]:
-    """The results and data description saved in a results.json by :func:`hahnet.report.write_report`.
+    """The results and data description saved in a results.json by :func:`hahnet.reporting.evaluation.write_report`.
     Raises ValueError (one line) for a missing, corrupt or foreign file."""
     path = Path(path)
     try:
@@ -322,3 +324,41 @@ def read_results(path: str | Path) -> tuple[list[EvalResult], dict[str, Any]]:
         raise ValueError(f"{path}: incomplete results ({error}); delete it and re-run the "
                          f"evaluation") from None
     return results, document.get("data") or {}
+
+
+def settings_record(settings: EvalSettings, limit: int | None) -> dict[str, Any]:
+    """The evaluation settings as stored in results.json (JSON types), plus the subset."""
+    return json.loads(json.dumps({**asdict(settings), "limit": limit}))
+
+
+def reusable(cached: EvalResult, info: dict[str, Any], settings: EvalSettings,
+             limit: int | None) -> bool:
+    """Whether a saved evaluation measured this very checkpoint (same saved info: epoch,
+    config, metrics) with these settings on the same test subset. Settings a saved file
+    predates count at their defaults (e.g. suite "paper": what was run before it existed)."""
+    record = settings_record(settings, limit)
+    saved = {**settings_record(EvalSettings(), None), **cached.settings}
+    return same_json(saved, record) and same_json(cached.info, json.loads(json.dumps(info)))
+
+
+def noise_sigma(result: EvalResult, preferred: float = 0.1) -> float | None:
+    if result.noise is None:
+        return None
+    sigmas = [s for s in result.noise.sigmas if s > 0]
+    return preferred if result.noise.at(preferred) is not None else (sigmas[0] if sigmas else None)
+
+
+def summary(result: EvalResult) -> dict[str, float | None]:
+    """The paper's four numbers for one model: clean, noise, APGD l_inf, APGD l_2 (0..1)."""
+    sigma = noise_sigma(result)
+    return {"clean": result.clean_accuracy,
+            "noise": None if sigma is None else result.noise.at(sigma),
+            "linf": result.attacks["Linf"].apgd.accuracy if "Linf" in result.attacks else None,
+            "l2": result.attacks["L2"].apgd.accuracy if "L2" in result.attacks else None}
+
+
+def worst_cases(result: EvalResult) -> dict[str, Any]:
+    """Per norm, the worst case per image over every attack run (``--attacks`` beyond
+    paper), as an AttackResult; norms without one are left out."""
+    return {norm: suite.adaptive.worst for norm, suite in result.attacks.items()
+            if suite.adaptive is not None}

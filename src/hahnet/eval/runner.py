@@ -39,7 +39,7 @@ def evaluate_model(model: nn.Module, images: Tensor, labels: Tensor, settings: E
                    sources: Sequence[Source] = ()) -> EvalResult:
     """Run every measurement ``settings`` asks for; ``progress(phase, total)`` returns the
     callback for that phase's loop (the CLI opens a tqdm bar per phase). With ``env``
-    (torchrun, :func:`hahnet.distributed.setup`) clean and noise accuracy and the attacks
+    (torchrun, :func:`hahnet.training.distributed.setup`) clean and noise accuracy and the attacks
     are sharded over the processes (same numbers as one process); sparsity and SNR, which
     are cheap, run whole on every process. cuDNN autotuning is off meanwhile (attacks
     change batch sizes all the time). ``sources``: (name, model) of the checkpoints
@@ -207,7 +207,7 @@ def evaluation_split(dataset: Any, split: str, infos: Sequence[tuple[str, dict[s
     """The test set, or the training images every checkpoint held out (the same seeded
     split ``train --holdout`` made); EvalError when there is none or they differ.
     ``infos``: (path, checkpoint info) per checkpoint."""
-    from hahnet.data import split_holdout
+    from hahnet.data.datasets import split_holdout
 
     if split == "test":
         return dataset.test

@@ -5,7 +5,7 @@ A :class:`LayerCost` is any callable ``cost(z) -> scalar`` of a convolution's ou
 ``z`` (NCHW, before any activation); :class:`hahnet.nn.objective.LayerCostObjective`
 minimizes ``CE + sum_l alpha_l * cost_l(z_l)`` where each cost moves only its own layer's
 weights (its input is treated as fixed), from one forward and one backward pass. Two
-costs come with hahnet: :class:`hahnet.hah.HaHCost` (minus the HaH score) and
+costs come with hahnet: :class:`hahnet.nn.hah.HaHCost` (minus the HaH score) and
 :class:`L1Cost` (activation sparsity). A cost may also offer ``convolve(x, weight,
 stride, padding) -> (z, cost)``, a fused convolution that routes its own gradients, as
 the HaH cost does; the objective then uses it for weight-normalized convolutions.

@@ -2,7 +2,7 @@
 normalization, top-fraction threshold, and the HaH and VGG blocks built from them.
 
 Every layer is a plain ``nn.Module`` on NCHW tensors; their fused autograd functions
-are in :mod:`hahnet.nn.fused`. The HaH cost lives in :mod:`hahnet.hah`, which computes a
+are in :mod:`hahnet.nn.fused`. The HaH cost lives in :mod:`hahnet.nn.hah`, which computes a
 convolution's score through :func:`conv_override` (no layer attribute is ever set).
 The formulas and the paper's settings: docs/method.md.
 """

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from hahnet.config import PAPER_EPS, PAPER_NOISE_SIGMA, PAPER_TABLE
-from hahnet.plots import figure, integer_ticks
+from hahnet.reporting.plots import figure, integer_ticks
 from hahnet.eval.markdown import labels, pct as _pct, table as _table
-from hahnet.eval.results import EvalResult, results_document, versions
+from hahnet.eval.results import (EvalResult, noise_sigma, results_document, summary, versions,
+                                 worst_cases)
 from hahnet.io import write_text
 
 # The settings of the paper's table (docs/method.md).
@@ -27,35 +28,12 @@ def format_eps(eps: float) -> str:
     return f"{eps:g}"
 
 
-def _noise_sigma(result: EvalResult, preferred: float = 0.1) -> float | None:
-    if result.noise is None:
-        return None
-    sigmas = [s for s in result.noise.sigmas if s > 0]
-    return preferred if result.noise.at(preferred) is not None else (sigmas[0] if sigmas else None)
-
-
-def summary(result: EvalResult) -> dict[str, float | None]:
-    """The paper's four numbers for one model: clean, noise, APGD l_inf, APGD l_2 (0..1)."""
-    sigma = _noise_sigma(result)
-    return {"clean": result.clean_accuracy,
-            "noise": None if sigma is None else result.noise.at(sigma),
-            "linf": result.attacks["Linf"].apgd.accuracy if "Linf" in result.attacks else None,
-            "l2": result.attacks["L2"].apgd.accuracy if "L2" in result.attacks else None}
-
-
-def worst_cases(result: EvalResult) -> dict[str, Any]:
-    """Per norm, the worst case per image over every attack run (``--attacks`` beyond
-    paper), as an AttackResult; norms without one are left out."""
-    return {norm: suite.adaptive.worst for norm, suite in result.attacks.items()
-            if suite.adaptive is not None}
-
-
 def main_table(results: Sequence[EvalResult], paper: bool = True) -> str:
     """The paper's table (clean / noise / APGD l_inf / APGD l_2), measured rows below the
     paper's reference rows so the two can be read side by side; with adaptive attacks, the
     worst case per image (the robust accuracy to quote) in two more columns."""
     first = results[0] if results else None
-    sigma = _noise_sigma(first) if first else None
+    sigma = noise_sigma(first) if first else None
     linf = first.attacks["Linf"].eps if first and "Linf" in first.attacks else PAPER_SETTINGS["linf"]
     l2 = first.attacks["L2"].eps if first and "L2" in first.attacks else PAPER_SETTINGS["l2"]
     header = ["Model", "n", "Clean", f"Noise sigma={sigma if sigma is not None else 0.1:g}",
@@ -365,8 +343,8 @@ def write_report(results: Sequence[EvalResult], out_dir: str | Path,
         plots.insert(0, "training.png")
     document = results_document(results, data, extra)
     write_text(paths["results.json"], document)
-    from hahnet import report_corruptions  # CIFAR-10-C section, when measured
-    from hahnet.eval import adaptive_report  # adaptive attacks, when run
+    from hahnet.reporting import corruptions as report_corruptions  # CIFAR-10-C section, when measured
+    from hahnet.reporting import adaptive as adaptive_report  # adaptive attacks, when run
     corrupt_md, corrupt_plots = report_corruptions.write(results, out)
     adaptive_md, adaptive_plots = adaptive_report.write(results, out)
     paths.update(corrupt_plots)

@@ -1,4 +1,4 @@
-"""The flags of each ``hahnet`` subcommand (see :mod:`hahnet.cli`, which runs them)."""
+"""The flags of each ``hahnet`` subcommand (see :mod:`hahnet.cli.commands`, which runs them)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 from hahnet import config as cfg
 from hahnet.nn.catalog import ARCHITECTURES
-from hahnet.runs import DEFAULT_DATA
+from hahnet.training.run import DEFAULT_DATA
 
 
 # ---------------------------------------------------------------- flag types
@@ -162,7 +162,7 @@ def add_eval(subparsers, commands: dict[str, Any]) -> None:
     parser.add_argument("--out", default="eval-report", help="report directory (eval-report)")
     parser.add_argument("--dist-timeout", type=SECONDS, default=120.0, metavar="SECONDS",
                         help="under torchrun: give up on a dead or hung peer after this long (120)")
-    from hahnet import corruption_cli
+    from hahnet.cli import corruptions as corruption_cli
 
     corruption_cli.add_arguments(parser)  # --corruptions, --severities, --corruption-seed
     parser.set_defaults(func=commands["eval"])

@@ -6,7 +6,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from hahnet.corruptions._common import _clipped_zoom, _correlate, _gaussian, _magick_motion_blur
+from hahnet.eval.corruptions._common import _clipped_zoom, _correlate, _gaussian, _magick_motion_blur
 
 
 def _gaussian_blur(x, c, g):

@@ -1,8 +1,8 @@
 """The life cycle of one training run, shared by ``hahnet train`` and ``reproduce``:
 decide which run (fresh or resumed) with which settings, check the run directory, read
-the data, build the :class:`~hahnet.train.Trainer`, record the run and train it.
+the data, build the :class:`~hahnet.training.trainer.Trainer`, record the run and train it.
 
-Under torchrun every rank runs :func:`run_training` (see :mod:`hahnet.distributed`):
+Under torchrun every rank runs :func:`run_training` (see :mod:`hahnet.training.distributed`):
 rank 0 decides what to run and reads the checkpoint, the decision and state are
 broadcast, and errors are agreed on so that all ranks stop together. Nothing here
 prints: progress goes through :class:`Hooks`.
@@ -19,10 +19,10 @@ from typing import Any, Callable
 
 import torch
 
-from hahnet import checkpoint, distributed
+from hahnet.training import checkpoint, distributed
 from hahnet.config import TrainConfig
 from hahnet.errors import UserError
-from hahnet.rundir import CONFIG_FILE, RunDir
+from hahnet.training.rundir import CONFIG_FILE, RunDir
 
 DEFAULT_DATA = "../shared/data/cifar10-jpeg"
 RESULTS_FILE = "results.json"
@@ -64,7 +64,7 @@ def check_out(path: str | Path | None, kind: str, flag: str = "--out") -> None:
 def load_data(path: str, cache_dir: str | None = None, download: bool = False,
               say: Callable[[str], None] = lambda message: None):
     """Load a dataset; data errors become one-line UserErrors."""
-    from hahnet.data import DataError, load_dataset
+    from hahnet.data.datasets import DataError, load_dataset
 
     try:
         dataset = load_dataset(path, cache_dir=cache_dir, download=download)
@@ -137,7 +137,7 @@ def _read_data(env, data: str, cache_dir: str | None, download: bool, say) -> An
 def _build(env, config: TrainConfig, out_dir: Path, data: str, dataset: Any,
            options: dict[str, Any], say) -> Any:
     """Read the data and build the trainer on every rank; a failure anywhere stops all."""
-    from hahnet.train import Trainer
+    from hahnet.training.trainer import Trainer
 
     failure, trainer = None, None
     try:
@@ -160,7 +160,7 @@ def _build(env, config: TrainConfig, out_dir: Path, data: str, dataset: Any,
 
 
 def _setup(device_name: str, dist_timeout: float):
-    from hahnet.device import resolve_device
+    from hahnet.training.device import resolve_device
 
     try:
         device = resolve_device(device_name)
@@ -199,7 +199,7 @@ def _train(env, run: dict[str, Any], options: dict[str, Any], dataset: Any,
         f"{config.width:g} on {env.device} x{env.world_size} -> {out_dir}")
     options["trainer"] = trainer  # released in run_training's finally
     if config.time_budget is not None:
-        from hahnet import budget
+        from hahnet.training import budget
 
         say(budget.describe(budget.plan_trainer(trainer)))
     hooks.fit(trainer, quiet or env.rank != 0)

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hahnet.corruptions._common import _gaussian, _pil_box_matrix, _pixel_grid, _sample
+from hahnet.eval.corruptions._common import _gaussian, _pil_box_matrix, _pixel_grid, _sample
 
 
 def _contrast(x, c, g):

@@ -5,7 +5,7 @@ One call of :func:`run_benchmark` measures, for every (width, precision, memory 
 configuration, in one process:
 
 (a) ``hah``: one training step of the HaH network (``model``, VGG16 by default; any name
-    of :func:`hahnet.list_models`) with :class:`~hahnet.hah.HaHObjective`
+    of :func:`hahnet.list_models`) with :class:`~hahnet.nn.hah.HaHObjective`
     (forward + backward + Adam step);
 (b) ``plain``: one cross-entropy step of the same HaH network (no HaH score);
 (c) ``reference``: one step of the authors' procedure on the same network: HaH forward,
@@ -22,8 +22,8 @@ within a round the variants run one after the other (a, b, c, d, a, b, c, d, ...
 that load from other processes hits all of them alike. Ratios a/b, c/a and a/d are
 computed from the medians.
 
-The library never prints; :func:`hahnet.bench_report.format_report` renders the result as a table and
-``hahnet bench`` (:mod:`hahnet.cli`) parses the flags and prints it.
+The library never prints; :func:`hahnet.reporting.bench.format_report` renders the result as a table and
+``hahnet bench`` (:mod:`hahnet.cli.commands`) parses the flags and prints it.
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hahnet.config import _check, default_alphas, PAPER_ALPHAS, PAPER_DEMOTE, PAPER_EPS, PAPER_RATIO
-from hahnet.device import autocast, rng_kept, tune_device
-from hahnet.hah import HaHObjective, hah_convs, reference_score
+from hahnet.training.device import autocast, rng_kept, tune_device
+from hahnet.nn.hah import HaHObjective, hah_convs, reference_score
 from hahnet.nn.layers import DivisiveNorm2d, TopFractionThreshold, WNConv2d
-from hahnet.models import create_model, list_models, scaled
+from hahnet.nn.models import create_model, list_models, scaled
 
 TARGETS = {  # ratio -> (comparison, bound, where it applies)
     "hah_over_plain": ("<=", 1.10, "all widths"),
@@ -53,12 +53,6 @@ TARGETS = {  # ratio -> (comparison, bound, where it applies)
     "hah_over_standard": ("<=", 1.5, "width 1.0"),
 }
 STEPS = ("hah", "plain", "reference", "standard")
-STEP_LABELS = {
-    "hah": "(a) HaH step, HaHObjective",
-    "plain": "(b) plain CE step, same HaH net",
-    "reference": "(c) reference procedure step",
-    "standard": "(d) standard network CE step",
-}
 BLOCKS = ("DivisiveNorm2d", "TopFractionThreshold", "WNConv2d")
 RESOLUTIONS = ((32, 64), (16, 128), (8, 256))  # VGG16 resolution -> HaH channels at width 1
 

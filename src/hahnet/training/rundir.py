@@ -1,8 +1,8 @@
 """A run directory's files, and their one reader and writer.
 
 ``RUN/train_config.json`` (the TrainConfig, flat, plus ``"data"``: where the training
-images came from), ``RUN/metrics.jsonl`` (one :class:`hahnet.train.EpochMetrics` line per
-epoch), the checkpoint files of :mod:`hahnet.checkpoint` (``model.safetensors``,
+images came from), ``RUN/metrics.jsonl`` (one :class:`hahnet.training.trainer.EpochMetrics` line per
+epoch), the checkpoint files of :mod:`hahnet.training.checkpoint` (``model.safetensors``,
 ``model.json``, ``train_state.*``) and ``RUN/snapshots/epochE.safetensors``.
 """
 
@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from hahnet import checkpoint
+from hahnet.training import checkpoint
 from hahnet.config import TrainConfig
 from hahnet.io import atomic_write, read_json, write_json, write_text
 

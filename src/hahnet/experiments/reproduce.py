@@ -6,18 +6,17 @@ flags and shows progress."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from hahnet import checkpoint, runs
-from hahnet.config import EvalSettings, TrainConfig, same_json
+from hahnet.training import checkpoint, run as runs
+from hahnet.config import EvalSettings, TrainConfig
 from hahnet.errors import UserError
-from hahnet.eval.results import EvalResult, read_results
+from hahnet.eval.results import EvalResult, read_results, reusable, settings_record
 from hahnet.eval.runner import data_record
-from hahnet.presets import Preset
-from hahnet.rundir import RunDir
+from hahnet.experiments.presets import Preset
+from hahnet.training.rundir import RunDir
 
 RUNS = ("standard", "hah")  # the two networks the paper compares, in table order
 EVAL_DIR = "eval"           # per-run evaluation (results.json, report.md) inside its run dir
@@ -26,21 +25,6 @@ EVAL_DIR = "eval"           # per-run evaluation (results.json, report.md) insid
 def run_dirs(out: str | Path) -> dict[str, Path]:
     """The run directory of each network under the experiment directory ``out``."""
     return {name: Path(out) / name for name in RUNS}
-
-
-def settings_record(settings: EvalSettings, limit: int | None) -> dict[str, Any]:
-    """The evaluation settings as stored in results.json (JSON types), plus the subset."""
-    return json.loads(json.dumps({**asdict(settings), "limit": limit}))
-
-
-def reusable(cached: EvalResult, info: dict[str, Any], settings: EvalSettings,
-             limit: int | None) -> bool:
-    """Whether a saved evaluation measured this very checkpoint (same saved info: epoch,
-    config, metrics) with these settings on the same test subset. Settings a saved file
-    predates count at their defaults (e.g. suite "paper": what was run before it existed)."""
-    record = settings_record(settings, limit)
-    saved = {**settings_record(EvalSettings(), None), **cached.settings}
-    return same_json(saved, record) and same_json(cached.info, json.loads(json.dumps(info)))
 
 
 def preamble(preset: Preset, train: dict[str, Any], command: str, data_label: str,
@@ -57,7 +41,7 @@ def preamble(preset: Preset, train: dict[str, Any], command: str, data_label: st
         f"are reused).",
     ]
     if plan:
-        from hahnet.budget import describe
+        from hahnet.training.budget import describe
 
         evaluation = plan.get("evaluation_seconds", {})
         lines += ["", f"**Time budget.** {describe(plan)}; evaluation of both networks "
@@ -84,10 +68,10 @@ def plan_time_budget(train: dict[str, Any], out: str | Path, dataset: Any, devic
     (model.json then carries it); an experiment that already chose keeps its epochs.
     ``most``: the most epochs to choose (an explicit --epochs), else the paper's 100, so
     that a long budget on a small preset trains longer than the preset's own count."""
-    from hahnet import budget
+    from hahnet.training import budget
     from hahnet.config import TrainConfig
     from hahnet.eval.runner import estimate_seconds
-    from hahnet.models import build_model
+    from hahnet.nn.models import build_model
 
     minutes = float(train["time_budget"])
     train = {k: v for k, v in train.items() if k != "time_budget"}
@@ -196,7 +180,7 @@ def _evaluate(experiment: Experiment, name: str, run_dir: Path, dataset, test, d
               hooks: Hooks) -> EvalResult:
     """One network's evaluation: the saved one when it matches, else a fresh one (with
     the adaptive attacks, the other network is the transfer source)."""
-    from hahnet import report
+    from hahnet.reporting import evaluation as report
 
     info, model = _load(run_dir, device)
     saved = run_dir / EVAL_DIR / "results.json"
@@ -222,8 +206,8 @@ def _evaluate(experiment: Experiment, name: str, run_dir: Path, dataset, test, d
 def reproduce(experiment: Experiment, command: str, hooks: Hooks | None = None):
     """Train what is missing, evaluate both networks, write the report; returns
     (results, paths of the written files)."""
-    from hahnet import report
-    from hahnet.device import resolve_device
+    from hahnet.reporting import evaluation as report
+    from hahnet.training.device import resolve_device
 
     hooks = hooks or Hooks()
     try:
@@ -240,7 +224,7 @@ def reproduce(experiment: Experiment, command: str, hooks: Hooks | None = None):
                                            most=experiment.most_epochs)
         except ValueError as error:
             raise UserError(str(error)) from None
-        from hahnet.budget import describe
+        from hahnet.training.budget import describe
 
         hooks.say(describe(plan))
         experiment = replace(experiment, train=train)

@@ -20,12 +20,12 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from hahnet import checkpoint
+from hahnet.training import checkpoint
 from hahnet.config import ATTACK_SUITES, EvalSettings, TrainConfig
-from hahnet.eval.results import EvalResult, result_from_dict, results_json
+from hahnet.eval.results import (EvalResult, result_from_dict, results_json, reusable,
+                                 settings_record)
 from hahnet.io import write_json
-from hahnet.reproduce import reusable, settings_record
-from hahnet.rundir import RunDir
+from hahnet.training.rundir import RunDir
 
 RUNS_DIR = "runs"
 EVALS_DIR = "evals"
@@ -317,9 +317,9 @@ def train_task(directory: str, train: dict[str, Any], data: str, cache_dir: str 
     """Train (or resume) one run in ``directory``; returns the seconds it took."""
     import torch
 
-    from hahnet.data import load_dataset
-    from hahnet.device import resolve_device
-    from hahnet.train import Trainer
+    from hahnet.data.datasets import load_dataset
+    from hahnet.training.device import resolve_device
+    from hahnet.training.trainer import Trainer
 
     started = time.perf_counter()
     torch.set_num_threads(threads)
@@ -339,8 +339,8 @@ def eval_task(checkpoint_path: str, target: str, settings: dict[str, Any], split
     the result JSON to ``target``; returns the seconds it took."""
     import torch
 
-    from hahnet.data import load_dataset
-    from hahnet.device import resolve_device
+    from hahnet.data.datasets import load_dataset
+    from hahnet.training.device import resolve_device
     from hahnet.eval.runner import evaluate_model, evaluation_split
 
     started = time.perf_counter()
@@ -373,7 +373,7 @@ def run(sweep: Sweep, out: str | Path, data: str, cache_dir: str | None = None,
         jobs: int = 2, threads: int = 1, device: str = "cpu", re_evaluate: bool = False,
         progress: Progress | None = None) -> None:
     """Train what is missing, then evaluate what is missing (``jobs`` processes of
-    ``threads`` threads each, longest first); :mod:`hahnet.sweep_report` summarises."""
+    ``threads`` threads each, longest first); :mod:`hahnet.reporting.sweep` summarises."""
     out = Path(out)
     check(sweep, out)
     trains, evals = plan(sweep, out, re_evaluate)

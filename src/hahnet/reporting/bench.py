@@ -1,5 +1,5 @@
 """The benchmark's report: the measured table with the ratios a/b, c/a, a/d and a verdict
-against the targets, and its JSON file (the measurements are :mod:`hahnet.bench`)."""
+against the targets, and its JSON file (the measurements are :mod:`hahnet.experiments.bench`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,15 @@ import math
 from pathlib import Path
 from typing import Any
 
-from hahnet.bench import STEP_LABELS, STEPS, TARGETS
+from hahnet.experiments.bench import STEPS, TARGETS
+
+STEP_LABELS = {
+    "hah": "(a) HaH step, HaHObjective",
+    "plain": "(b) plain CE step, same HaH net",
+    "reference": "(c) reference procedure step",
+    "standard": "(d) standard network CE step",
+}
+
 
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:9.1f}"

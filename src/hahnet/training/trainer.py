@@ -20,15 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hahnet import checkpoint, distributed
-from hahnet.checkpoint import snapshot_path
-from hahnet.augment import crop_flip, crop_flip_params
-from hahnet.data import Dataset, ImageDataset, to_float
+from hahnet.training import checkpoint, distributed
+from hahnet.training.checkpoint import snapshot_path
+from hahnet.data.augment import crop_flip, crop_flip_params
+from hahnet.data.datasets import Dataset, ImageDataset, to_float
 from hahnet.config import RUNTIME_OPTIONS, ModelConfig, TrainConfig
-from hahnet.device import autocast, resolve_device, tune_device
-from hahnet.hah import HaHObjective
-from hahnet.models import build_model
-from hahnet.rundir import CONFIG_FILE, METRICS_FILE, RunDir
+from hahnet.training.device import autocast, resolve_device, tune_device
+from hahnet.nn.hah import HaHObjective
+from hahnet.nn.models import build_model
+from hahnet.training.rundir import CONFIG_FILE, METRICS_FILE, RunDir
 
 GRAD_PROBE_SIZE = 128  # images in the fixed batch of the per-epoch gradient-ratio probe
 
@@ -172,7 +172,7 @@ class Trainer:
     """Owns the model, optimizer and objective of one run; :meth:`fit` trains it.
 
     ``rank``/``world_size`` let several processes share each global batch (see
-    :mod:`hahnet.distributed`); with the defaults it is a plain single-process run.
+    :mod:`hahnet.training.distributed`); with the defaults it is a plain single-process run.
     """
 
     def __init__(self, config: TrainConfig, dataset: Dataset, out_dir: Path,
@@ -202,7 +202,7 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.start_epoch = 0
-        self.budget_plan: dict[str, Any] | None = None  # set by hahnet.budget.plan_trainer
+        self.budget_plan: dict[str, Any] | None = None  # set by hahnet.training.budget.plan_trainer
         self.images = self.train_split.images.to(device)
         self.labels = self.train_split.labels.to(device)
         self.network: nn.Module = wrap(self.model) if wrap else self.model
@@ -212,7 +212,7 @@ class Trainer:
                           if config.hah else None)
 
     def _splits(self, dataset: Dataset) -> tuple[ImageDataset, ImageDataset]:
-        from hahnet.data import split_holdout
+        from hahnet.data.datasets import split_holdout
 
         train = dataset.train
         if self.config.holdout > 0:

@@ -8,15 +8,15 @@ import argparse
 import contextlib
 import io
 
-from hahnet import console
+from hahnet.cli import console
 from hahnet.config import EvalSettings
 from hahnet.errors import UserError
-from hahnet.runs import DEFAULT_DATA, load_data
+from hahnet.training.run import DEFAULT_DATA, load_data
 
 
 def run(args: argparse.Namespace, settings: EvalSettings) -> int:
-    from hahnet import distributed
-    from hahnet.device import resolve_device
+    from hahnet.training import distributed
+    from hahnet.training.device import resolve_device
 
     try:
         env = distributed.setup(resolve_device(args.device), args.dist_timeout)
@@ -46,7 +46,8 @@ def _split(dataset, split: str, checkpoints):
 
 
 def evaluate_and_report(args: argparse.Namespace, settings: EvalSettings, env) -> int:
-    from hahnet import checkpoint, report
+    from hahnet.training import checkpoint
+    from hahnet.reporting import evaluation as report
     from hahnet.eval.runner import data_record
 
     models = _load_all(args.checkpoints, env.device)
@@ -64,7 +65,7 @@ def evaluate_and_report(args: argparse.Namespace, settings: EvalSettings, env) -
                                               env.device, path, info, env,
                                               transfer_sources(path, sources))
                for path, info, model in models]
-    from hahnet import corruption_cli
+    from hahnet.cli import corruptions as corruption_cli
 
     corruption_cli.evaluate(args, env, models, test, results)  # if --corruptions
     if not env.is_main:
@@ -80,7 +81,7 @@ def evaluate_and_report(args: argparse.Namespace, settings: EvalSettings, env) -
 
 def _load_all(paths, device) -> list:
     """(path, info, model) of each checkpoint; a one-line UserError for a bad one."""
-    from hahnet import checkpoint
+    from hahnet.training import checkpoint
 
     loaded = []
     for path in paths:
@@ -105,7 +106,7 @@ def _check_sources(models, sources) -> None:
 def transfer_sources(path: str, sources) -> list:
     """(name, model) of the transfer sources for the checkpoint at ``path``, without
     itself (its own examples are the white-box attacks)."""
-    from hahnet import checkpoint
+    from hahnet.training import checkpoint
     from hahnet.eval.runner import checkpoint_name
 
     own = checkpoint.resolve(path).resolve()

@@ -20,7 +20,7 @@ from torch import nn
 
 from hahnet.config import ModelConfig
 from hahnet.io import DamagedFileError, atomic_write, read_json, sha256_file, write_json
-from hahnet.models import MODEL_CLASSES, build_model
+from hahnet.nn.models import MODEL_CLASSES, build_model
 
 MODEL_FILE = "model.safetensors"
 INFO_FILE = "model.json"
@@ -101,7 +101,7 @@ def check_sha256(file: str | Path) -> None:
     if not expected:
         print(f"hahnet: warning: {file} has no recorded SHA-256 ({described.name}), so it is "
               f"used unchecked; once you trust it, record one with "
-              f"hahnet.checkpoint.seal('{file}')", file=sys.stderr)
+              f"hahnet.training.checkpoint.seal('{file}')", file=sys.stderr)
     elif expected != sha256_file(file):
         raise CheckpointError(f"{file} is damaged: its SHA-256 differs from the one recorded in "
                               f"{described.name} when it was saved; restore the file or train again")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hahnet.corruptions._common import _rand, _randn
+from hahnet.eval.corruptions._common import _rand, _randn
 
 
 def _gaussian_noise(x, c, g):

@@ -1,5 +1,5 @@
 """What the command line shows while it works: tqdm bars for training and evaluation,
-per-epoch lines, ETAs and warnings, all on stderr. Only :mod:`hahnet.cli` uses this
+per-epoch lines, ETAs and warnings, all on stderr. Only :mod:`hahnet.cli.commands` uses this
 module; the library itself never prints (it reports through callbacks).
 """
 
@@ -74,7 +74,7 @@ def evaluate_with_progress(model, images, labels, settings, device, path: str,
     """Evaluate one loaded checkpoint under a tqdm bar per phase and print its summary."""
     from tqdm import tqdm
 
-    from hahnet import report
+    from hahnet.reporting import evaluation as report
     from hahnet.eval import runner as ev
 
     bar: dict[str, Any] = {"current": None}

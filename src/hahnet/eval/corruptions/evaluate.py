@@ -1,4 +1,4 @@
-"""Accuracy under the CIFAR-10-C common corruptions (:mod:`hahnet.corruptions`).
+"""Accuracy under the CIFAR-10-C common corruptions (:mod:`hahnet.eval.corruptions`).
 
 * :func:`parse_names` / :func:`parse_severities`: ``all``, family names, ``extra``,
   corruption names; ``1-5``, ``1,3,5``;
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from hahnet import corruptions as C
+from hahnet.eval import corruptions as C
 from hahnet.eval.base import EvalError, _check_data
 from hahnet.eval.metrics import clean_accuracy, measurable, sparsity
 from hahnet.eval.results import CorruptionResult
@@ -188,7 +188,7 @@ def evaluate_corruptions(model: nn.Module, images: Tensor, labels: Tensor,
     start = time.perf_counter()
     if cache is None:
         if cache_dir is None:
-            from hahnet.data import default_cache_dir
+            from hahnet.data.datasets import default_cache_dir
             cache_dir = default_cache_dir()
         cache = CorruptionCache(images, cache_dir, seed)
     todo = cache.missing(names, severities)

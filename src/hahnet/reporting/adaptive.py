@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hahnet.eval.results import AdaptiveResult, AttackResult, AttackSuite, EvalResult
-from hahnet.plots import figure
+from hahnet.reporting.plots import figure
 from hahnet.eval.markdown import labels, pct as _pct, table as _table
 
 ROWS = {"paper": "paper suite (APGD-CE + APGD-T)", "AutoAttack": "AutoAttack standard",

@@ -8,10 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from hahnet import corruptions as C
-from hahnet.eval import corruption as ec
+from hahnet.eval import corruptions as C
+from hahnet.eval.corruptions import evaluate as ec
 from hahnet.eval.results import EvalResult
-from hahnet.plots import figure, integer_ticks
+from hahnet.reporting.plots import figure, integer_ticks
 
 CURVES = "corruptions.png"
 EXAMPLES = "corruption_examples.png"
@@ -95,7 +95,7 @@ def section(results: Sequence[EvalResult], plots: Sequence[str] = ()) -> str:
         return ""
     c = rs[0].corruptions
     base = c.baseline or rs[0].name
-    parts = ["## Common corruptions (CIFAR-10-C, `hahnet.corruptions`)", "",
+    parts = ["## Common corruptions (CIFAR-10-C, `hahnet.eval.corruptions`)", "",
              f"{c.n_images} images, each corrupted with seed {c.seed} (uint8, cached); "
              f"severities {', '.join(map(str, c.severities))}. Means run over the evaluated "
              "benchmark corruptions (the 15 of CIFAR-10-C; the 4 held-out `extra` ones "

@@ -1,7 +1,7 @@
 """``hahnet eval --corruptions``: the flags, and the one call that evaluates every loaded
 checkpoint on the cached corrupted test set under a tqdm bar (with ETA) and compares
-them to the first (the baseline). The library parts are :mod:`hahnet.eval.corruption`
-and :mod:`hahnet.report_corruptions`; this module alone prints (to stderr)."""
+them to the first (the baseline). The library parts are :mod:`hahnet.eval.corruptions.evaluate`
+and :mod:`hahnet.reporting.corruptions`; this module alone prints (to stderr)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from hahnet.eval import corruption as ec
+from hahnet.eval.corruptions import evaluate as ec
 
 
 def _arg(parse):
@@ -43,9 +43,9 @@ def evaluate(args: argparse.Namespace, env: Any, models: Sequence[tuple[str, dic
         return
     from tqdm import tqdm
 
-    from hahnet import report_corruptions
+    from hahnet.reporting import corruptions as report_corruptions
     from hahnet.errors import UserError
-    from hahnet.data import default_cache_dir
+    from hahnet.data.datasets import default_cache_dir
     from hahnet.eval.runner import checkpoint_name
 
     cache = ec.CorruptionCache(test.images, args.cache_dir or default_cache_dir(),

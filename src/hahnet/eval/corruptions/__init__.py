@@ -164,15 +164,15 @@ def _generator(seed: int, name: str, severity: int) -> torch.Generator:
     digest = hashlib.sha256(f"{int(seed)}|{name}|{severity}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
-from hahnet.corruptions._common import (  # noqa: F401 - also used by tests
+from hahnet.eval.corruptions._common import (  # noqa: F401 - also used by tests
     _clipped_zoom, _pil_box_matrix)
-from hahnet.corruptions.noise import (  # noqa: F401 - also used by tests
+from hahnet.eval.corruptions.noise import (  # noqa: F401 - also used by tests
     _gaussian_noise, _impulse_noise, _shot_noise, _speckle_noise)
-from hahnet.corruptions.blur import (  # noqa: F401 - also used by tests
+from hahnet.eval.corruptions.blur import (  # noqa: F401 - also used by tests
     _defocus_blur, _disk_kernel, _gaussian_blur, _glass_blur, _motion_blur, _zoom_blur)
-from hahnet.corruptions.weather import (  # noqa: F401 - also used by tests
+from hahnet.eval.corruptions.weather import (  # noqa: F401 - also used by tests
     _fog, _frost, _snow, _spatter)
-from hahnet.corruptions.digital import (  # noqa: F401 - also used by tests
+from hahnet.eval.corruptions.digital import (  # noqa: F401 - also used by tests
     _brightness, _contrast, _elastic_transform, _jpeg_compression, _pixelate, _saturate)
 
 

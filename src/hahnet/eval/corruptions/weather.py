@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hahnet.corruptions._common import _box3, _clipped_zoom, _correlate, _gaussian, _magick_motion_blur, _pad, _plasma, _rand, _randn, _shift_sum
+from hahnet.eval.corruptions._common import _box3, _clipped_zoom, _correlate, _gaussian, _magick_motion_blur, _pad, _plasma, _rand, _randn, _shift_sum
 
 
 def _fog(x, c, g):

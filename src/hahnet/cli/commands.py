@@ -2,8 +2,8 @@
 
 This module parses and checks flags (every setting before any work starts; a bad one is
 one line on stderr and exit status 2, see docs/errors.md) and prints; the work is done by
-:mod:`hahnet.runs`, :mod:`hahnet.reproduce`, :mod:`hahnet.eval`, :mod:`hahnet.bench` and
-:mod:`hahnet.sweep`, and progress is shown by :mod:`hahnet.console`.
+:mod:`hahnet.training.run`, :mod:`hahnet.experiments.reproduce`, :mod:`hahnet.eval`, :mod:`hahnet.experiments.bench` and
+:mod:`hahnet.experiments.sweep`, and progress is shown by :mod:`hahnet.cli.console`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hahnet import config as cfg
-from hahnet.console import say
+from hahnet.cli.console import say
 from hahnet.errors import UserError
-from hahnet.runs import DEFAULT_DATA, check_out
+from hahnet.training.run import DEFAULT_DATA, check_out
 
 class Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag as one line (no usage block), exit status 2."""
@@ -52,7 +52,7 @@ def build(make, *args: Any, **kwargs: Any):
 def configure_threads(threads: int | None) -> None:
     """Set torch's intra-op threads for this command (``--threads``, or the torchrun
     share); :func:`main` restores the caller's count on return."""
-    from hahnet import distributed
+    from hahnet.training import distributed
     import torch
 
     threads = distributed.default_threads(threads)
@@ -86,7 +86,8 @@ def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from hahnet import console, distributed, runs
+    from hahnet.cli import console
+    from hahnet.training import distributed, run as runs
 
     overrides = train_overrides(args)
     if args.resume not in (None, "auto") and args.out is not None \
@@ -131,7 +132,7 @@ def eval_settings(args: argparse.Namespace) -> cfg.EvalSettings:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Check everything, then evaluate (under torchrun every rank its shard; rank 0 alone
     prints and writes)."""
-    from hahnet import eval_run
+    from hahnet.cli import evaluate as eval_run
 
     settings = eval_settings(args)
     check_out(args.out, "eval")
@@ -142,7 +143,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- presets, reproduce
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from hahnet.presets import PRESETS, get_preset
+    from hahnet.experiments.presets import PRESETS, get_preset
 
     chosen = [build(get_preset, args.name)] if args.name else list(PRESETS.values())
     print("\n\n".join(p.summary() for p in chosen))
@@ -161,8 +162,9 @@ def default_data(data: str | None, download: bool) -> tuple[str, bool]:
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     """Check every setting, then train both networks, evaluate them and report."""
-    from hahnet import distributed, reproduce as rp
-    from hahnet.presets import get_preset
+    from hahnet.training import distributed
+    from hahnet.experiments import reproduce as rp
+    from hahnet.experiments.presets import get_preset
 
     if distributed.launched():
         raise UserError("reproduce runs in one process; under torchrun use `hahnet train` for "
@@ -197,13 +199,14 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def runs_hooks():
-    from hahnet import console, runs
+    from hahnet.cli import console
+    from hahnet.training import run as runs
 
     return runs.Hooks(say, console.fit_with_progress)
 
 
 def evaluate_with_eta(path, info, model, test, settings, device, sources=()):
-    from hahnet import console
+    from hahnet.cli import console
 
     console.check_and_estimate(path, info, model, test, settings, device)
     return console.evaluate_with_progress(model, test.images, test.labels, settings, device,
@@ -211,7 +214,8 @@ def evaluate_with_eta(path, info, model, test, settings, device, sources=()):
 
 
 def console_table(results, paths) -> str:
-    from hahnet import console, report
+    from hahnet.cli import console
+    from hahnet.reporting import evaluation as report
 
     console.warn_gradient_masking(results, paths["report.md"])
     return f"{report.paper_table(results)}\nreport: {paths['report.md']}"
@@ -220,7 +224,8 @@ def console_table(results, paths) -> str:
 # ---------------------------------------------------------------- bench, sweep
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from hahnet import bench, bench_report
+    from hahnet.experiments import bench
+    from hahnet.reporting import bench as bench_report
 
     values = {"widths": args.width, "batch_size": args.batch_size, "precisions": args.precision,
               "channels_last": args.channels_last, "repeats": args.repeats,
@@ -232,7 +237,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.malloc == "tuned" and not args.own_process:
         raise UserError("--malloc tuned changes the allocator of the whole process for good: "
                         "run it as the hahnet command (or python -m hahnet), not through "
-                        "hahnet.cli.main() inside another program")
+                        "hahnet.cli.commands.main() inside another program")
     configure_threads(args.threads)
     if args.malloc == "tuned" and not bench.tune_malloc():
         raise UserError("--malloc tuned needs glibc malloc (Linux)")
@@ -245,7 +250,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from hahnet import sweep as sw, sweep_report
+    from hahnet.experiments import sweep as sw
+    from hahnet.reporting import sweep as sweep_report
+    from hahnet.experiments import sweep_summary
 
     spec = build(sw.load, args.file)
     out = Path(args.out or f"runs/sweeps/{spec.name}")
@@ -257,7 +264,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         sw.check(spec, out) if args.report_only else sw.run(
             spec, out, data, args.cache_dir, args.jobs, args.threads, args.device,
             args.re_evaluate, progress=say)
-        summary = sweep_report.summarise(spec, out)
+        summary = sweep_summary.summarise(spec, out)
     except sw.SweepError as error:
         raise UserError(str(error)) from None
     paths = sweep_report.write(summary, spec, out, "hahnet " + shlex.join(args.argv))
@@ -269,7 +276,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:
-    from hahnet import cli_parsers
+    from hahnet.cli import parsers as cli_parsers
 
     parser = Parser(prog="hahnet", description=__doc__.splitlines()[0])
     commands = {"train": cmd_train, "eval": cmd_eval, "reproduce": cmd_reproduce,

@@ -16,9 +16,9 @@ from typing import Any, Sequence
 import torch
 
 from hahnet.config import TrainConfig
-from hahnet.data import Dataset
-from hahnet.rundir import RunDir
-from hahnet.train import EpochMetrics, Trainer, epoch_batches
+from hahnet.data.datasets import Dataset
+from hahnet.training.rundir import RunDir
+from hahnet.training.trainer import EpochMetrics, Trainer, epoch_batches
 
 EVAL_SPEEDUP = 3.0  # a forward pass costs about a third of a training step
 MOST_EPOCHS = 100   # a budget trains at most this long (the paper's recipe) unless told

@@ -1,0 +1,1 @@
+"""The hahnet command line."""

@@ -1,0 +1,1 @@
+"""Experiments: presets, reproduce, sweeps and the benchmark."""

@@ -1,0 +1,1 @@
+"""Reports and plots of evaluations, corruptions, sweeps and benchmarks."""

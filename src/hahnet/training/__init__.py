@@ -1,0 +1,1 @@
+"""Training: the trainer, run directories, checkpoints, time budgets, devices and distributed runs."""
