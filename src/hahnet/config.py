@@ -263,16 +263,6 @@ class TrainConfig:
         return {k: (v, theirs[k]) for k, v in mine.items()
                 if k not in RUNTIME_OPTIONS and not same_json(v, theirs[k])}
 
-    def model_config(self, dataset: Any) -> ModelConfig:
-        """The model this config trains on ``dataset`` (a :class:`hahnet.data.datasets.Dataset`)."""
-        from hahnet.data.datasets import channel_stats
-
-        mean, std = channel_stats(dataset.train)
-        shape = dataset.train.images.shape
-        return ModelConfig(self.arch, self.hah, self.width, len(dataset.train.classes),
-                           shape[1], self.hah_layers, self.sigma, self.keep,
-                           tuple(round(m, 4) for m in mean), tuple(round(s, 4) for s in std))
-
 
 # ---------------------------------------------------------------------- evaluation
 

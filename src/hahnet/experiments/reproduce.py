@@ -72,6 +72,7 @@ def plan_time_budget(train: dict[str, Any], out: str | Path, dataset: Any, devic
     from hahnet.config import TrainConfig
     from hahnet.eval.runner import estimate_seconds
     from hahnet.nn.models import build_model
+    from hahnet.training.trainer import model_config
 
     minutes = float(train["time_budget"])
     train = {k: v for k, v in train.items() if k != "time_budget"}
@@ -83,7 +84,7 @@ def plan_time_budget(train: dict[str, Any], out: str | Path, dataset: Any, devic
     test = dataset.test.limit(limit, 0) if limit else dataset.test
     evaluation = {}
     for name, config in configs.items():
-        model = build_model(config.model_config(dataset)).to(device).eval()
+        model = build_model(model_config(config, dataset)).to(device).eval()
         estimate = estimate_seconds(model, settings, len(test), tuple(test.images.shape[1:]),
                                     device=device)
         attacks = sum(v for k, v in estimate.items() if k.startswith("attacks_"))

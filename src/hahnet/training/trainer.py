@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from hahnet.training import checkpoint, distributed
 from hahnet.training.checkpoint import snapshot_path
 from hahnet.data.augment import crop_flip, crop_flip_params
-from hahnet.data.datasets import Dataset, ImageDataset, to_float
+from hahnet.data.datasets import Dataset, ImageDataset, channel_stats, to_float
 from hahnet.config import RUNTIME_OPTIONS, ModelConfig, TrainConfig
 from hahnet.training.device import autocast, resolve_device, tune_device
 from hahnet.nn.hah import HaHObjective
@@ -68,6 +68,16 @@ def learning_rate(config: TrainConfig, epoch: int) -> float:
     """Step schedule: lr * gamma^(milestones passed), milestones as fractions of epochs."""
     passed = sum(1 for m in config.milestones if epoch >= round(m * config.epochs))
     return config.lr * config.gamma ** passed
+
+
+def model_config(config: TrainConfig, dataset: Dataset) -> ModelConfig:
+    """The model ``config`` trains on ``dataset``: its classes and channels, and the
+    training images' per-channel mean and std (the model's input normalization)."""
+    mean, std = channel_stats(dataset.train)
+    shape = dataset.train.images.shape
+    return ModelConfig(config.arch, config.hah, config.width, len(dataset.train.classes),
+                       shape[1], config.hah_layers, config.sigma, config.keep,
+                       tuple(round(m, 4) for m in mean), tuple(round(s, 4) for s in std))
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -197,7 +207,7 @@ class Trainer:
                              f"batch of {config.batch_size}; lower --batch-size or use more data")
         with torch.random.fork_rng(devices=[]):  # seeded init without touching global RNG
             torch.manual_seed(config.seed)
-            self.model: nn.Module = build_model(config.model_config(dataset)).to(device)
+            self.model: nn.Module = build_model(model_config(config, dataset)).to(device)
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
