@@ -30,6 +30,14 @@ def test_public_api_is_at_the_top():
     assert len(hahnet.PAPER_ALPHAS) == 6
 
 
+def test_version_is_pyprojects_and_recorded_in_results():
+    from hahnet.eval.results import versions
+
+    text = (ROOT / "pyproject.toml").read_text()
+    assert f'version = "{hahnet.__version__}"' in text
+    assert versions()["hahnet"] == hahnet.__version__
+
+
 def test_jpeg_pack_from_the_top_package(tmp_path):
     from hahnet import jpeg_pack  # as the data-carrying instructions write it
 

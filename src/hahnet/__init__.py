@@ -19,7 +19,7 @@ from hahnet.nn.objective import LayerCostObjective
 from hahnet.nn.layers import DivisiveNorm2d, HaHBlock, TopFractionThreshold, VGGBlock, WNConv2d
 from hahnet.data import jpeg_pack  # also importable from here: data-packing instructions do so
 
-__version__ = "0.1.0"
+from hahnet.config import VERSION as __version__  # its one copy is in config
 
 __all__ = [
     "create_model", "list_models", "load", "hahify", "HaHObjective", "hah_score", "PAPER_ALPHAS",

@@ -12,6 +12,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+VERSION = "0.1.0"  # the package's version (hahnet.__version__, pyproject.toml), in results
+
 # ------------------------------------------------------------------ the paper's values
 
 PAPER_ALPHAS: tuple[float, ...] = (0.0045, 0.0025, 0.0013, 0.001, 0.0008, 0.0005)

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from hahnet.config import EvalSettings, same_json
+from hahnet.config import VERSION, EvalSettings, same_json
 
 FORMAT = "hahnet-eval-1"
 
@@ -275,10 +275,7 @@ def versions() -> dict[str, str]:
     """Versions of python, torch, torchattacks, hahnet and matplotlib."""
     import torch
 
-    import hahnet
-
-    out = {"python": platform.python_version(), "torch": torch.__version__,
-           "hahnet": getattr(hahnet, "__version__", "unknown")}
+    out = {"python": platform.python_version(), "torch": torch.__version__, "hahnet": VERSION}
     for name in ("torchattacks", "matplotlib"):
         try:
             out[name] = __import__(name).__version__
