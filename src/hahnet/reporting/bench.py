@@ -8,22 +8,24 @@ import math
 from pathlib import Path
 from typing import Any
 
-from hahnet.experiments.bench import STEPS, TARGETS
-
-STEP_LABELS = {
+STEP_LABELS = {  # the training steps a benchmark result holds, in table order
     "hah": "(a) HaH step, HaHObjective",
     "plain": "(b) plain CE step, same HaH net",
     "reference": "(c) reference procedure step",
     "standard": "(d) standard network CE step",
 }
 
+RATIO_LABELS = {"hah_over_plain": "a/b HaH / plain", "reference_over_hah": "c/a reference / HaH",
+                "hah_over_standard": "a/d HaH / standard"}
+
 
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:9.1f}"
 
 
-def _verdict(name: str, value: float, width: float) -> str:
-    compare, bound, applies = TARGETS[name]
+def _verdict(target: dict[str, Any], value: float, width: float) -> str:
+    """``value`` against its target as the result records it (compare, bound, applies)."""
+    compare, bound, applies = target["compare"], target["bound"], target["applies"]
     if applies == "width 1.0" and not math.isclose(width, 1.0):
         return f"(target {compare} {bound:g} at width 1.0)"
     ok = value <= bound if compare == "<=" else value >= bound
@@ -47,17 +49,15 @@ def format_report(result: dict[str, Any]) -> str:
                      f"{run['precision']}, {'channels-last' if run['channels_last'] else 'NCHW'}")
         if "steps" in run:
             lines.append(f"  {'training step (fwd+bwd+Adam)':36s} {'median ms':>9s} {'min ms':>9s}")
-            for name in STEPS:
-                entry = run["steps"][name]
-                lines.append(f"  {STEP_LABELS[name]:36s} {_ms(entry['median_s'])} "
-                             f"{_ms(entry['min_s'])}")
+            steps = run["steps"]
+            for name in [*(n for n in STEP_LABELS if n in steps),
+                         *(n for n in steps if n not in STEP_LABELS)]:
+                lines.append(f"  {STEP_LABELS.get(name, name):36s} "
+                             f"{_ms(steps[name]['median_s'])} {_ms(steps[name]['min_s'])}")
             r = run["ratios"]
-            lines.append(f"  a/b HaH / plain      = {r['hah_over_plain']:6.3f}   "
-                         f"{_verdict('hah_over_plain', r['hah_over_plain'], run['width'])}")
-            lines.append(f"  c/a reference / HaH  = {r['reference_over_hah']:6.3f}   "
-                         f"{_verdict('reference_over_hah', r['reference_over_hah'], run['width'])}")
-            lines.append(f"  a/d HaH / standard   = {r['hah_over_standard']:6.3f}   "
-                         f"{_verdict('hah_over_standard', r['hah_over_standard'], run['width'])}")
+            lines += [f"  {label:21s}= {r[key]:6.3f}   "
+                      f"{_verdict(result['targets'][key], r[key], run['width'])}"
+                      for key, label in RATIO_LABELS.items()]
         if "blocks" in run:
             lines.append(f"  {'block fwd+bwd (e)':36s} {'median ms':>9s}")
             for entry in run["blocks"]:
