@@ -10,9 +10,7 @@ import math
 import pytest
 
 from hahnet.cli import commands as cli
-from hahnet.experiments import sweep as sw
-from hahnet.reporting import sweep as sweep_report
-from hahnet.experiments import sweep_summary
+from hahnet.experiments import sweep as sw, sweep_summary
 from conftest import make_cifar as write_cifar
 
 BASE = """

@@ -250,9 +250,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from hahnet.experiments import sweep as sw
+    from hahnet.experiments import sweep as sw, sweep_summary
     from hahnet.reporting import sweep as sweep_report
-    from hahnet.experiments import sweep_summary
 
     spec = build(sw.load, args.file)
     out = Path(args.out or f"runs/sweeps/{spec.name}")
@@ -267,7 +266,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         summary = sweep_summary.summarise(spec, out)
     except sw.SweepError as error:
         raise UserError(str(error)) from None
-    paths = sweep_report.write(summary, spec, out, "hahnet " + shlex.join(args.argv))
+    paths = sweep_report.write(summary, out, "hahnet " + shlex.join(args.argv))
     print(sweep_report.gains_table(summary))
     print(f"report: {paths['report.md']}")
     return 0

@@ -357,7 +357,7 @@ def eval_task(checkpoint_path: str, target: str, settings: dict[str, Any], split
         values[key] = tuple(values[key])
     result = evaluate_model(model, images.images, images.labels, EvalSettings(**values), dev,
                             name=Path(target).stem, checkpoint=checkpoint_path, info=info)
-    result.settings["limit"] = limit  # what reproduce.reusable compares
+    result.settings["limit"] = limit  # what eval.results.reusable compares
     record = {"split": split, "limit_seed": limit_seed,
               "result": results_json([result])["models"][0]}
     write_json(Path(target), record)
@@ -373,7 +373,8 @@ def run(sweep: Sweep, out: str | Path, data: str, cache_dir: str | None = None,
         jobs: int = 2, threads: int = 1, device: str = "cpu", re_evaluate: bool = False,
         progress: Progress | None = None) -> None:
     """Train what is missing, then evaluate what is missing (``jobs`` processes of
-    ``threads`` threads each, longest first); :mod:`hahnet.reporting.sweep` summarises."""
+    ``threads`` threads each, longest first); :mod:`hahnet.experiments.sweep_summary` reads
+    them back."""
     out = Path(out)
     check(sweep, out)
     trains, evals = plan(sweep, out, re_evaluate)

@@ -1,6 +1,7 @@
-"""Summaries of a sweep: per setting and epoch, every metric as mean +- sd over seeds;
-per HaH setting, its gain over its standard partner paired by seed; the report
-(Markdown) and its plots."""
+"""A sweep's report: the per-setting table and the HaH-minus-standard gains (mean +- sd
+over seeds) as Markdown, their plots, and the summary as results.json. Reads only the
+summary that :func:`hahnet.experiments.sweep_summary.summarise` builds from the sweep's
+files."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from hahnet.io import atomic_write, write_json
 from hahnet.reporting.plots import figure
-from hahnet.experiments.sweep import Sweep
 
 
 # ------------------------------------------------------------------ Markdown
@@ -56,10 +57,11 @@ def gains_table(summary: dict[str, Any]) -> str:
                     *(_cell(r["metrics"].get(k), signed=True) for k in columns)] for r in rows])
 
 
-def render_markdown(summary: dict[str, Any], sweep: Sweep, command: str = "") -> str:
+def render_markdown(summary: dict[str, Any], command: str = "") -> str:
     """The sweep's report: settings, the per-setting table, the paired gains, the plots."""
     settings = summary["settings"]
-    shared = _shared_train(sweep)
+    runs = summary["runs_spec"]
+    shared = _shared_train(runs)
     lines = [f"# Sweep `{summary['sweep']}`", ""]
     if command:
         lines += [f"Command: `{command}`", ""]
@@ -67,11 +69,11 @@ def render_markdown(summary: dict[str, Any], sweep: Sweep, command: str = "") ->
               + (f", a seeded {settings['limit']} images" if settings.get("limit") else "")
               + f"; attacks on {settings.get('attack_limit') or 'all'} of them "
               f"(APGD-CE + APGD-T, {settings['apgd_steps']} steps, l_inf {settings['eps_linf']:.5g},"
-              f" l_2 {settings['eps_l2']:g}); seeds {sorted({r.seed for r in sweep.runs})}.",
+              f" l_2 {settings['eps_l2']:g}); seeds {sorted({r['seed'] for r in runs})}.",
               "", "Shared training settings: "
               + ", ".join(f"{k}={v}" for k, v in sorted(shared.items())) + ".", "",
               "Settings: " + "; ".join(f"`{name}`: " + (", ".join(f"{k}={v}" for k, v in diff.items()) or "-")
-                                       for name, diff in _differences(sweep, shared).items()) + ".",
+                                       for name, diff in _differences(runs, shared).items()) + ".",
               "", "## Every setting (accuracy in %, mean ± sd over seeds)", "",
               metrics_table(summary), "",
               "## HaH minus its standard partner, paired by seed (points, mean ± sd)", "",
@@ -82,13 +84,14 @@ def render_markdown(summary: dict[str, Any], sweep: Sweep, command: str = "") ->
     return "\n".join(lines)
 
 
-def _shared_train(sweep: Sweep) -> dict[str, Any]:
-    trains = [r.train for r in sweep.runs]
+def _shared_train(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    trains = [r["train"] for r in runs]
     return {k: v for k, v in trains[0].items() if all(t.get(k) == v for t in trains)}
 
 
-def _differences(sweep: Sweep, shared: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {r.name: {k: v for k, v in r.train.items() if k not in shared} for r in sweep.runs}
+def _differences(runs: Sequence[dict[str, Any]], shared: dict[str, Any]
+                 ) -> dict[str, dict[str, Any]]:
+    return {r["name"]: {k: v for k, v in r["train"].items() if k not in shared} for r in runs}
 
 
 # ------------------------------------------------------------------ plots
@@ -167,15 +170,13 @@ def plot_training(summary: dict[str, Any], path: Path) -> None:
     _panels(path, 2, draw)
 
 
-def write(summary: dict[str, Any], sweep: Sweep, out: str | Path, command: str = "") -> dict[str, Path]:
+def write(summary: dict[str, Any], out: str | Path, command: str = "") -> dict[str, Path]:
     """results.json, report.md and the plots in ``out``; returns their paths."""
-    from hahnet.io import atomic_write, write_json
-
     out = Path(out)
     paths = {name: out / name for name in ("results.json", "report.md", "metrics.png",
                                            "gains.png", "grad_ratios.png", "training.png")}
     write_json(paths["results.json"], _finite(summary))
-    atomic_write(paths["report.md"], lambda tmp: tmp.write_text(render_markdown(summary, sweep, command)))
+    atomic_write(paths["report.md"], lambda tmp: tmp.write_text(render_markdown(summary, command)))
     plot_metrics(summary, paths["metrics.png"])
     plot_gains(summary, paths["gains.png"])
     plot_grad_ratios(summary, paths["grad_ratios.png"])
