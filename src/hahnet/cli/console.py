@@ -74,8 +74,8 @@ def evaluate_with_progress(model, images, labels, settings, device, path: str,
     """Evaluate one loaded checkpoint under a tqdm bar per phase and print its summary."""
     from tqdm import tqdm
 
-    from hahnet.reporting import evaluation as report
     from hahnet.eval import runner as ev
+    from hahnet.eval.results import summary, worst_cases
 
     bar: dict[str, Any] = {"current": None}
     name = ev.checkpoint_name(path)
@@ -99,9 +99,9 @@ def evaluate_with_progress(model, images, labels, settings, device, path: str,
         raise UserError(f"{path}: {error}") from None
     finally:
         close_bar()
-    numbers = report.summary(result)
+    numbers = summary(result)
     numbers.update({f"worst case {norm}": r.accuracy
-                    for norm, r in report.worst_cases(result).items()})
+                    for norm, r in worst_cases(result).items()})
     tqdm.write(f"{name}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in numbers.items()
                                         if v is not None)
                + f" ({sum(result.seconds.values()):.0f} s)", file=sys.stderr)

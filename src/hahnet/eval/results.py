@@ -339,6 +339,8 @@ def reusable(cached: EvalResult, info: dict[str, Any], settings: EvalSettings,
 
 
 def noise_sigma(result: EvalResult, preferred: float = 0.1) -> float | None:
+    """The noise level of the headline noise accuracy: ``preferred`` (the paper's) when
+    measured, else the first non-zero one; None without a noise measurement."""
     if result.noise is None:
         return None
     sigmas = [s for s in result.noise.sigmas if s > 0]
