@@ -21,13 +21,11 @@ from torch import nn
 from hahnet.config import ModelConfig
 from hahnet.io import DamagedFileError, atomic_write, read_json, sha256_file, write_json
 from hahnet.nn.models import MODEL_CLASSES, build_model
+from hahnet.training.rundir import INFO_FILE, MODEL_FILE, SNAPSHOT_DIR, sidecar, snapshot_path
 
-MODEL_FILE = "model.safetensors"
-INFO_FILE = "model.json"
 STATE_FILE = "train_state.safetensors"
 STATE_INFO_FILE = "train_state.json"
 FORMAT = "hahnet-checkpoint-1"
-SNAPSHOT_DIR = "snapshots"
 
 
 class CheckpointError(ValueError):
@@ -61,12 +59,6 @@ def save_model(run_dir: Path, model: nn.Module, info: dict[str, Any]) -> None:
     atomic_write(run_dir / MODEL_FILE,
                  lambda tmp: save_file(_contiguous_state(plain), str(tmp), metadata=header))
     seal(run_dir / MODEL_FILE, info)
-
-
-def sidecar(file: Path) -> Path:
-    """The JSON that describes a .safetensors file and records its SHA-256
-    (model.safetensors -> model.json, snapshots/epoch7.safetensors -> epoch7.json)."""
-    return Path(file).with_suffix(".json")
 
 
 def seal(file: str | Path, info: dict[str, Any] | None = None) -> str:
@@ -105,11 +97,6 @@ def check_sha256(file: str | Path) -> None:
     elif expected != sha256_file(file):
         raise CheckpointError(f"{file} is damaged: its SHA-256 differs from the one recorded in "
                               f"{described.name} when it was saved; restore the file or train again")
-
-
-def snapshot_path(run_dir: str | Path, epoch: int) -> Path:
-    """Where ``train --snapshots`` keeps the weights after (1-based) ``epoch``."""
-    return Path(run_dir) / SNAPSHOT_DIR / f"epoch{epoch}.safetensors"
 
 
 def resolve(path: str | Path) -> Path:

@@ -14,16 +14,28 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from hahnet.training import checkpoint
 from hahnet.config import TrainConfig
 from hahnet.io import atomic_write, read_json, write_json, write_text
 
 CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
-SNAPSHOT_DIR = checkpoint.SNAPSHOT_DIR
+MODEL_FILE = "model.safetensors"  # the weights (hahnet.training.checkpoint writes them)...
+INFO_FILE = "model.json"          # ...and their description with the checksum
+SNAPSHOT_DIR = "snapshots"
 TIME_BUDGET_FILE = "time_budget.json"  # how a --time-budget run chose its epochs
 SAVING_DIR = ".saving"      # an epoch's checkpoint files are written here first...
 COMMIT_MARK = "COMMITTED"   # ...and moved into the run only once this marker exists
+
+
+def sidecar(file: Path) -> Path:
+    """The JSON that describes a .safetensors file and records its SHA-256
+    (model.safetensors -> model.json, snapshots/epoch7.safetensors -> epoch7.json)."""
+    return Path(file).with_suffix(".json")
+
+
+def snapshot_path(run_dir: str | Path, epoch: int) -> Path:
+    """Where ``train --snapshots`` keeps the weights after (1-based) ``epoch``."""
+    return Path(run_dir) / SNAPSHOT_DIR / f"epoch{epoch}.safetensors"
 
 
 class RunDir:
@@ -45,11 +57,11 @@ class RunDir:
 
     def has_checkpoint(self) -> bool:
         """Whether a run can be continued from here (settings and weights saved)."""
-        return self.config_file.exists() and (self.path / checkpoint.MODEL_FILE).exists()
+        return self.config_file.exists() and (self.path / MODEL_FILE).exists()
 
     def snapshot_path(self, epoch: int) -> Path:
         """Where ``train --snapshots`` keeps the weights after (1-based) ``epoch``."""
-        return checkpoint.snapshot_path(self.path, epoch)
+        return snapshot_path(self.path, epoch)
 
     # ------------------------------------------------------------- train_config.json
 
@@ -67,8 +79,8 @@ class RunDir:
         except (OSError, json.JSONDecodeError, AttributeError, TypeError, ValueError) as error:
             raise ValueError(f"unreadable {self.config_file} ({error})") from None
         data = saved.get("data")
-        if not data and (self.path / checkpoint.MODEL_FILE).exists():
-            data = checkpoint.read_info(self.path).get("dataset", {}).get("source")
+        if not data and (self.path / INFO_FILE).exists():  # older runs: the checkpoint's record
+            data = (read_json(self.path / INFO_FILE).get("dataset") or {}).get("source")
         return config, data
 
     def write_config(self, config: TrainConfig, data: str | None) -> None:
@@ -134,9 +146,9 @@ class RunDir:
         """Copy the current weights (and their description with the checksum) to
         :meth:`snapshot_path` (1-based ``epoch``)."""
         target = self.snapshot_path(epoch)
-        atomic_write(target, lambda tmp: shutil.copyfile(self.path / checkpoint.MODEL_FILE, tmp))
-        atomic_write(checkpoint.sidecar(target), lambda tmp: shutil.copyfile(
-            self.path / checkpoint.INFO_FILE, tmp))
+        atomic_write(target, lambda tmp: shutil.copyfile(self.path / MODEL_FILE, tmp))
+        atomic_write(sidecar(target), lambda tmp: shutil.copyfile(
+            self.path / INFO_FILE, tmp))
 
     # ------------------------------------------- saving that survives a kill anywhere
 
@@ -171,8 +183,8 @@ class RunDir:
         elif staging.exists():
             shutil.rmtree(staging)
         self._drop_torn_metrics_line()
-        info_file = self.path / checkpoint.INFO_FILE
-        if not info_file.exists() or not (self.path / checkpoint.MODEL_FILE).exists():
+        info_file = self.path / INFO_FILE
+        if not info_file.exists() or not (self.path / MODEL_FILE).exists():
             return
         info = read_json(info_file)
         epoch, metrics = info.get("epoch"), info.get("metrics")
