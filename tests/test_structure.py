@@ -1,7 +1,8 @@
 """tools/check_structure.py holds the package to its layers: the package passes, and a
 planted import of a higher layer (top-level, lazy, ``from pkg import module``,
 relative), a module in no layer, an import cycle and a chain deeper than the limit each
-fail, the first ones naming the file, line and module of the offending import."""
+fail, the first ones naming the file, line and module of the offending import; and
+docs/architecture.md draws the same order."""
 
 from __future__ import annotations
 
@@ -85,3 +86,11 @@ def test_a_chain_deeper_than_the_limit_fails(package, capsys):
     assert check.main(package) == 1
     out = capsys.readouterr().out
     assert f"import depth {check.MAX_DEPTH + 1} (> {check.MAX_DEPTH}): hahnet.nn.chain0 ->" in out
+
+
+def test_the_architecture_picture_shows_the_checked_order():
+    """docs/architecture.md draws LAYERS; the two cannot drift apart."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    block = text.split("```mermaid", 1)[1].split("```", 1)[0]
+    chain = next(line for line in block.splitlines() if line.count("-->") > 1)
+    assert [name.strip() for name in chain.split("-->")] == [name for name, _ in check.LAYERS]
