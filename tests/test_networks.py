@@ -17,7 +17,7 @@ from hahnet.cli import commands as cli
 from hahnet.config import PAPER_ALPHAS, ModelConfig, TrainConfig
 from hahnet.data.datasets import Dataset, ImageDataset
 from hahnet.nn.hah import hah_convs
-from hahnet.nn.resnet import BasicBlock, HaHResidualBlock, PreActBlock
+from hahnet.nn.models import BasicBlock, HaHResidualBlock, PreActBlock
 from hahnet.training.trainer import Trainer
 
 from conftest import crash_at

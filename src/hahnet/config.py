@@ -36,19 +36,108 @@ PAPER_TABLE: dict[str, dict[str, float]] = {
 }
 
 
-def _catalog():
-    """:mod:`hahnet.nn.catalog` (the registered model names), imported on first use:
-    the ``hahnet.nn`` package imports this module."""
-    import hahnet.nn.catalog as catalog
+# ------------------------------------------------------- the registered architectures
+# Plain facts, no torch: which model names exist, their family, and which leading
+# convolutions hah=True may turn into HaH blocks (hahnet.nn builds them).
 
-    return catalog
+@dataclass(frozen=True)
+class ResidualLayout:
+    """A CIFAR residual network: a 3x3 stem, then stages of residual blocks.
+
+    ``stem``: the stem's output channels; ``channels``/``blocks``: per stage, the output
+    channels and the number of blocks (stages after the first halve the resolution with a
+    stride-2 first block); ``preact``: pre-activation blocks (BN-ReLU-conv) instead of
+    post-activation ones (conv-BN-ReLU). Channels are at width 1."""
+
+    preact: bool
+    stem: int
+    channels: tuple[int, ...]
+    blocks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One registered name: its ``family`` ("vgg" or "residual"), how many leading
+    convolutions can be HaH blocks at most (``max_hah_layers``) and, for residual
+    networks, their layout."""
+
+    name: str
+    family: str
+    max_hah_layers: int
+    summary: str
+    layout: ResidualLayout | None = None
+
+
+def _residual(name: str, summary: str, layout: ResidualLayout) -> Architecture:
+    """A residual architecture whose HaH part is the stem and the whole first stage
+    (two convolutions per block)."""
+    return Architecture(name, "residual", 1 + 2 * layout.blocks[0], summary, layout)
+
+
+_RESNET18 = (64, 128, 256, 512), (2, 2, 2, 2)
+
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
+    Architecture("vgg11", "vgg", 8, "VGG11, 8 convolutions, 5 max-pools, one Linear"),
+    Architecture("vgg13", "vgg", 10, "VGG13, 10 convolutions, 5 max-pools, one Linear"),
+    Architecture("vgg16", "vgg", 13, "VGG16, 13 convolutions, 5 max-pools, one Linear "
+                                     "(the paper's network)"),
+    Architecture("vgg19", "vgg", 16, "VGG19, 16 convolutions, 5 max-pools, one Linear"),
+    _residual("resnet18", "ResNet-18 (CIFAR form: 3x3 stem, no max-pool), 11.2M parameters",
+              ResidualLayout(False, 64, *_RESNET18)),
+    _residual("preact_resnet18", "pre-activation ResNet-18 (CIFAR form), 11.2M parameters",
+              ResidualLayout(True, 64, *_RESNET18)),
+    _residual("wrn_16_4", "WideResNet-16-4 (pre-activation, CIFAR form), 2.7M parameters",
+              ResidualLayout(True, 16, (64, 128, 256), (2, 2, 2))),
+    _residual("wrn_28_10", "WideResNet-28-10 (pre-activation, CIFAR form), 36.5M parameters",
+              ResidualLayout(True, 16, (160, 320, 640), (4, 4, 4))),
+)}
+
+
+def architecture(name: str) -> Architecture:
+    """The architecture called ``name``; ValueError listing the known names if none is."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[name]
+
+
+def allowed_hah_layers(name: str) -> list[int]:
+    """How many leading convolutions of ``name`` can be HaH blocks: for VGG any count up to
+    its convolutions; for a residual network none, the stem alone (1) or the stem and whole
+    residual blocks of the first stage (1 + 2m)."""
+    arch = architecture(name)
+    if arch.family == "vgg":
+        return list(range(arch.max_hah_layers + 1))
+    return [0] + list(range(1, arch.max_hah_layers + 1, 2))
+
+
+def describe_hah_layers(name: str) -> str:
+    """The accepted hah_layers of ``name`` in words, for error messages."""
+    allowed = allowed_hah_layers(name)
+    if architecture(name).family == "vgg":
+        return f"in [0, {allowed[-1]}] for {name}"
+    return (f"one of {allowed} for {name} (the stem, then whole residual blocks of the "
+            f"first stage, 2 convolutions each)")
+
+
+def check_hah_layers(name: str, hah_layers: int) -> None:
+    """ValueError (one line) unless ``hah_layers`` is allowed for ``name``."""
+    if hah_layers not in allowed_hah_layers(name):
+        raise ValueError(f"hah_layers must be {describe_hah_layers(name)}, got {hah_layers}")
 
 
 def default_hah_layers(arch: str) -> int:
     """HaH blocks when none are asked for: the paper's 6 for VGG; for a residual network
     its stem and every convolution of its first stage (docs/method.md says why)."""
-    spec = _catalog().architecture(arch)
+    spec = architecture(arch)
     return PAPER_HAH_LAYERS if spec.family == "vgg" else spec.max_hah_layers
+
+
+def winners(channels: int, ratio: float) -> int:
+    """K = ceil(ratio * C), clamped to [1, C - 1] (to 1 when C == 1)."""
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"HaH ratio must be in (0, 1), got {ratio}")
+    k = math.ceil(ratio * channels - 1e-9)
+    return max(1, min(k, channels - 1)) if channels >= 2 else 1
 
 
 def default_alphas(hah_layers: int) -> tuple[float, ...]:
@@ -147,7 +236,7 @@ class ModelConfig:
     std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.hah_layers is None and self.arch in _catalog().ARCHITECTURES:
+        if self.hah_layers is None and self.arch in ARCHITECTURES:
             object.__setattr__(self, "hah_layers", default_hah_layers(self.arch))
 
     def to_dict(self) -> dict[str, Any]:
@@ -203,9 +292,8 @@ class TrainConfig:
     time_budget: float | None = None   # minutes: choose the epochs that fit (hahnet.training.budget)
 
     def __post_init__(self) -> None:
-        catalog = _catalog()
-        _check("training config", [("arch", self.arch, self.arch in catalog.ARCHITECTURES,
-                                    "one of " + ", ".join(catalog.ARCHITECTURES))])
+        _check("training config", [("arch", self.arch, self.arch in ARCHITECTURES,
+                                    "one of " + ", ".join(ARCHITECTURES))])
         if self.hah_layers is None:
             object.__setattr__(self, "hah_layers", default_hah_layers(self.arch))
         if self.alphas is None:
@@ -213,8 +301,8 @@ class TrainConfig:
         _check("training config", [
             ("width", self.width, self.width > 0, "> 0"),
             ("hah_layers", self.hah_layers, self.hah_layers >= 1 and self.hah_layers
-             in catalog.allowed_hah_layers(self.arch),
-             ">= 1 and " + catalog.describe_hah_layers(self.arch)),
+             in allowed_hah_layers(self.arch),
+             ">= 1 and " + describe_hah_layers(self.arch)),
             ("sigma", self.sigma, self.sigma > 0, "> 0"),
             ("keep", self.keep, 0 < self.keep <= 1, "in (0, 1]"),
             ("alphas", self.alphas, all(a >= 0 for a in self.alphas), "numbers >= 0"),

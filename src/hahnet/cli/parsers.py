@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from hahnet import config as cfg
-from hahnet.nn.catalog import ARCHITECTURES
+from hahnet.config import ARCHITECTURES
 from hahnet.training.run import DEFAULT_DATA
 
 

@@ -13,11 +13,10 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from hahnet.config import PAPER_NOISE_SIGMA, PAPER_RATIO
+from hahnet.config import PAPER_NOISE_SIGMA, PAPER_RATIO, winners
 from hahnet.eval.base import (EvalError, Progress, _batches, _check_data, _eval_mode, _prepare,
                               _to_unit, predict)
 from hahnet.eval.results import LayerSNR, LayerSparsity, NoiseResult, SNRResult
-from hahnet.nn.hah import winners
 from hahnet.nn.layers import HaHBlock, VGGBlock
 
 SNR_TINY = 1e-30  # keeps per-image dB finite when a layer's output does not change at all

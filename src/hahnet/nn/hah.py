@@ -18,21 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hahnet.config import PAPER_ALPHAS, PAPER_DEMOTE, PAPER_RATIO, default_alphas
+from hahnet.config import PAPER_ALPHAS, PAPER_DEMOTE, PAPER_RATIO, default_alphas, winners
 from hahnet.nn.fused import batch_chunks, eager_mode
 from hahnet.nn.layers import HaHBlock, WNConv2d
 from hahnet.nn.objective import LayerCostObjective
 
 __all__ = ["PAPER_ALPHAS", "HaHCost", "HaHObjective", "hah_score", "reference_score",
            "winners", "hah_convs", "scored_conv2d"]
-
-
-def winners(channels: int, ratio: float) -> int:
-    """K = ceil(ratio * C), clamped to [1, C - 1] (to 1 when C == 1)."""
-    if not 0.0 < ratio < 1.0:
-        raise ValueError(f"HaH ratio must be in (0, 1), got {ratio}")
-    k = math.ceil(ratio * channels - 1e-9)
-    return max(1, min(k, channels - 1)) if channels >= 2 else 1
 
 
 def _score_terms(z: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
