@@ -51,15 +51,17 @@ def test_jpeg_pack_from_the_top_package(tmp_path):
 
 
 def test_console_script_entry_points(capsys):
-    """pyproject's entry point, and ``hahnet.cli:main`` that scripts installed before the
-    layout import, are the same command."""
+    """pyproject's entry point is the process entry (``hahnet.cli:entry``, which runs
+    ``main`` on the process's arguments); ``hahnet.cli:main``, which scripts installed
+    before the layout import, is the command itself."""
     text = (ROOT / "pyproject.toml").read_text()
     spec = next(line.split("=", 1)[1].strip().strip('"') for line in text.splitlines()
                 if line.startswith("hahnet = "))
     module, _, name = spec.partition(":")
-    main = getattr(importlib.import_module(module), name)
-    assert main is importlib.import_module("hahnet.cli").main
-    assert main(["presets", "demo"]) == 0
+    cli = importlib.import_module("hahnet.cli")
+    assert getattr(importlib.import_module(module), name) is cli.entry
+    assert cli.main is importlib.import_module("hahnet.cli.commands").main
+    assert cli.main(["presets", "demo"]) == 0
     assert capsys.readouterr().out.startswith("demo:")
 
 

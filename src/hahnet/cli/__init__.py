@@ -12,6 +12,6 @@ May import every layer. ``main`` is also importable from here (``hahnet.cli:main
 entry point of installed ``hahnet`` scripts).
 """
 
-from hahnet.cli.commands import main
+from hahnet.cli.commands import entry, main
 
-__all__ = ["main"]
+__all__ = ["entry", "main"]
