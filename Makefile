@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 # Empty: ../shared/data/cifar10-jpeg when present, else CIFAR-10 downloaded into ./data.
 DATA ?=
+# Extra pytest options, e.g. make test PYTEST_ARGS="--random-order" (shuffled order)
+PYTEST_ARGS ?=
 
 .PHONY: venv demo test bench clean
 
@@ -22,7 +24,7 @@ demo: venv
 	$(BIN)/hahnet reproduce --preset demo --out runs/demo $(if $(DATA),--data $(DATA))
 
 test: venv
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: venv
 	$(BIN)/hahnet bench

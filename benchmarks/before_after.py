@@ -30,27 +30,31 @@ import torch
 import torch.nn.functional as F
 
 from hahnet import HaHObjective, vgg16
-from hahnet.hah import hah_convs
+from hahnet.nn.hah import hah_convs
 from hahnet.nn.layers import DivisiveNorm2d, HaHBlock, TopFractionThreshold, WNConv2d
 
-OLD_MODULES = {"fused": "nn/fused", "layers": "nn/layers", "hah": "hah"}  # old_<name>
+# old_<name> <- the first of these files that the revision has
+OLD_MODULES = {"fused": ("nn/fused",), "layers": ("nn/layers",), "hah": ("nn/hah", "hah")}
 IMPORTS = {"hahnet.nn.fused": "old_fused", "hahnet.nn.layers": "old_layers",
-           "hahnet.hah": "old_hah"}
+           "hahnet.nn.hah": "old_hah", "hahnet.hah": "old_hah"}
 
 
 def load_revision(rev: str) -> dict[str, types.ModuleType]:
-    """hahnet.nn.fused, hahnet.nn.layers and hahnet.hah as they were at ``rev``, as
+    """hahnet.nn.fused, hahnet.nn.layers and hahnet.(nn.)hah as they were at ``rev``, as
     standalone modules ``old_fused``, ``old_layers``, ``old_hah`` importing each other."""
     root = Path(__file__).resolve().parents[1]
     folder = Path(tempfile.mkdtemp(prefix="hahnet-rev-"))
     sys.path.insert(0, str(folder))
     loaded = {}
-    for name, path in OLD_MODULES.items():
-        shown = subprocess.run(["git", "show", f"{rev}:src/hahnet/{path}.py"], cwd=root,
-                               capture_output=True, text=True)
-        if shown.returncode:
-            raise SystemExit(f"--rev {rev}: no src/hahnet/{path}.py there; pick a revision "
-                             f"from f90a7f9 on (the nn/ layout)")
+    for name, paths in OLD_MODULES.items():
+        for path in paths:
+            shown = subprocess.run(["git", "show", f"{rev}:src/hahnet/{path}.py"], cwd=root,
+                                   capture_output=True, text=True)
+            if not shown.returncode:
+                break
+        else:
+            raise SystemExit(f"--rev {rev}: no src/hahnet/{paths[0]}.py there; pick a "
+                             f"revision from f90a7f9 on (the nn/ layout)")
         source = shown.stdout
         for new, old in IMPORTS.items():
             source = source.replace(f"from {new} import", f"from {old} import")
@@ -96,7 +100,7 @@ def main() -> None:
     parser.add_argument("--reference", action="store_true",
                         help="also time (c), the authors' reference procedure, before and after")
     parser.add_argument("--malloc", choices=["default", "tuned"], default="default",
-                        help="tuned: hahnet.bench.tune_malloc() (no mmap, no heap trimming)")
+                        help="tuned: hahnet.experiments.bench.tune_malloc() (no mmap, no heap trimming)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall: perf_counter; cpu: this process's CPU time (use with "
                              "--threads 1 on a busy machine: it ignores time spent waiting)")
@@ -104,7 +108,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.malloc == "tuned":
-        from hahnet.bench import tune_malloc
+        from hahnet.experiments.bench import tune_malloc
         if not tune_malloc():
             raise SystemExit("--malloc tuned: not supported here (glibc malloc only)")
     modules = load_revision(args.rev)
@@ -141,7 +145,7 @@ def main() -> None:
              "before plain": make(old_plain, False), "after plain": make(new_plain, False),
              "standard": make(std, False)}
     if args.reference:
-        from hahnet.bench import ReferenceStep
+        from hahnet.experiments.bench import ReferenceStep
 
         for when, model in (("before", copy.deepcopy(old_plain)), ("after", copy.deepcopy(new))):
             if when == "before":

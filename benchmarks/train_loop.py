@@ -22,8 +22,8 @@ import time
 
 import torch
 
-from hahnet.data import load_dataset
-from hahnet.train import TrainConfig, Trainer, epoch_batches
+from hahnet.data.datasets import load_dataset
+from hahnet.training.trainer import TrainConfig, Trainer, epoch_batches
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 

@@ -7,7 +7,10 @@ import math
 import pytest
 import torch
 
-from hahnet import bench, bench_report, cli, hah
+from hahnet.experiments import bench
+from hahnet.reporting import bench as bench_report
+from hahnet.cli import commands as cli
+from hahnet.nn import hah
 from hahnet.nn import fused
 from hahnet.nn.fused import (_DivisiveNorm, _TopFraction, divisive_norm_reference,
                              top_fraction_reference)

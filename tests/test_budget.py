@@ -1,13 +1,17 @@
 """Time budgets: the epoch choice fits the budget exactly, the warm-up measures a real
-speed without touching the run, and impossible budgets are refused with what is needed."""
+speed (and each epoch's save and gradient probe) without touching the run, and impossible
+budgets are refused with what is needed."""
 
 from __future__ import annotations
+
+import time
+from dataclasses import replace
 
 import pytest
 import torch
 
-from hahnet import budget
-from hahnet.train import TrainConfig
+from hahnet.training import budget
+from hahnet.training.trainer import TrainConfig
 from conftest import make_tiny_dataset as tiny_dataset
 
 
@@ -20,10 +24,14 @@ def test_epochs_within_is_the_largest_count_that_fits():
         budget.epochs_within(30.0, [40.0])
 
 
-def test_throughput_epoch_seconds_counts_training_and_the_eval_pass():
+def test_throughput_epoch_seconds_counts_training_the_eval_pass_save_and_probe():
     t = budget.Throughput(images_per_second=100.0, train_images=1000, eval_images=300,
                           warmup_seconds=1.0)
     assert t.epoch_seconds() == pytest.approx(10.0 + 300 / (100.0 * budget.EVAL_SPEEDUP))
+    slow = replace(t, save_seconds=4.0, probe_seconds=2.0)
+    assert slow.epoch_seconds() == pytest.approx(t.epoch_seconds() + 6.0)
+    assert budget.epochs_within(100.0, [t.epoch_seconds()]) == 9  # 11 s each
+    assert budget.epochs_within(100.0, [slow.epoch_seconds()]) == 5  # 17 s each
 
 
 def test_measure_times_real_steps_on_a_throwaway_model():
@@ -43,3 +51,31 @@ def test_plan_record_is_json_ready():
     record = budget.plan_record(5.0, {"hah": t}, 7, 30.0)
     assert json.loads(json.dumps(record))["measured"]["hah"]["epoch_seconds"] == \
         pytest.approx(t.epoch_seconds(), abs=0.01)
+
+
+def test_warm_up_times_the_save_and_probe_that_end_every_epoch(monkeypatch):
+    """Each epoch ends with a checkpoint (weights and Adam state written, then re-read for
+    their SHA-256) and, for HaH, the gradient probe; the warm-up times both, here with
+    the real save slowed down as by a slow disk."""
+    from hahnet.training import checkpoint
+
+    real_save, pause, saved = checkpoint.save_model, 0.4, []
+
+    def slow_save(run_dir, model, info):
+        time.sleep(pause)
+        real_save(run_dir, model, info)
+        saved.append(run_dir)
+
+    monkeypatch.setattr(checkpoint, "save_model", slow_save)
+    config = TrainConfig(hah=True, width=0.0625, epochs=3, batch_size=8, seed=3)
+    hah = budget.measure(config, tiny_dataset(n_train=48), torch.device("cpu"), steps=2,
+                         warmup_steps=1)
+    assert hah.save_seconds >= pause and hah.probe_seconds > 0
+    assert len(saved) == 1 and not saved[0].exists()  # a scratch directory, removed after
+    ips = hah.images_per_second
+    steps_and_eval = 48 / ips + 16 / (ips * budget.EVAL_SPEEDUP)
+    assert hah.epoch_seconds() == pytest.approx(steps_and_eval + hah.save_seconds
+                                                + hah.probe_seconds)
+    standard = budget.measure(replace(config, hah=False), tiny_dataset(n_train=48),
+                              torch.device("cpu"), steps=2, warmup_steps=1)
+    assert standard.save_seconds >= pause and standard.probe_seconds < pause

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from hahnet import cli
+from hahnet.cli import commands as cli
 
 BAD = [  # argv (OUT = a fresh directory under tmp_path), words the one line must hold
     (["train", "--gamma", "-1"], "--gamma"),
@@ -35,6 +35,14 @@ BAD = [  # argv (OUT = a fresh directory under tmp_path), words the one line mus
     (["eval", "CKPT", "--threads", "0"], "--threads"),
     (["eval", "CKPT", "--out", "FILE"], "is a file"),
     (["eval", "CKPT", "--out", "RUNDIR"], "training run"),
+    (["eval", "CKPT", "--attacks", "strong"], "--attacks"),
+    (["eval", "CKPT", "--no-attacks", "--attacks", "all"], "--no-attacks"),
+    (["eval", "CKPT", "--transfer-from", "CKPT"], "--attacks adaptive"),
+    (["eval", "CKPT", "--attacks", "adaptive", "--bpda", "sigmoid,tanh"], "--bpda"),
+    (["eval", "CKPT", "--attacks", "adaptive", "--bpda-temperature", "0"], "--bpda-temperature"),
+    (["eval", "CKPT", "--attacks", "adaptive", "--restarts", "0"], "--restarts"),
+    (["eval", "CKPT", "--attacks", "all", "--sweep-eps-l2", "0,1"], "--sweep-eps"),
+    (["reproduce", "--attacks", "strong"], "--attacks"),
     (["reproduce", "--limit", "-5"], "--limit"),
     (["reproduce", "--attack-limit", "-1"], "--attack-limit"),
     (["reproduce", "--gamma", "-1"], "--gamma"),
@@ -50,6 +58,7 @@ BAD = [  # argv (OUT = a fresh directory under tmp_path), words the one line mus
     (["bench", "--threads", "-1"], "--threads"),
     (["bench", "--precision", "fp16"], "--precision"),
     (["bench", "--out", "OUT"], "directory"),
+    (["bench", "--malloc", "tuned"], "whole process"),  # cli.main is not the entry point
     (["sweep", "SWEEP", "--jobs", "0"], "--jobs"),
     (["sweep", "SWEEP", "--threads", "0"], "--threads"),
     (["sweep", "MISSING"], "no sweep file"),

@@ -10,8 +10,8 @@ from matplotlib.colors import hsv_to_rgb, rgb_to_hsv
 from PIL import Image
 from scipy.ndimage import zoom as scipy_zoom
 
-from hahnet import corruptions as C
-from hahnet.corruptions import NAMES, SEVERITIES, corrupt
+from hahnet.eval import corruptions as C
+from hahnet.eval.corruptions import NAMES, SEVERITIES, corrupt
 
 RANDOM = {"gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "glass_blur",
           "motion_blur", "snow", "frost", "fog", "spatter", "elastic_transform"}

@@ -1,4 +1,4 @@
-"""Tests for hahnet.data: every format built as tiny files in tmp_path, the decode cache,
+"""Tests for hahnet.data.datasets: every format built as tiny files in tmp_path, the decode cache,
 one-line DataErrors naming the file, seeded subsets and the batched crop+flip."""
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
-from hahnet import data
-from hahnet.data import (CIFAR10_CLASSES, FASHION_MNIST_CLASSES, DataError, ImageDataset,
-                         channel_stats, download_cifar10, load_dataset, split_holdout,
-                         to_float)
-from hahnet.augment import crop_flip, crop_flip_params
+from hahnet.data import datasets as data
+from hahnet.data.datasets import (CIFAR10_CLASSES, FASHION_MNIST_CLASSES, DataError, ImageDataset,
+                                  channel_stats, download_cifar10, load_dataset, split_holdout,
+                                  to_float)
+from hahnet.data.augment import crop_flip, crop_flip_params
 
 RNG = np.random.default_rng(0)
 

@@ -5,9 +5,6 @@ two ranks, a tiny VGG16 (width 1/16) and ~50 images, so every run takes seconds.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,37 +16,35 @@ import torch
 from safetensors.torch import load_file
 
 import hahnet
-from hahnet import checkpoint, cli, distributed
-from hahnet.data import load_dataset
-from hahnet.train import Trainer, accuracy, epoch_batches
+from hahnet.training import checkpoint, distributed
+from hahnet.cli import commands as cli
+from hahnet.data.datasets import load_dataset
+from hahnet.training.trainer import Trainer, accuracy, epoch_batches, epoch_plan, plan_batches
 
+from conftest import LAUNCH_VARS, child_env, finish, free_port, start_torchrun
 from conftest import make_cifar as write_cifar
 from conftest import make_tiny_config as tiny_config
 from conftest import make_tiny_dataset as tiny_dataset
-
-TESTS = Path(__file__).resolve().parent
-TIMEOUT = 180  # seconds for one launch: a hang fails the test instead of blocking it
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-               "MASTER_PORT", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RESTART_COUNT",
-               "TORCHELASTIC_RUN_ID", "OMP_NUM_THREADS")
+from conftest import run_torchrun as torchrun
 TRAIN = ["--hah", "--width", "0.0625", "--batch-size", "16", "--seed", "7"]
 
 # A worker script: plain `hahnet` CLI, except that with KILL_AT_STEP set, rank KILL_RANK
 # sends itself KILL_SIGNAL at that training step (only in torchrun's first attempt).
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    from hahnet import cli, train
+    from hahnet.cli import commands as cli
+    from hahnet.training import trainer as train
 
     at = int(os.environ.get("KILL_AT_STEP", "0"))
     if at and os.environ.get("RANK") == os.environ.get("KILL_RANK", "1") \\
             and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
         step, steps = train.Trainer.train_step, [0]
 
-        def train_step(self, x, y):
+        def train_step(self, *args, **kwargs):
             steps[0] += 1
             if steps[0] == at:
                 os.kill(os.getpid(), getattr(signal, os.environ.get("KILL_SIGNAL", "SIGKILL")))
-            return step(self, x, y)
+            return step(self, *args, **kwargs)
 
         train.Trainer.train_step = train_step
     sys.exit(cli.main(sys.argv[1:]))
@@ -57,36 +52,6 @@ KILLER = textwrap.dedent("""
 
 
 # ---------------------------------------------------------------- helpers
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def child_env(tmp: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env.update(HAHNET_CACHE=str(tmp / "cache"), PYTHONUNBUFFERED="1", **extra)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
-    return env
-
-
-def start_torchrun(tmp: Path, args: list[str], script: Path | None = None, restarts: int = 0,
-                   **extra: str) -> subprocess.Popen:
-    """torchrun --nproc-per-node 2 on 127.0.0.1 running `hahnet` (or ``script``)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           "--max-restarts", str(restarts), "--monitor-interval", "0.2"]
-    cmd += [str(script)] if script else ["-m", "hahnet"]
-    return subprocess.Popen(cmd + args, env=child_env(tmp, **extra), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def torchrun(tmp: Path, args: list[str], **options) -> subprocess.CompletedProcess:
-    proc = start_torchrun(tmp, args, **options)
-    (rc, out, err), = finish([proc])
-    return subprocess.CompletedProcess(proc.args, rc, out, err)
-
 
 def start_ranks(tmp: Path, argv: list[str], world_size: int = 2,
                 **extra: str) -> list[subprocess.Popen]:
@@ -100,19 +65,6 @@ def start_ranks(tmp: Path, argv: list[str], world_size: int = 2,
         procs.append(subprocess.Popen([sys.executable] + argv, env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     return procs
-
-
-def finish(procs: list[subprocess.Popen], timeout: float = TIMEOUT) -> list[tuple[int, str, str]]:
-    results = []
-    for proc in procs:
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise
-        results.append((proc.returncode, out, err))
-    return results
 
 
 def lines(text: str) -> list[str]:
@@ -195,9 +147,9 @@ def test_sync_batchnorm_keeps_checkpoint_keys_and_is_batchnorm_in_one_process():
 
 WORKER = textwrap.dedent("""
     import sys, torch
-    from hahnet import distributed
+    from hahnet.training import distributed
     from hahnet.eval import metrics as ev
-    from hahnet.train import Trainer, accuracy, epoch_batches
+    from hahnet.training.trainer import Trainer, accuracy, epoch_batches, epoch_plan, plan_batches
     from conftest import make_tiny_config as tiny_config
     from conftest import make_tiny_dataset as tiny_dataset
 
@@ -255,7 +207,7 @@ def test_two_ranks_gradient_and_sharded_evaluation_equal_one_process(tmp_path):
                             torch.device("cpu"))
             x, y = fresh.local_batch(indices, params)
             torch.nn.functional.cross_entropy(fresh.model(x), y).backward()  # CE only
-            from hahnet.hah import hah_convs
+            from hahnet.nn.hah import hah_convs
             names = {id(p): n for n, p in fresh.model.named_parameters()}
             for conv in hah_convs(fresh.model):
                 name = names[id(conv.weight)]
@@ -278,15 +230,146 @@ def test_two_ranks_gradient_and_sharded_evaluation_equal_one_process(tmp_path):
     assert ranks[0]["tiny"] == ev.clean_accuracy(model, test.images[:1], test.labels[:1], 8)
 
 
+STEPS = textwrap.dedent("""
+    import sys, torch
+    from hahnet.training import distributed
+    from hahnet.training.trainer import Trainer
+    from conftest import make_tiny_config, make_tiny_dataset
+
+    torch.set_num_threads(1)
+    out = sys.argv[1]
+    env = distributed.setup(torch.device("cpu"), timeout_s=60)
+    trainer = Trainer(make_tiny_config(epochs=2), make_tiny_dataset(n_train=56), out,
+                      env.device, env.rank, env.world_size, distributed.wrapper(env, sync_bn=True))
+    steps = []
+
+    def record(step):
+        steps.append({"at": (step.epoch, step.step), "indices": step.indices.clone(),
+                      "loss": float(step.loss),
+                      "weights": {k: v.clone() for k, v in trainer.model.state_dict().items()},
+                      "grads": {n: p.grad.clone() for n, p in trainer.model.named_parameters()}})
+
+    trainer.fit(on_gradients=record)
+    torch.save(steps, f"{out}/steps{env.rank}.pt")
+    distributed.teardown(env)
+""")
+
+
+def one_process_step(trainer: Trainer, weights: dict, indices: torch.Tensor,
+                     params) -> tuple[float, dict[str, torch.Tensor]]:
+    """One process's loss and gradient at ``weights`` on one global batch."""
+    trainer.model.load_state_dict(weights)
+    seen = {}
+
+    def keep(loss):
+        seen["loss"] = float(loss)
+        seen["grads"] = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+
+    trainer.train_step(*trainer.local_batch(indices, params), before_update=keep)
+    return seen["loss"], seen["grads"]
+
+
+def test_torchrun_every_step_of_two_epochs_equals_one_process(tmp_path):
+    """HaH training under torchrun (2 ranks, gloo, --sync-bn) for 2 epochs of 3 steps on 56
+    images (batch 16: each epoch reshuffles and leaves out a different 8). At every step:
+    both ranks hold bit-equal gradients, equal to one process's gradient at the same
+    weights on the same global batch (1e-5 relative); the global batch is the one a
+    single-process run draws; the ranks' mean loss is the one-process loss. Steps are
+    compared one by one, from the ranks' own weights, because Adam amplifies rounding
+    differences over many steps (see the end-to-end test, limited to 2 steps)."""
+    script = tmp_path / "steps.py"
+    script.write_text(STEPS)
+    run = torchrun(tmp_path, [str(tmp_path / "run")], script=script)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [torch.load(tmp_path / "run" / f"steps{r}.pt") for r in range(2)]
+
+    config, dataset = tiny_config(epochs=2), tiny_dataset(n_train=56)
+    single = Trainer(config, dataset, tmp_path / "one", torch.device("cpu"))
+    drawn = []
+    single.fit(on_gradients=lambda step: drawn.append(((step.epoch, step.step),
+                                                       step.indices.clone())))
+    assert [at for at, _ in drawn] == [(e, s) for e in range(2) for s in range(3)]
+    left_out = [set(range(56)) - set(torch.cat([i for (e, _), i in drawn if e == epoch]).tolist())
+                for epoch in range(2)]
+    assert [len(x) for x in left_out] == [8, 8] and left_out[0] != left_out[1]
+
+    probe = Trainer(config, dataset, tmp_path / "probe", torch.device("cpu"))
+    batches = [b for epoch in range(2) for b in plan_batches(*epoch_plan(
+        56, config.seed, epoch, config.augment), config.batch_size)]
+    worst = 0.0
+    for k, (at, indices) in enumerate(drawn):
+        a, b = ranks[0][k], ranks[1][k]
+        assert a["at"] == b["at"] == at
+        assert torch.equal(a["indices"], indices) and torch.equal(b["indices"], indices), at
+        loss, grads = one_process_step(probe, a["weights"], *batches[k])
+        assert (a["loss"] + b["loss"]) / 2 == pytest.approx(loss, rel=1e-5), at
+        for name, want in grads.items():
+            assert torch.equal(a["grads"][name], b["grads"][name]), (at, name)
+            error = float((a["grads"][name] - want).abs().max() / want.abs().max())
+            worst = max(worst, error)
+            assert error <= 1e-5, (at, name, error)
+    print(f"\n6 steps: max over steps and tensors of |g_2ranks - g_1proc|max / |g_1proc|max "
+          f"= {worst:.1e}")
+
+
+RESNET_WORKER = textwrap.dedent("""
+    import sys, torch
+    from hahnet.training import distributed
+    from hahnet.training.trainer import Trainer, epoch_batches
+    from conftest import make_tiny_config as tiny_config
+    from conftest import make_tiny_dataset as tiny_dataset
+
+    torch.set_num_threads(1)
+    out = sys.argv[1]
+    env = distributed.setup(torch.device("cpu"), timeout_s=60)
+    trainer = Trainer(tiny_config(arch="resnet18"), tiny_dataset(), out, env.device,
+                      env.rank, env.world_size, distributed.wrapper(env, sync_bn=True))
+    indices, params = next(epoch_batches(48, 16, 7, 0, True))
+    trainer.train_step(*trainer.local_batch(indices, params))
+    torch.save({n: p.grad.clone() for n, p in trainer.model.named_parameters()},
+               f"{out}/rank{env.rank}.pt")
+    distributed.teardown(env)
+""")
+
+
+def test_two_ranks_train_a_hah_resnet_like_one_process(tmp_path):
+    """The same for a residual network: its HaH blocks sit inside residual blocks, its
+    later stages keep (synchronized) BatchNorm; one 2-rank step's gradient equals the
+    1-process gradient of the same global batch, with the HaH part far above the error."""
+    script = tmp_path / "worker.py"
+    script.write_text(RESNET_WORKER)
+    for rc, _, err in finish(start_ranks(tmp_path, [str(script), str(tmp_path)])):
+        assert rc == 0, err
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    indices, params = next(epoch_batches(48, 16, 7, 0, True))
+    single = Trainer(tiny_config(arch="resnet18"), tiny_dataset(), tmp_path, torch.device("cpu"))
+    single.train_step(*single.local_batch(indices, params))
+    plain = Trainer(tiny_config(arch="resnet18"), tiny_dataset(), tmp_path, torch.device("cpu"))
+    x, y = plain.local_batch(indices, params)
+    torch.nn.functional.cross_entropy(plain.model(x), y).backward()  # CE only
+    from hahnet.nn.hah import hah_convs
+    hah_weights = {id(conv.weight) for conv in hah_convs(single.model)}
+    assert len(hah_weights) == 5
+    for name, p in single.model.named_parameters():
+        assert torch.equal(ranks[0][name], ranks[1][name]), f"ranks disagree on {name}"
+        error = float((ranks[0][name] - p.grad).abs().max())
+        assert error <= 1e-5 * max(float(p.grad.abs().max()), 1.0), (name, error)
+        if id(p) in hah_weights:
+            hah_part = float((p.grad - plain.model.get_parameter(name).grad).abs().max())
+            assert hah_part > 10 * error, (name, hah_part, error)
+
+
 # ---------------------------------------------------------------- 2 ranks, the CLI
 
 @pytest.mark.parametrize("hah", [True, False])
 def test_torchrun_sync_bn_training_equals_one_process(tmp_path, data, hah):
-    """2 ranks x 8 images with --sync-bn vs 1 process x 16 images, same seed: 3 Adam
-    steps. Adam turns float-rounding differences of near-zero gradients into +-lr steps,
-    so a negligible fraction of weights may differ by more than 1e-5 (printed)."""
+    """2 ranks x 8 images with --sync-bn vs 1 process x 16 images, same seed: the weights
+    after 2 Adam steps (32 images). Adam turns float-rounding differences of near-zero
+    gradients into +-lr steps, and from about 3 steps on into top-k flips that spread, so
+    the weights are compared after 2 steps only (a negligible fraction may differ by more
+    than 1e-5, printed); every step of 2 epochs is checked one by one above."""
     flag = "--hah" if hah else "--no-hah"
-    args = ["train", "--data", str(data), "--epochs", "1", *TRAIN, flag]
+    args = ["train", "--data", str(data), "--epochs", "1", "--limit-train", "32", *TRAIN, flag]
     assert cli.main(args + ["--out", str(tmp_path / "one")]) == 0
     run = torchrun(tmp_path, args + ["--out", str(tmp_path / "two"), "--sync-bn"])
     assert run.returncode == 0, run.stderr[-3000:]
@@ -379,15 +462,28 @@ def test_errors_are_one_line_from_rank_0_and_every_rank_fails(tmp_path, data):
         assert err1 == "" and out1 == "", (flags, err1)
 
 
+def without_seconds(value):
+    """A results.json value without its wall-clock times (which differ run to run)."""
+    if isinstance(value, dict):
+        return {k: without_seconds(v) for k, v in value.items() if k != "seconds"}
+    return [without_seconds(v) for v in value] if isinstance(value, list) else value
+
+
 def test_torchrun_eval_shards_everything_and_equals_one_process(tmp_path, data):
-    """`hahnet eval` under torchrun: clean, noise and every attack sharded over 2 ranks in
-    whole batches (batch i keeps seed + i), counts summed; the report equals one process's."""
-    run = tmp_path / "run"
+    """`hahnet eval` under torchrun: clean, noise and every attack (the paper's, PGD,
+    Square, and --attacks all: AutoAttack, margin, BPDA, transfer from a second checkpoint,
+    eps sweeps) sharded over 2 ranks in whole batches (batch i keeps seed + i), counts
+    summed; the report equals one process's."""
+    run, source = tmp_path / "run", tmp_path / "source"
     assert cli.main(["train", "--data", str(data), "--out", str(run), "--epochs", "1", *TRAIN]) == 0
+    assert cli.main(["train", "--data", str(data), "--out", str(source), "--epochs", "1",
+                     *TRAIN[1:], "--no-hah"]) == 0
     args = ["eval", str(run), "--data", str(data), "--noise", "0.05,0.1", "--noise-draws", "2",
             "--attack-limit", "0", "--apgd-steps", "3", "--pgd-steps", "2", "--pgd-restarts",
             "2", "--square-limit", "6", "--square-queries", "10", "--batch-size", "4",
-            "--threads", "1"]
+            "--threads", "1", "--attacks", "all", "--fab-steps", "2", "--autoattack-queries",
+            "10", "--restarts", "2", "--adaptive-limit", "12", "--sweep-limit", "8",
+            "--transfer-steps", "2", "--transfer-from", str(source), str(run)]
     assert cli.main(args + ["--out", str(tmp_path / "one")]) == 0
     two = torchrun(tmp_path, args + ["--out", str(tmp_path / "two")])
     assert two.returncode == 0, two.stderr[-3000:]
@@ -395,10 +491,11 @@ def test_torchrun_eval_shards_everything_and_equals_one_process(tmp_path, data):
     one_doc, two_doc = (json.loads((tmp_path / d / "results.json").read_text())
                         for d in ("one", "two"))
     (a,), (b,) = one_doc["models"], two_doc["models"]
-    for key in ("seconds", "checkpoint"):
-        a.pop(key), b.pop(key)
-    for suite in (*a["attacks"].values(), *b["attacks"].values()):
-        for attack in ("apgd", "pgd", "square"):
-            suite[attack].pop("seconds")
+    a, b = without_seconds(a), without_seconds(b)
+    a.pop("checkpoint"), b.pop("checkpoint")
     assert a["n_images"] == 16 and len(a["attacks"]["Linf"]["apgd"]["robust"]) == 16
+    adaptive = a["attacks"]["L2"]["adaptive"]
+    assert list(adaptive["rows"]) == ["AutoAttack", "margin", "BPDA", "transfer"]
+    assert list(adaptive["rows"]["transfer"]["stages"]) == ["from source"]  # not itself
+    assert len(adaptive["sweeps"]) == 2 and adaptive["worst"]["n_images"] == 12
     assert a == b

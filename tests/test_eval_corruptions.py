@@ -10,8 +10,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from hahnet import checkpoint, cli, corruptions as C, vgg11
-from hahnet.eval import corruption as ec
+from hahnet.training import checkpoint
+from hahnet.cli import commands as cli
+from hahnet.eval import corruptions as C
+from hahnet import vgg11
+from hahnet.eval.corruptions import evaluate as ec
 from hahnet.eval.base import EvalError
 from hahnet.eval.results import CorruptionResult, read_results, result_from_dict
 
@@ -93,11 +96,9 @@ def _checkpoints(tmp_path, classes: int = 4):
     return paths
 
 
-def test_cli_end_to_end_caches_and_reads_back(tmp_path, monkeypatch, capsys):
-    from conftest import make_cifar
-
+def test_cli_end_to_end_caches_and_reads_back(tmp_path, monkeypatch, capsys, write_cifar):
     paths = _checkpoints(tmp_path)
-    data = make_cifar(tmp_path / "data", n_train=20, n_test=10)
+    data = write_cifar(tmp_path / "data", n_train=20, n_test=10)
     generated = []
     ensure = ec.CorruptionCache.ensure
 
@@ -106,26 +107,22 @@ def test_cli_end_to_end_caches_and_reads_back(tmp_path, monkeypatch, capsys):
         return n
 
     monkeypatch.setattr(ec.CorruptionCache, "ensure", counting)
-    threads = torch.get_num_threads()
     base = ["eval", *paths, "--data", str(data), "--limit", "8", "--no-attacks", "--noise", "0.1", "--noise-draws",
             "1", "--threads", "1", "--cache-dir", str(tmp_path / "cache"), "--batch-size", "4",
             "--corruptions", "gaussian_noise,contrast", "--severities", "1,3"]
-    try:
-        assert cli.main(base + ["--out", str(tmp_path / "a")]) == 0
-        err = capsys.readouterr().err
-        assert "corruptions" in err
-        assert generated == [4, 0]  # the second checkpoint reuses the first's copies
-        folder, = (tmp_path / "cache" / "corruptions").iterdir()
-        stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
-        assert cli.main(base + ["--out", str(tmp_path / "b")]) == 0
-        assert generated == [4, 0, 0, 0]
-        assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
-        capsys.readouterr()
-        assert cli.main(["eval", paths[0], "--corruptions", "bogus"]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "unknown corruption 'bogus'" in err[0]
-    finally:
-        torch.set_num_threads(threads)
+    assert cli.main(base + ["--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "corruptions" in err
+    assert generated == [4, 0]  # the second checkpoint reuses the first's copies
+    folder, = (tmp_path / "cache" / "corruptions").iterdir()
+    stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    assert cli.main(base + ["--out", str(tmp_path / "b")]) == 0
+    assert generated == [4, 0, 0, 0]
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
+    capsys.readouterr()
+    assert cli.main(["eval", paths[0], "--corruptions", "bogus"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown corruption 'bogus'" in err[0]
     out = tmp_path / "a"
     for png in ("corruptions.png", "corruption_examples.png"):
         assert (out / png).stat().st_size > 1000
@@ -159,20 +156,14 @@ def test_old_results_without_corruptions_read_back():
     assert replace(c, mce=0.5) != c
 
 
-def test_torchrun_sharding_equals_one_process(tmp_path, write_cifar):
-    from test_distributed import torchrun
-
+def test_torchrun_sharding_equals_one_process(tmp_path, write_cifar, torchrun):
     data = write_cifar(tmp_path / "cifar-10-batches-py")
     _, path = _checkpoints(tmp_path, classes=4)
     args = ["eval", path, "--data", str(data), "--no-attacks", "--noise", "0.1",
             "--noise-draws", "1", "--batch-size", "4", "--threads", "1",
             "--cache-dir", str(tmp_path / "cache"), "--corruptions", "gaussian_noise,fog",
             "--severities", "2-3"]
-    threads = torch.get_num_threads()
-    try:
-        assert cli.main(args + ["--out", str(tmp_path / "one")]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert cli.main(args + ["--out", str(tmp_path / "one")]) == 0
     two = torchrun(tmp_path, args + ["--out", str(tmp_path / "two")])
     assert two.returncode == 0, two.stderr[-3000:]
     (a,), (b,) = (json.loads((tmp_path / d / "results.json").read_text())["models"]

@@ -14,22 +14,16 @@ from conftest import make_tiny_net
 from hahnet import eval as evaluation
 from hahnet.config import PAPER_EPS, parse_numbers
 from hahnet.eval import attacks, metrics, results, runner
-from hahnet.hah import winners
+from hahnet.nn.hah import winners
 from hahnet.nn.layers import HaHBlock, threshold_rank
-from hahnet.models import VGG, ModelConfig
+from hahnet.nn.models import VGG, ModelConfig
 
 import torchattacks  # noqa: F401  (make test installs it: missing is a failure)
 
 CLASSES = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and stay fast on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 D = 3 * 4 * 4  # pixels of the tiny linear-model images
 
 
@@ -369,6 +363,29 @@ def test_evaluate_model_runs_everything_with_progress():
     assert estimate["attacks_Linf"] > 0
 
 
+def test_evaluation_turns_cudnn_autotuning_off_and_restores_it():
+    """Attacks change batch sizes all the time; cuDNN would re-tune for each (the flag
+    is a plain setting, readable and settable without a GPU)."""
+    model = tiny_net()
+    seen: list[bool] = []
+    model.register_forward_pre_hook(lambda module, inputs: seen.append(
+        torch.backends.cudnn.benchmark))
+    x, y = random_uint8(6), torch.arange(6) % CLASSES
+    was = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True  # as training on CUDA leaves it
+    try:
+        runner.evaluate_model(model, x, y, FAST)
+        assert seen and not any(seen) and torch.backends.cudnn.benchmark is True
+        calls = len(seen)
+        runner.estimate_seconds(model, FAST, 6, image_shape=(3, 8, 8))
+        assert len(seen) > calls and not any(seen) and torch.backends.cudnn.benchmark is True
+        with pytest.raises(evaluation.EvalError, match="float images"):
+            runner.evaluate_model(model, x.float(), y, FAST)  # fails inside: still restored
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = was
+
+
 def test_check_compatible_rejects_mismatched_data():
     model = hahnet.vgg16(width=0.0625)
     y = torch.arange(4)
@@ -383,7 +400,7 @@ def test_check_compatible_rejects_mismatched_data():
 
 def evaluate_checkpoint(path, images, labels, settings):
     """The library's pieces as ``hahnet eval`` puts them together for one checkpoint."""
-    from hahnet import checkpoint
+    from hahnet.training import checkpoint
 
     model = hahnet.load(path)
     return runner.evaluate_model(model, images, labels, settings, name=runner.checkpoint_name(path),
@@ -391,7 +408,7 @@ def evaluate_checkpoint(path, images, labels, settings):
 
 
 def test_evaluate_checkpoint_round_trip(tmp_path):
-    from hahnet import checkpoint
+    from hahnet.training import checkpoint
 
     model = hahnet.vgg11(width=0.0625).eval()
     checkpoint.save_model(tmp_path / "run", model, {"epoch": 1, "dataset": {"name": "x"}})

@@ -16,14 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-from hahnet.rundir import RunDir
+from hahnet.training.rundir import RunDir
 
-from hahnet import budget, jpeg_pack
-from hahnet import reproduce as rp
-from hahnet.bench import BenchConfig, time_interleaved
+from hahnet.training import budget
+from hahnet.data import jpeg_pack
+from hahnet.experiments import reproduce as rp
+from hahnet.experiments.bench import BenchConfig, time_interleaved
 from hahnet.config import EvalSettings, TrainConfig
 from hahnet.nn.fused import batch_chunks
-from hahnet.train import Trainer, epoch_batches, epoch_plan, plan_batches
+from hahnet.training.trainer import Trainer, epoch_batches, epoch_plan, plan_batches
 from conftest import make_tiny_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +76,7 @@ def test_train_time_budget_chooses_records_and_keeps_epochs(tmp_path, monkeypatc
     # epoch = 48/48 s + 16/(48*3) s; (6 s - 3% reserved) / 1.11 s -> 5 epochs
     assert len(history) == 5 and trainer.config.epochs == 5
     assert history[-1].lr == pytest.approx(1e-5)  # milestones 0.6, 0.8 of the chosen 5
-    from hahnet import checkpoint
+    from hahnet.training import checkpoint
     info = checkpoint.read_info(tmp_path / "run")
     assert info["time_budget"]["epochs"] == 5 and info["time_budget"]["minutes"] == 0.1
     assert info["time_budget"]["measured"]["standard"]["images_per_second"] == 48.0
@@ -105,7 +106,7 @@ def test_reproduce_budget_covers_both_networks_and_evaluation(tmp_path, monkeypa
     for where in (tmp_path, tmp_path / "standard", tmp_path / "hah"):
         assert RunDir(where).read_time_budget()["epochs"] == 4
     assert rp.plan_time_budget(train, tmp_path, data, "cpu", settings, None)[0]["epochs"] == 4
-    from hahnet.presets import PAPER
+    from hahnet.experiments.presets import PAPER
     text = rp.preamble(PAPER, chosen, "hahnet x", "d", plan)
     assert "Time budget" in text and "4 epochs" in text
     with pytest.raises(budget.BudgetError, match="does not fit one epoch"):
@@ -121,7 +122,7 @@ def test_bench_takes_a_device():
     calls = []
     times = time_interleaved({"f": lambda: calls.append(1)}, repeats=2, warmup=1, device="cpu")
     assert len(times["f"]) == 2 and len(calls) == 3
-    from hahnet.cli import build_parser
+    from hahnet.cli.commands import build_parser
 
     assert build_parser().parse_args(["bench", "--device", "cuda", "--quick"]).device == "cuda"
 
@@ -141,17 +142,24 @@ def make_cifar_like_folder(root: Path, per_class: int, test_per_class: int) -> N
                 Image.fromarray(pixels).save(root / split / name / f"{i:04d}.jpg", quality=90)
 
 
-@pytest.mark.skipif(not Path("/usr/bin/env").exists(), reason="needs a POSIX shell")
-def test_gpu_paper_script_rehearses_on_cpu(tmp_path):
-    """benchmarks/gpu_paper.sh --device cpu --tiny, end to end, on a small pack."""
+SCRIPT = ["bash", str(ROOT / "benchmarks" / "gpu_paper.sh"), "--device", "cpu", "--tiny"]
+
+
+def rehearsal_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The environment of a CPU rehearsal of gpu_paper.sh on a small pack made here."""
     pytest.importorskip("torchattacks")
     make_cifar_like_folder(tmp_path / "jpeg", per_class=30, test_per_class=10)
     jpeg_pack.pack(tmp_path / "jpeg", tmp_path / "pack.npz")
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"),
-           "PACK": str(tmp_path / "pack.npz"), "PYTHON": sys.executable,
-           "TOTAL_SECONDS": "240", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_paper.sh"), "--device", "cpu",
-                           "--tiny"], cwd=ROOT, env=env, capture_output=True, text=True,
+    return {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"),
+            "PACK": str(tmp_path / "pack.npz"), "PYTHON": sys.executable,
+            "TOTAL_SECONDS": "240", "OMP_NUM_THREADS": "1", **extra}
+
+
+@pytest.mark.skipif(not Path("/usr/bin/env").exists(), reason="needs a POSIX shell")
+def test_gpu_paper_script_rehearses_on_cpu(tmp_path):
+    """benchmarks/gpu_paper.sh --device cpu --tiny, end to end, on a small pack."""
+    env = rehearsal_env(tmp_path)
+    done = subprocess.run(SCRIPT, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
@@ -166,3 +174,41 @@ def test_gpu_paper_script_rehearses_on_cpu(tmp_path):
         names = archive.getnames()
     assert any(n.endswith("log.txt") for n in names)
     assert not any(n.endswith(".safetensors") for n in names)
+
+
+def archived(archive: Path) -> list[str]:
+    """The member names of a .tar.gz, [] while it does not exist yet."""
+    if not archive.exists():
+        return []
+    with tarfile.open(archive) as opened:
+        return opened.getnames()
+
+
+@pytest.mark.skipif(not Path("/usr/bin/env").exists(), reason="needs a POSIX shell")
+def test_gpu_paper_script_goes_on_without_its_bench_and_exports_while_running(tmp_path):
+    """A failing bench (here: an unknown section) does not stop the paper run, and results
+    reach OUT while it runs: killed, as at the device's time limit, once the standard
+    network's evaluation exists, the script has already put it into OUT/runs.tar.gz."""
+    import signal
+    import time
+
+    env = rehearsal_env(tmp_path, BENCH_SECTIONS="no-such-section", EXPORT_SECONDS="1")
+    archive, wanted = tmp_path / "out" / "runs.tar.gz", "standard/eval/results.json"
+    with open(tmp_path / "script.log", "w") as log:
+        script = subprocess.Popen(SCRIPT, cwd=ROOT, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 280
+        while script.poll() is None and time.monotonic() < deadline \
+                and wanted not in archived(archive):
+            time.sleep(0.2)
+        still_running = script.poll() is None
+    finally:
+        if script.poll() is None:
+            os.killpg(script.pid, signal.SIGKILL)  # the script and everything it started
+        script.wait()
+    output = (tmp_path / "script.log").read_text()
+    assert still_running, "the script ended before the check: " + output[-3000:]
+    assert wanted in archived(archive), output[-3000:]
+    assert "bench failed" in output and not (tmp_path / "out" / "bench.json").exists()
+    assert not (tmp_path / "out" / "report.md").exists()  # the experiment was not finished

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
 
 import hahnet
-from hahnet import checkpoint
-from hahnet.rundir import RunDir
-from hahnet.train import Trainer
+from hahnet.training import checkpoint
+from hahnet.training.rundir import RunDir
+from hahnet.training.trainer import Trainer
 
-from conftest import make_tiny_config, make_tiny_dataset
+from conftest import committed_files, make_tiny_config, make_tiny_dataset
 
 CPU = torch.device("cpu")
 
@@ -137,6 +138,50 @@ def test_checksums_are_recorded_and_a_flipped_weight_byte_is_caught(saved_run):
     flip_byte_in_weights(snapshot)
     with pytest.raises(checkpoint.CheckpointError, match=r"epoch1.safetensors is damaged"):
         hahnet.load(snapshot)
+
+
+def test_every_committed_checkpoint_records_its_sha256():
+    from hahnet.io import sha256_file
+
+    files = committed_files("*.safetensors")
+    assert len(files) >= 4  # docs/results: cpu/standard, cpu/hah, the study's seed-1 runs
+    for file in files:
+        recorded = json.loads(checkpoint.sidecar(file).read_text()).get("sha256")
+        assert recorded == sha256_file(file), f"{file}: no or a wrong SHA-256 in its JSON"
+
+
+def test_a_flipped_byte_in_any_committed_checkpoint_is_caught(tmp_path):
+    for number, file in enumerate(committed_files("*.safetensors")):
+        copy = tmp_path / str(number) / checkpoint.MODEL_FILE
+        copy.parent.mkdir()
+        shutil.copyfile(file, copy)
+        shutil.copyfile(checkpoint.sidecar(file), checkpoint.sidecar(copy))
+        flip_byte_in_weights(copy)
+        with pytest.raises(checkpoint.CheckpointError, match=r"model.safetensors is damaged"):
+            hahnet.load(copy.parent)
+
+
+def test_a_checkpoint_without_checksum_loads_with_one_warning_line(saved_run, capsys):
+    info = json.loads((saved_run / "model.json").read_text())
+    del info["sha256"]
+    (saved_run / "model.json").write_text(json.dumps(info))
+    lone = saved_run / "lone" / "weights.safetensors"  # no JSON beside it at all
+    lone.parent.mkdir()
+    shutil.copyfile(saved_run / "model.safetensors", lone)
+    capsys.readouterr()
+    for path in (saved_run, lone):
+        hahnet.load(path)
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and "warning" in err[0] and "no recorded SHA-256" in err[0], err
+        assert str(path if path == lone else path / "model.safetensors") in err[0]
+        hahnet.load(path, verify=False)  # asked not to check: silent
+        assert capsys.readouterr().err == ""
+    checkpoint.seal(lone)  # trusted now: its checksum is recorded beside it, and checked
+    hahnet.load(lone)
+    assert capsys.readouterr().err == ""
+    flip_byte_in_weights(lone)
+    with pytest.raises(checkpoint.CheckpointError, match="weights.safetensors is damaged"):
+        hahnet.load(lone)
 
 
 def test_damaged_train_state_stops_a_resume_with_the_file_named(saved_run):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hahnet import jpeg_pack
-from hahnet.data import load_dataset
+from hahnet.data import jpeg_pack
+from hahnet.data.datasets import load_dataset
 
 
 def make_jpeg_folder(root, per_class: int = 3) -> None:

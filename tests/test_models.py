@@ -6,7 +6,7 @@ from torch import nn
 
 import hahnet
 from hahnet import HaHBlock, ModelConfig, VGGBlock, WNConv2d, build_model, vgg16
-from hahnet.models import CIFAR10_MEAN, VGG_LAYOUTS
+from hahnet.nn.models import CIFAR10_MEAN, VGG_LAYOUTS
 
 
 def cifar_vgg16_parameter_count(hah_layers: int) -> int:

@@ -12,8 +12,8 @@ from torch import nn
 from hahnet import eval as evaluation
 from hahnet.config import PAPER_EPS, PAPER_TABLE, parse_numbers
 from hahnet.eval import attacks, metrics, results, runner
-from hahnet.hah import winners
-from hahnet import report
+from hahnet.nn.hah import winners
+from hahnet.reporting import evaluation as report
 from hahnet.nn.layers import HaHBlock, VGGBlock
 
 import matplotlib  # noqa: F401,E402  (installed by make test: missing is a failure)
@@ -144,7 +144,9 @@ def test_report_without_attacks_or_layers(tmp_path):
 
 
 def test_cli_eval_end_to_end(tmp_path, capsys):
-    from hahnet import checkpoint, cli, vgg11
+    from hahnet.training import checkpoint
+    from hahnet.cli import commands as cli
+    from hahnet import vgg11
 
     from conftest import make_cifar
 
@@ -155,13 +157,11 @@ def test_cli_eval_end_to_end(tmp_path, capsys):
                                                      num_classes=4).eval(),
                               {"epoch": 0, "dataset": {"classes": ["a", "b", "c", "d"]}})
     out = tmp_path / "report"
-    threads = torch.get_num_threads()  # --threads sets a process-wide value: restore it
     rc = cli.main(["eval", str(tmp_path / "std"), str(tmp_path / "hah" / "model.safetensors"),
                    "--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--limit", "8", "--noise", "0.05,0.1", "--noise-draws", "1",
                    "--eps-linf", "4/255", "--attack-limit", "3", "--apgd-steps", "2",
                    "--pgd-steps", "2", "--pgd-restarts", "1", "--square-limit", "2",
                    "--square-queries", "3", "--threads", "1", "--out", str(out)])
-    torch.set_num_threads(threads)
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "ETA" in captured.err and "| metric | Standard (paper) | HaH (paper) | std | hah |" in captured.out

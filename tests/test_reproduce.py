@@ -9,17 +9,18 @@ from dataclasses import replace
 import pytest
 import torch
 
-from hahnet import cli, report
+from hahnet.cli import commands as cli
+from hahnet.reporting import evaluation as report
 from hahnet import eval as evaluation
 from hahnet.config import PAPER_EPS, parse_numbers
 from hahnet.eval import attacks, metrics, results, runner
-from hahnet.hah import winners
-from hahnet import reproduce as rp
-from hahnet.presets import PRESETS, get_preset
+from hahnet.nn.hah import winners
+from hahnet.experiments import reproduce as rp
+from hahnet.experiments.presets import PRESETS, get_preset
 from conftest import make_cifar as write_cifar
 from conftest import make_random_uint8 as random_uint8
 from conftest import make_tiny_net as tiny_net
-from hahnet.rundir import RunDir
+from hahnet.training.rundir import RunDir
 
 TINY = ["--width", "0.0625", "--epochs", "1", "--batch-size", "16", "--limit", "12", "--attack-limit", "3",
         "--apgd-steps", "2", "--square-limit", "2", "--noise", "0.1", "--threads", "1"]
@@ -87,6 +88,10 @@ def test_a_saved_evaluation_is_reused_only_for_the_same_checkpoint_and_settings(
     assert not rp.reusable(cached, info, settings, None)                       # other subset
     assert not rp.reusable(cached, info, replace(settings, apgd_steps=50), 100)  # other attack
     assert not rp.reusable(cached, {**info, "epoch": 4}, settings, 100)         # newer weights
+    older = replace(cached, settings={k: v for k, v in cached.settings.items()
+                                      if k not in ("suite", "restarts", "bpda")})
+    assert rp.reusable(older, info, settings, 100)  # saved before the suites: the paper's ran
+    assert not rp.reusable(older, info, replace(settings, suite="all"), 100)
 
 
 def test_history_keeps_the_last_entry_of_each_epoch_and_rejects_broken_lines(tmp_path):
@@ -103,6 +108,7 @@ def test_history_keeps_the_last_entry_of_each_epoch_and_rejects_broken_lines(tmp
 def test_reproduce_trains_evaluates_reports_and_reuses(tmp_path, capsys):
     data, out = write_cifar(tmp_path / "cifar"), tmp_path / "exp"
     argv = ["reproduce", "--preset", "demo", "--data", str(data), "--out", str(out)] + TINY
+    argv += ["--attacks", "adaptive", "--restarts", "1", "--adaptive-limit", "2"]
     assert cli.main(argv) == 0
     captured = capsys.readouterr()
     assert f"report: {out / 'report.md'}" in captured.out
@@ -118,6 +124,11 @@ def test_reproduce_trains_evaluates_reports_and_reuses(tmp_path, capsys):
     assert results[0].n_images == 12 and results[0].attacks["L2"].apgd.n_images == 3
     document = json.loads((out / "results.json").read_text())
     assert document["preset"] == "demo" and document["train"]["width"] == 0.0625
+    transfer = [r.attacks["Linf"].adaptive.rows["transfer"] for r in results]  # each other's
+    assert [list(t.stages) for t in transfer] == [["from hah", "from hah (BPDA sigmoid)"],
+                                                  ["from standard"]]
+    assert "## Adaptive attacks: the worst case per image" in text
+    assert (out / "sweep-hah.png").stat().st_size > 1000
 
     before = (out / "results.json").read_text()
     assert cli.main(argv) == 0  # everything done: nothing is trained or evaluated again

@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hahnet import cli, train
-from hahnet.rundir import RunDir
+from hahnet.cli import commands as cli
+from hahnet.training import trainer as train
+from hahnet.training.rundir import RunDir
 
 ARGS = ["--hah", "--width", "0.0625", "--batch-size", "16", "--seed", "7", "--epochs", "3"]
 
@@ -22,11 +23,11 @@ def kill_after(monkeypatch, steps: int) -> None:
     """Make training die (as a killed process would) after ``steps`` more steps."""
     original, count = train.Trainer.train_step, [0]
 
-    def step(self, x, y):
+    def step(self, *args, **kwargs):
         count[0] += 1
         if count[0] > steps:
             raise Killed
-        return original(self, x, y)
+        return original(self, *args, **kwargs)
 
     monkeypatch.setattr(train.Trainer, "train_step", step)
 

@@ -9,7 +9,8 @@ import math
 
 import pytest
 
-from hahnet import cli, sweep as sw, sweep_report
+from hahnet.cli import commands as cli
+from hahnet.experiments import sweep as sw, sweep_summary
 from conftest import make_cifar as write_cifar
 
 BASE = """
@@ -82,6 +83,33 @@ def test_bad_sweep_files_are_refused_with_the_reason(text, message):
         sw.loads(text, "bad.toml")
 
 
+def test_eval_attacks_key_chooses_the_suite():
+    assert sw.loads(BASE + EVAL + 'attacks = "adaptive"').settings.suite == "adaptive"
+    off = sw.loads(BASE + EVAL + "attacks = false").settings
+    assert not off.attacks and off.suite == "paper"
+    with pytest.raises(sw.SweepError, match="attacks must be one of paper, standard"):
+        sw.loads(BASE + EVAL + "attacks = 3")
+    with pytest.raises(ValueError, match="suite must be one of paper"):
+        sw.loads(BASE + EVAL + 'attacks = "strong"')
+
+
+def test_sweep_evaluation_runs_the_chosen_suite(finished, tmp_path):
+    """A sweep file's `attacks = "standard"` reaches the evaluation: AutoAttack continues
+    the paper's cascade, and the sweep's metrics carry the worst case."""
+    _, out, data, _ = finished
+    spec = sw.loads(BASE + EVAL + 'attacks = "standard"\nfab_steps = 2\nautoattack_queries = 10')
+    run = spec.runs[1]
+    target = tmp_path / "eval.json"
+    sw.eval_task(str(sw.run_dir(out, run)), str(target), spec.settings.to_dict(), spec.split,
+                 spec.limit, spec.limit_seed, str(data), str(tmp_path / "cache"), 1, "cpu")
+    result = sw.read_eval(target)
+    adaptive = result.attacks["Linf"].adaptive
+    assert list(adaptive.rows) == ["AutoAttack"]
+    assert list(adaptive.rows["AutoAttack"].stages) == ["APGD-CE", "APGD-T", "FAB-T", "Square"]
+    metrics = sweep_summary.metrics_of(result)
+    assert metrics["worst_linf"] == adaptive.worst.accuracy <= metrics["apgd_linf"]
+
+
 def test_unreadable_files(tmp_path):
     with pytest.raises(sw.SweepError, match="no sweep file at"):
         sw.load(tmp_path / "missing.toml")
@@ -104,7 +132,7 @@ def test_whole_sweep_trains_evaluates_and_reports_progress(finished):
 def test_summary_gain_is_paired_by_seed(finished):
     file, out, _, _ = finished
     spec = sw.load(file)
-    summary = sweep_report.summarise(spec, out)
+    summary = sweep_summary.summarise(spec, out)
     per = {(r["name"], r["seed"], r["epoch"]): r["metrics"] for r in summary["runs"]}
     assert len(per) == 12
     gain = next(g for g in summary["gains"] if g["name"] == "hah" and g["epoch"] == 2)
@@ -148,8 +176,8 @@ def test_run_with_other_settings_is_refused_before_any_work(finished, tmp_path, 
 def test_half_trained_run_is_resumed_not_restarted(tmp_path):
     import torch
 
-    from hahnet.data import load_dataset
-    from hahnet.train import EpochMetrics, Trainer
+    from hahnet.data.datasets import load_dataset
+    from hahnet.training.trainer import EpochMetrics, Trainer
 
     data = write_cifar(tmp_path / "data", n_train=60, n_test=8)
     text = (BASE + EVAL).replace("seeds = [1, 2]", "seeds = [1]")

@@ -1,7 +1,5 @@
 """``python -m hahnet`` (also what torchrun runs): the hahnet command."""
 
-import sys
+from hahnet.cli.commands import entry
 
-from hahnet.cli import main
-
-sys.exit(main())
+entry()

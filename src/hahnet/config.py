@@ -12,6 +12,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+VERSION = "0.1.0"  # the package's version (hahnet.__version__, pyproject.toml), in results
+
 # ------------------------------------------------------------------ the paper's values
 
 PAPER_ALPHAS: tuple[float, ...] = (0.0045, 0.0025, 0.0013, 0.001, 0.0008, 0.0005)
@@ -19,14 +21,130 @@ PAPER_RATIO = 0.1       # HaH winners K = ceil(ratio * C)
 PAPER_DEMOTE = 1.0      # weight of the losers' mean in the HaH score
 PAPER_SIGMA = 0.1       # divisive normalization: weight of the image-wide peak
 PAPER_KEEP = 0.2        # top-fraction threshold: fraction of each map kept
-PAPER_HAH_LAYERS = 6    # leading convolutions that are HaH blocks
+PAPER_HAH_LAYERS = 6    # leading convolutions that are HaH blocks (VGG16)
 PAPER_NOISE_SIGMA = 0.1
 PAPER_EPS: dict[str, float] = {"Linf": 2 / 255, "L2": 0.25}  # attack budgets per norm
+# Attack suites of `hahnet eval --attacks` (docs/evaluation.md) and their eps sweeps.
+ATTACK_SUITES = ("paper", "standard", "adaptive", "all")
+BPDA_VARIANTS = ("sigmoid", "identity", "identity+fixed-divisor", "sigmoid+fixed-divisor")
+SWEEP_EPS: dict[str, tuple[float, ...]] = {
+    "Linf": tuple(e / 255 for e in (0.5, 1, 2, 4, 8, 16)), "L2": (0.1, 0.25, 0.5, 1.0, 1.5, 2.0)}
 # The paper's CIFAR-10 VGG16 numbers, in percent, at the settings above.
 PAPER_TABLE: dict[str, dict[str, float]] = {
     "Standard": {"clean": 92.5, "noise": 26.6, "linf": 10.4, "l2": 13.9},
     "HaH": {"clean": 87.3, "noise": 64.0, "linf": 21.5, "l2": 27.6},
 }
+
+
+# ------------------------------------------------------- the registered architectures
+# Plain facts, no torch: which model names exist, their family, and which leading
+# convolutions hah=True may turn into HaH blocks (hahnet.nn builds them).
+
+@dataclass(frozen=True)
+class ResidualLayout:
+    """A CIFAR residual network: a 3x3 stem, then stages of residual blocks.
+
+    ``stem``: the stem's output channels; ``channels``/``blocks``: per stage, the output
+    channels and the number of blocks (stages after the first halve the resolution with a
+    stride-2 first block); ``preact``: pre-activation blocks (BN-ReLU-conv) instead of
+    post-activation ones (conv-BN-ReLU). Channels are at width 1."""
+
+    preact: bool
+    stem: int
+    channels: tuple[int, ...]
+    blocks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One registered name: its ``family`` ("vgg" or "residual"), how many leading
+    convolutions can be HaH blocks at most (``max_hah_layers``) and, for residual
+    networks, their layout."""
+
+    name: str
+    family: str
+    max_hah_layers: int
+    summary: str
+    layout: ResidualLayout | None = None
+
+
+def _residual(name: str, summary: str, layout: ResidualLayout) -> Architecture:
+    """A residual architecture whose HaH part is the stem and the whole first stage
+    (two convolutions per block)."""
+    return Architecture(name, "residual", 1 + 2 * layout.blocks[0], summary, layout)
+
+
+_RESNET18 = (64, 128, 256, 512), (2, 2, 2, 2)
+
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
+    Architecture("vgg11", "vgg", 8, "VGG11, 8 convolutions, 5 max-pools, one Linear"),
+    Architecture("vgg13", "vgg", 10, "VGG13, 10 convolutions, 5 max-pools, one Linear"),
+    Architecture("vgg16", "vgg", 13, "VGG16, 13 convolutions, 5 max-pools, one Linear "
+                                     "(the paper's network)"),
+    Architecture("vgg19", "vgg", 16, "VGG19, 16 convolutions, 5 max-pools, one Linear"),
+    _residual("resnet18", "ResNet-18 (CIFAR form: 3x3 stem, no max-pool), 11.2M parameters",
+              ResidualLayout(False, 64, *_RESNET18)),
+    _residual("preact_resnet18", "pre-activation ResNet-18 (CIFAR form), 11.2M parameters",
+              ResidualLayout(True, 64, *_RESNET18)),
+    _residual("wrn_16_4", "WideResNet-16-4 (pre-activation, CIFAR form), 2.7M parameters",
+              ResidualLayout(True, 16, (64, 128, 256), (2, 2, 2))),
+    _residual("wrn_28_10", "WideResNet-28-10 (pre-activation, CIFAR form), 36.5M parameters",
+              ResidualLayout(True, 16, (160, 320, 640), (4, 4, 4))),
+)}
+
+
+def architecture(name: str) -> Architecture:
+    """The architecture called ``name``; ValueError listing the known names if none is."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[name]
+
+
+def allowed_hah_layers(name: str) -> list[int]:
+    """How many leading convolutions of ``name`` can be HaH blocks: for VGG any count up to
+    its convolutions; for a residual network none, the stem alone (1) or the stem and whole
+    residual blocks of the first stage (1 + 2m)."""
+    arch = architecture(name)
+    if arch.family == "vgg":
+        return list(range(arch.max_hah_layers + 1))
+    return [0] + list(range(1, arch.max_hah_layers + 1, 2))
+
+
+def describe_hah_layers(name: str) -> str:
+    """The accepted hah_layers of ``name`` in words, for error messages."""
+    allowed = allowed_hah_layers(name)
+    if architecture(name).family == "vgg":
+        return f"in [0, {allowed[-1]}] for {name}"
+    return (f"one of {allowed} for {name} (the stem, then whole residual blocks of the "
+            f"first stage, 2 convolutions each)")
+
+
+def check_hah_layers(name: str, hah_layers: int) -> None:
+    """ValueError (one line) unless ``hah_layers`` is allowed for ``name``."""
+    if hah_layers not in allowed_hah_layers(name):
+        raise ValueError(f"hah_layers must be {describe_hah_layers(name)}, got {hah_layers}")
+
+
+def default_hah_layers(arch: str) -> int:
+    """HaH blocks when none are asked for: the paper's 6 for VGG; for a residual network
+    its stem and every convolution of its first stage (docs/method.md says why)."""
+    spec = architecture(arch)
+    return PAPER_HAH_LAYERS if spec.family == "vgg" else spec.max_hah_layers
+
+
+def winners(channels: int, ratio: float) -> int:
+    """K = ceil(ratio * C), clamped to [1, C - 1] (to 1 when C == 1)."""
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"HaH ratio must be in (0, 1), got {ratio}")
+    k = math.ceil(ratio * channels - 1e-9)
+    return max(1, min(k, channels - 1)) if channels >= 2 else 1
+
+
+def default_alphas(hah_layers: int) -> tuple[float, ...]:
+    """One alpha per HaH layer when none are given: the paper's, in order; layers past the
+    paper's sixth repeat its last (smallest) value."""
+    extra = max(0, hah_layers - len(PAPER_ALPHAS))
+    return PAPER_ALPHAS[:hah_layers] + (PAPER_ALPHAS[-1],) * extra
 
 
 def parse_numbers(text: str) -> tuple[float, ...]:
@@ -102,18 +220,24 @@ def parse_count(text: str) -> int | None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Everything needed to rebuild a model (stored in checkpoints)."""
+    """Everything needed to rebuild a model (stored in checkpoints). ``arch`` is the
+    registered model name (:func:`hahnet.list_models`); ``hah_layers`` None means the
+    model's default (:func:`default_hah_layers`), resolved on construction."""
 
     arch: str = "vgg16"
     hah: bool = False
     width: float = 1.0
     num_classes: int = 10
     in_channels: int = 3
-    hah_layers: int = PAPER_HAH_LAYERS
+    hah_layers: int | None = None
     sigma: float = PAPER_SIGMA
     keep: float = PAPER_KEEP
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.hah_layers is None and self.arch in ARCHITECTURES:
+            object.__setattr__(self, "hah_layers", default_hah_layers(self.arch))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -145,10 +269,10 @@ class TrainConfig:
     arch: str = "vgg16"
     hah: bool = False
     width: float = 1.0
-    hah_layers: int = PAPER_HAH_LAYERS
+    hah_layers: int | None = None      # None: the model's default (default_hah_layers)
     sigma: float = PAPER_SIGMA
     keep: float = PAPER_KEEP
-    alphas: tuple[float, ...] = PAPER_ALPHAS
+    alphas: tuple[float, ...] | None = None  # None: one per HaH layer (default_alphas)
     ratio: float = PAPER_RATIO
     demote: float = PAPER_DEMOTE
     epochs: int = 100
@@ -165,14 +289,20 @@ class TrainConfig:
     compile: bool = False              # off: not measured to pay on a GPU yet (docs/gpu.md)
     eval_batch_size: int = 500
     snapshots: tuple[int, ...] = ()
-    time_budget: float | None = None   # minutes: choose the epochs that fit (hahnet.budget)
+    time_budget: float | None = None   # minutes: choose the epochs that fit (hahnet.training.budget)
 
     def __post_init__(self) -> None:
+        _check("training config", [("arch", self.arch, self.arch in ARCHITECTURES,
+                                    "one of " + ", ".join(ARCHITECTURES))])
+        if self.hah_layers is None:
+            object.__setattr__(self, "hah_layers", default_hah_layers(self.arch))
+        if self.alphas is None:
+            object.__setattr__(self, "alphas", default_alphas(self.hah_layers))
         _check("training config", [
-            ("arch", self.arch, self.arch in ("vgg11", "vgg13", "vgg16", "vgg19"),
-             "vgg11, vgg13, vgg16 or vgg19"),
             ("width", self.width, self.width > 0, "> 0"),
-            ("hah_layers", self.hah_layers, self.hah_layers >= 1, ">= 1"),
+            ("hah_layers", self.hah_layers, self.hah_layers >= 1 and self.hah_layers
+             in allowed_hah_layers(self.arch),
+             ">= 1 and " + describe_hah_layers(self.arch)),
             ("sigma", self.sigma, self.sigma > 0, "> 0"),
             ("keep", self.keep, 0 < self.keep <= 1, "in (0, 1]"),
             ("alphas", self.alphas, all(a >= 0 for a in self.alphas), "numbers >= 0"),
@@ -223,16 +353,6 @@ class TrainConfig:
         return {k: (v, theirs[k]) for k, v in mine.items()
                 if k not in RUNTIME_OPTIONS and not same_json(v, theirs[k])}
 
-    def model_config(self, dataset: Any) -> ModelConfig:
-        """The model this config trains on ``dataset`` (a :class:`hahnet.data.Dataset`)."""
-        from hahnet.data import channel_stats
-
-        mean, std = channel_stats(dataset.train)
-        shape = dataset.train.images.shape
-        return ModelConfig(self.arch, self.hah, self.width, len(dataset.train.classes),
-                           shape[1], self.hah_layers, self.sigma, self.keep,
-                           tuple(round(m, 4) for m in mean), tuple(round(s, 4) for s in std))
-
 
 # ---------------------------------------------------------------------- evaluation
 
@@ -259,15 +379,38 @@ class EvalSettings:
     snr_seed: int = 0
     layer_stats: bool = True         # sparsity and SNR
     batch_size: int = 256
+    # Which attacks (docs/evaluation.md): paper = APGD-CE + APGD-T only; standard adds
+    # AutoAttack's FAB-T and Square; adaptive adds margin, BPDA, transfer and eps sweeps.
+    suite: str = "paper"
+    restarts: int = 3                # restarts of the margin and BPDA attacks
+    fab_steps: int = 100             # AutoAttack's FAB-T steps
+    autoattack_queries: int = 5000   # AutoAttack's Square queries
+    adaptive_limit: int = 500        # margin, BPDA, transfer: the first N attacked images
+    transfer_steps: int = 100        # PGD steps on the transfer source
+    bpda: tuple[str, ...] = BPDA_VARIANTS[:3]
+    bpda_temperature: float = 0.1    # sigmoid surrogate width, in map standard deviations
+    sweep_limit: int = 200           # eps sweeps on the first N attacked images; 0 = none
+    sweep_eps_linf: tuple[float, ...] = SWEEP_EPS["Linf"]
+    sweep_eps_l2: tuple[float, ...] = SWEEP_EPS["L2"]
 
     def __post_init__(self) -> None:
         self.noise_sigmas, self.norms = tuple(self.noise_sigmas), tuple(self.norms)
+        self.bpda = tuple(self.bpda)
+        self.sweep_eps_linf, self.sweep_eps_l2 = tuple(self.sweep_eps_linf), tuple(self.sweep_eps_l2)
+        sweeps = self.sweep_eps_linf + self.sweep_eps_l2
         _check("evaluation settings", [
             *[(name, getattr(self, name), getattr(self, name) >= 1, ">= 1")
-              for name in ("noise_draws", "apgd_steps", "attack_batch_size", "batch_size")],
+              for name in ("noise_draws", "apgd_steps", "attack_batch_size", "batch_size",
+                           "restarts", "fab_steps", "autoattack_queries", "adaptive_limit",
+                           "transfer_steps")],
             *[(name, getattr(self, name), getattr(self, name) >= 0, ">= 0")
               for name in ("eps_linf", "eps_l2", "pgd_steps", "pgd_restarts", "square_limit",
-                           "square_queries", "snr_sigma")],
+                           "square_queries", "snr_sigma", "sweep_limit")],
+            ("suite", self.suite, self.suite in ATTACK_SUITES, "one of " + "|".join(ATTACK_SUITES)),
+            ("bpda", self.bpda, all(v in BPDA_VARIANTS for v in self.bpda),
+             "a list of " + ", ".join(BPDA_VARIANTS)),
+            ("bpda_temperature", self.bpda_temperature, self.bpda_temperature > 0, "> 0"),
+            ("sweep_eps", sweeps, all(e > 0 for e in sweeps), "numbers > 0"),
             ("noise_sigmas", self.noise_sigmas, all(s >= 0 for s in self.noise_sigmas),
              "numbers >= 0"),
             ("attack_limit", self.attack_limit,
@@ -278,6 +421,15 @@ class EvalSettings:
     def eps(self, norm: str) -> float:
         """The budget for ``norm``."""
         return self.eps_linf if norm == "Linf" else self.eps_l2
+
+    def sweep_eps(self, norm: str) -> tuple[float, ...]:
+        """The eps sweep for ``norm``, ascending."""
+        return tuple(sorted(self.sweep_eps_linf if norm == "Linf" else self.sweep_eps_l2))
+
+    def runs(self, part: str) -> bool:
+        """Whether the chosen suite includes ``part``: "standard" (AutoAttack) or
+        "adaptive" (margin, BPDA, transfer, sweeps)."""
+        return self.attacks and self.suite in (part, "all")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

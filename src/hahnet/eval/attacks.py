@@ -13,18 +13,14 @@ import torch
 from torch import Tensor, nn
 
 from hahnet.config import PAPER_EPS
+from hahnet.training.device import rng_kept
 from hahnet.eval.base import (EvalError, Progress, _batches, _check_data, _eval_mode, _prepare,
                               _to_unit, predict)
 from hahnet.eval.results import AttackComparison, AttackResult
 
 
-def _rng_guard(device: torch.device | str) -> contextlib.AbstractContextManager:
-    """torchattacks reseeds the global RNGs; fork them so callers' RNG state is untouched."""
-    dev = torch.device(device)
-    return torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else [])
-
-
-Stage = tuple[str, Callable[[Tensor, Tensor, int], Tensor]]  # name, (x, y, seed) -> x_adv
+StageRun = Callable[[Tensor, Tensor, int], Tensor]  # (x, y, seed) -> x_adv
+Stage = tuple[str, StageRun]
 
 
 def perturbation_norms(x: Tensor, x_adv: Tensor, norm: str) -> Tensor:
@@ -86,30 +82,46 @@ def _num_classes(model: nn.Module, images: Tensor, device: torch.device | str,
         return int(model(_to_unit(images[:1], device, dtype)).shape[1])
 
 
+# Per-image outcome codes in worst_case's shard sums (0 = another rank's image).
+_ROBUST, _CLEAN_ERROR, _SKIPPED, _FIRST_STAGE = 1, 2, 3, 4
+
+
 def worst_case(model: nn.Module, images: Tensor, labels: Tensor, norm: str, eps: float,
                stages: Sequence[Stage], name: str, params: dict[str, Any],
                batch_size: int = 128, device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32, seed: int = 0,
-               progress: Progress | None = None, env: Any = None) -> AttackResult:
+               progress: Progress | None = None, env: Any = None,
+               start: Sequence[bool] | None = None) -> AttackResult:
     """Run attack stages in order, each only on images no earlier stage broke; an image
     counts robust only if the model still classifies every returned example correctly
     (re-checked here, with the eps and [0, 1] bounds verified). Batch i is attacked with
     seed ``seed + i``; with ``env`` (torchrun) each rank attacks its shard of whole
-    batches and the outcomes are summed over ranks: the same result as one process."""
+    batches and the outcomes are summed over ranks: the same result as one process.
+    ``start``: per image, False = broken by an earlier attack, not attacked again (as
+    AutoAttack's cascade); ``broken_by`` names the stage that broke each image."""
     _check_data(images, labels)
     model = _prepare(model, device, dtype)
-    n, start, width = len(labels), time.perf_counter(), len(stages)
+    n, begin, width = len(labels), time.perf_counter(), len(stages)
     ranks, rank = (env.world_size, env.rank) if env is not None and env.active else (1, 0)
+    if start is not None and len(start) != n:
+        raise EvalError(f"start has {len(start)} entries for {n} images")
+    todo_mask = None if start is None else torch.tensor(list(start), dtype=torch.bool)
 
     def attack(part: slice) -> Tensor:
-        # [robust flag per image | images alive after each stage | largest perturbation per rank]
+        # [outcome code per image | images alive after each stage | largest perturbation per rank]
         out = torch.zeros(n + width + ranks, dtype=torch.float64)
-        with _eval_mode(model), _rng_guard(device):
+        with _eval_mode(model), rng_kept(device):  # torchattacks reseeds the global RNGs
             for index, sl in enumerate(_batches(n, batch_size)):
                 if not part.start <= sl.start < part.stop:
                     continue
                 x, y = _to_unit(images[sl], device, dtype), labels[sl].to(device)
-                alive = predict(model, x) == y
+                correct = predict(model, x) == y
+                code = torch.where(correct, _ROBUST, _CLEAN_ERROR).double().cpu()
+                alive = correct.clone()
+                if todo_mask is not None:
+                    skipped = todo_mask[sl].to(device)
+                    code[(~skipped & correct).cpu()] = _SKIPPED
+                    alive &= skipped
                 for k, (_, run) in enumerate(stages):
                     todo = alive.nonzero().flatten()
                     if len(todo):
@@ -117,23 +129,70 @@ def worst_case(model: nn.Module, images: Tensor, labels: Tensor, norm: str, eps:
                         out[n + width + rank] = max(float(out[n + width + rank]),
                                                     check_adversarial(x[todo], adv, norm, eps))
                         alive[todo] = predict(model, adv) == y[todo]
+                        code[todo[~alive[todo]].cpu()] = _FIRST_STAGE + k
                     out[n + k] += int(alive.sum())
-                out[sl] = alive.cpu().double()
+                out[sl] = code
                 if progress:
                     progress(sl.stop - sl.start)
         return out
 
     if ranks > 1:
-        from hahnet.distributed import sum_over_shards
+        from hahnet.training.distributed import sum_over_shards
 
         total = sum_over_shards(env, n, batch_size, attack)
     else:
         total = attack(slice(0, n))
-    robust = total[:n] > 0.5
-    survivors = {stage: float(total[n + k]) / max(n, 1) for k, (stage, _) in enumerate(stages)}
-    return AttackResult(name, norm, eps, n, robust.double().mean().item() if n else float("nan"),
-                        robust.tolist(), survivors, float(total[n + width:].max()),
-                        time.perf_counter() - start, params)
+    robust, broken_by, survivors = _outcomes(total, n, [stage for stage, _ in stages])
+    return AttackResult(name, norm, eps, n, sum(robust) / n if n else float("nan"), robust,
+                        survivors, float(total[n + width:].max()),
+                        time.perf_counter() - begin, params, broken_by)
+
+
+def _outcomes(total: Tensor, n: int, stages: list[str]
+              ) -> tuple[list[bool], list[str | None], dict[str, float]]:
+    """worst_case's summed outcome codes as (robust, broken_by, survivors per stage)."""
+    codes = total[:n].round().long().tolist()
+    names = [None, None, "clean", "earlier"] + stages
+    survivors = {stage: float(total[n + k]) / max(n, 1) for k, stage in enumerate(stages)}
+    return [c == _ROBUST for c in codes], [names[c] for c in codes], survivors
+
+
+def _stage(cls: type, model: nn.Module, device: torch.device | str,
+           **options: Any) -> StageRun:
+    """A torchattacks attack as a stage, built for each batch with the batch's seed."""
+    def run(x: Tensor, y: Tensor, s: int) -> Tensor:
+        return _make(cls, model, device, seed=s, **options)(x, y)
+    return run
+
+
+def apgd_stage(model: nn.Module, device: torch.device | str, norm: str, eps: float,
+               steps: int, loss: str = "ce", restarts: int = 1) -> StageRun:
+    """AutoAttack's APGD (untargeted) with the CE or DLR loss, as an attack stage."""
+    return _stage(_attacks_module().APGD, model, device, norm=norm, eps=eps, steps=steps,
+                  n_restarts=restarts, loss=loss)
+
+
+def apgdt_stage(model: nn.Module, device: torch.device | str, norm: str, eps: float,
+                steps: int, classes: int, restarts: int = 1) -> StageRun:
+    """AutoAttack's APGD-T: targeted DLR loss, each of the ``classes - 1`` most likely
+    other classes as target in turn (9 on CIFAR-10, AutoAttack's standard version)."""
+    return _stage(_attacks_module().APGDT, model, device, norm=norm, eps=eps, steps=steps,
+                  n_restarts=restarts, n_classes=classes)
+
+
+def fab_t_stage(model: nn.Module, device: torch.device | str, norm: str, eps: float,
+                steps: int, classes: int) -> StageRun:
+    """AutoAttack's FAB-T: the minimal-norm FAB attack towards each of the ``classes - 1``
+    most likely other classes, one restart; examples beyond eps count as failures."""
+    return _stage(_attacks_module().FAB, model, device, norm=norm, eps=eps, steps=steps,
+                  n_restarts=1, multi_targeted=True, n_classes=classes)
+
+
+def square_stage(model: nn.Module, device: torch.device | str, norm: str, eps: float,
+                 queries: int) -> StageRun:
+    """The black-box Square attack (margin loss, one restart, p_init 0.8 as AutoAttack)."""
+    return _stage(_attacks_module().Square, model, device, norm=norm, eps=eps,
+                  n_queries=queries, n_restarts=1, p_init=0.8, loss="margin")
 
 
 def adversarial_accuracy(model: nn.Module, images: Tensor, labels: Tensor,
@@ -144,18 +203,11 @@ def adversarial_accuracy(model: nn.Module, images: Tensor, labels: Tensor,
                          progress: Progress | None = None, env: Any = None) -> AttackResult:
     """The paper's attack: AutoAttack's APGD-CE then APGD-T (targeted DLR, every other
     class as target), one restart each, worst case per image. APGD-T needs >= 4 classes."""
-    ta, eps = _attacks_module(), _norm_eps(norm, eps)
+    eps = _norm_eps(norm, eps)
     classes = num_classes or _num_classes(model, images, device, dtype)
-
-    def apgd_ce(x: Tensor, y: Tensor, s: int) -> Tensor:
-        return _make(ta.APGD, model, device, norm=norm, eps=eps, steps=steps, n_restarts=1,
-                     loss="ce", seed=s)(x, y)
-
-    def apgd_t(x: Tensor, y: Tensor, s: int) -> Tensor:
-        return _make(ta.APGDT, model, device, norm=norm, eps=eps, steps=steps, n_restarts=1,
-                     seed=s, n_classes=classes)(x, y)
-
-    stages: list[Stage] = [("APGD-CE", apgd_ce)] + ([("APGD-T", apgd_t)] if classes >= 4 else [])
+    stages: list[Stage] = [("APGD-CE", apgd_stage(model, device, norm, eps, steps))]
+    if classes >= 4:
+        stages.append(("APGD-T", apgdt_stage(model, device, norm, eps, steps, classes)))
     params = {"steps": steps, "n_restarts": 1, "seed": seed, "n_classes": classes,
               "apgd_t": classes >= 4}
     return worst_case(model, images, labels, norm, eps, stages, "APGD-CE+APGD-T", params,
@@ -192,14 +244,10 @@ def square_accuracy(model: nn.Module, images: Tensor, labels: Tensor, norm: str 
                     progress: Progress | None = None, env: Any = None) -> AttackResult:
     """The black-box Square attack (margin loss, one restart): uses no gradients, so
     thresholding or divisive normalization cannot mask anything from it."""
-    ta, eps = _attacks_module(), _norm_eps(norm, eps)
+    eps = _norm_eps(norm, eps)
     if norm == "L2" and min(images.shape[-2:]) < 5:
         raise EvalError("the L2 Square attack needs images of at least 5x5 pixels")
-
-    def square(x: Tensor, y: Tensor, s: int) -> Tensor:
-        return _make(ta.Square, model, device, norm=norm, eps=eps, n_queries=queries,
-                     n_restarts=1, loss="margin", seed=s)(x, y)
-
+    square = square_stage(model, device, norm, eps, queries)
     return worst_case(model, images, labels, norm, eps, [("Square", square)],
                       f"Square-{queries}", {"queries": queries, "seed": seed}, batch_size,
                       device, dtype, seed, progress, env)

@@ -52,6 +52,20 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+@contextlib.contextmanager
+def cudnn_autotuning_off() -> Iterator[None]:
+    """cuDNN autotuning (``torch.backends.cudnn.benchmark``) off inside, as it was after
+    (also a function decorator). Training turns it on for its fixed batch shapes; attacks
+    call the model on ever new batch sizes (the images still standing after each stage,
+    target and restart), and each new shape would re-tune every convolution."""
+    was_on = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = was_on
+
+
 @torch.no_grad()
 def predict(model: nn.Module, x: Tensor) -> Tensor:
     """Predicted classes; raises EvalError on NaN/inf logits (diverged or corrupt weights)."""

@@ -1,7 +1,7 @@
 """Clean and noisy accuracy, activation sparsity and per-layer SNR of a model.
 
 Functions return the dataclasses of :mod:`hahnet.eval.results` and never print. With
-``env`` (several processes, :mod:`hahnet.distributed`) the accuracies are sharded over
+``env`` (several processes, :mod:`hahnet.training.distributed`) the accuracies are sharded over
 the processes and summed: the same numbers as one process.
 """
 
@@ -13,11 +13,10 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from hahnet.config import PAPER_NOISE_SIGMA, PAPER_RATIO
+from hahnet.config import PAPER_NOISE_SIGMA, PAPER_RATIO, winners
 from hahnet.eval.base import (EvalError, Progress, _batches, _check_data, _eval_mode, _prepare,
                               _to_unit, predict)
 from hahnet.eval.results import LayerSNR, LayerSparsity, NoiseResult, SNRResult
-from hahnet.hah import winners
 from hahnet.nn.layers import HaHBlock, VGGBlock
 
 SNR_TINY = 1e-30  # keeps per-image dB finite when a layer's output does not change at all
@@ -43,10 +42,10 @@ def clean_accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size:
                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                    progress: Progress | None = None, env: Any = None) -> float:
     """Fraction of images classified correctly. With ``env`` (a multi-process
-    :class:`hahnet.distributed.DistEnv`) each rank classifies its shard of whole batches
+    :class:`hahnet.training.distributed.DistEnv`) each rank classifies its shard of whole batches
     and the counts are summed over ranks: the same number as one process."""
     if env is not None and env.active:
-        from hahnet.distributed import sum_over_shards
+        from hahnet.training.distributed import sum_over_shards
 
         def count(part: slice) -> Tensor:
             mask = correct_mask(model, images[part], labels[part], batch_size, device, dtype,
@@ -100,7 +99,7 @@ def noise_accuracy(model: nn.Module, images: Tensor, labels: Tensor,
         return correct
 
     if env is not None and env.active:
-        from hahnet.distributed import sum_over_shards
+        from hahnet.training.distributed import sum_over_shards
 
         correct = sum_over_shards(env, len(labels), batch_size, count)
     else:
@@ -114,18 +113,40 @@ Point = tuple[str, str, nn.Module]  # (name, kind, module whose output is measur
 
 
 def probe_points(model: nn.Module) -> list[Point]:
-    """What is measured per block of ``model.features``: a HaH block's output; for a VGG
-    block its ReLU output (pre-BatchNorm), since BN output is dense by construction."""
+    """What is measured per layer. A VGG (blocks in ``model.features``): a HaH block's
+    output, a VGG block's ReLU output (pre-BatchNorm, since BN output is dense by
+    construction). Any other network (the residual ones): every HaH block's output and
+    every other ReLU's output, in module order, named by module path."""
     features = getattr(model, "features", None)
-    if not isinstance(features, nn.Sequential):
-        raise EvalError("sparsity/SNR need a model with a `features` nn.Sequential of blocks")
     points: list[Point] = []
-    for block in features:
-        if isinstance(block, HaHBlock):
-            points.append((f"conv{len(points) + 1}", "hah", block))
-        elif isinstance(block, VGGBlock):
-            points.append((f"conv{len(points) + 1}", "vgg", block.relu))
+    if isinstance(features, nn.Sequential):
+        for block in features:
+            if isinstance(block, HaHBlock):
+                points.append((f"conv{len(points) + 1}", "hah", block))
+            elif isinstance(block, VGGBlock):
+                points.append((f"conv{len(points) + 1}", "vgg", block.relu))
+        return points
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in inside):
+            continue
+        if isinstance(module, HaHBlock):
+            points.append((name, "hah", module))
+            inside.append(name + ".")
+        elif isinstance(module, nn.ReLU):
+            points.append((name, "relu", module))
+    if not points:
+        raise EvalError("sparsity/SNR need a model with HaH blocks or nn.ReLU modules "
+                        "(or a `features` nn.Sequential of blocks)")
     return points
+
+
+def measurable(model: nn.Module) -> bool:
+    """Whether :func:`probe_points` finds layers to measure in ``model``."""
+    try:
+        return bool(probe_points(model))
+    except EvalError:
+        return False
 
 
 @contextlib.contextmanager

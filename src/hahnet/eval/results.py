@@ -12,6 +12,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+from hahnet.config import VERSION, EvalSettings, same_json
+
 FORMAT = "hahnet-eval-1"
 
 
@@ -48,6 +50,9 @@ class AttackResult:
     max_perturbation: float   # largest ||x_adv - x|| in the attack's norm, checked <= eps
     seconds: float
     params: dict[str, Any]
+    # per image: None = robust, "clean" = misclassified clean, "earlier" = broken before
+    # this attack ran, else the stage that broke it (None for files of earlier versions)
+    broken_by: list[str | None] | None = None
 
 
 @dataclass
@@ -99,6 +104,32 @@ class SNRResult:
 
 
 @dataclass
+class EpsSweep:
+    """Robust accuracy of one attack at each eps, each eps attacked on its own."""
+
+    norm: str
+    attack: str
+    n_images: int
+    eps: list[float]
+    accuracy: list[float]
+    seconds: float
+    params: dict[str, Any]
+
+
+@dataclass
+class AdaptiveResult:
+    """The attacks beyond the paper's suite at one norm (``--attacks standard|adaptive|all``):
+    each row an attack run on its own ("AutoAttack" continues the paper's cascade), the
+    worst case per image over everything run (the headline), and the eps sweeps."""
+
+    suite: str
+    rows: dict[str, AttackResult]
+    worst: AttackResult
+    sweeps: list[EpsSweep]
+    notes: list[str]
+
+
+@dataclass
 class AttackSuite:
     """All attacks at one norm: APGD (the paper's number), PGD, Square and their comparison."""
 
@@ -109,11 +140,12 @@ class AttackSuite:
     pgd: AttackResult | None
     square: AttackResult | None
     comparison: AttackComparison
+    adaptive: AdaptiveResult | None = None
 
 
 @dataclass
 class CorruptionResult:
-    """Accuracy under the CIFAR-10-C corruptions (:mod:`hahnet.eval.corruption`).
+    """Accuracy under the CIFAR-10-C corruptions (:mod:`hahnet.eval.corruptions.evaluate`).
 
     ``accuracy[name][i]`` is the accuracy at ``severities[i]``; ``clean_accuracy`` is on
     the same images.  ``ce`` / ``relative_ce`` (per corruption) and ``mce`` /
@@ -170,7 +202,15 @@ def result_from_dict(data: dict[str, Any]) -> EvalResult:
     def suite(d: dict[str, Any]) -> AttackSuite:
         return AttackSuite(d["norm"], d["eps"], list(d["indices"]), attack(d["apgd"]),
                            attack(d.get("pgd")), attack(d.get("square")),
-                           AttackComparison(**d["comparison"]))
+                           AttackComparison(**d["comparison"]), adaptive(d.get("adaptive")))
+
+    def adaptive(d: dict[str, Any] | None) -> AdaptiveResult | None:
+        if d is None:
+            return None
+        sweeps = [EpsSweep(**{**e, "accuracy": [_float(a) for a in e["accuracy"]]})
+                  for e in d["sweeps"]]
+        return AdaptiveResult(d["suite"], {k: attack(v) for k, v in d["rows"].items()},
+                              attack(d["worst"]), sweeps, list(d["notes"]))
 
     snr = data.get("snr")
     return EvalResult(
@@ -235,10 +275,7 @@ def versions() -> dict[str, str]:
     """Versions of python, torch, torchattacks, hahnet and matplotlib."""
     import torch
 
-    import hahnet
-
-    out = {"python": platform.python_version(), "torch": torch.__version__,
-           "hahnet": getattr(hahnet, "__version__", "unknown")}
+    out = {"python": platform.python_version(), "torch": torch.__version__, "hahnet": VERSION}
     for name in ("torchattacks", "matplotlib"):
         try:
             out[name] = __import__(name).__version__
@@ -265,7 +302,7 @@ def results_document(results: Sequence[EvalResult], data: dict[str, Any] | None 
 
 
 def read_results(path: str | Path) -> tuple[list[EvalResult], dict[str, Any]]:
-    """The results and data description saved in a results.json by :func:`hahnet.report.write_report`.
+    """The results and data description saved in a results.json by :func:`hahnet.reporting.evaluation.write_report`.
     Raises ValueError (one line) for a missing, corrupt or foreign file."""
     path = Path(path)
     try:
@@ -284,3 +321,43 @@ def read_results(path: str | Path) -> tuple[list[EvalResult], dict[str, Any]]:
         raise ValueError(f"{path}: incomplete results ({error}); delete it and re-run the "
                          f"evaluation") from None
     return results, document.get("data") or {}
+
+
+def settings_record(settings: EvalSettings, limit: int | None) -> dict[str, Any]:
+    """The evaluation settings as stored in results.json (JSON types), plus the subset."""
+    return json.loads(json.dumps({**asdict(settings), "limit": limit}))
+
+
+def reusable(cached: EvalResult, info: dict[str, Any], settings: EvalSettings,
+             limit: int | None) -> bool:
+    """Whether a saved evaluation measured this very checkpoint (same saved info: epoch,
+    config, metrics) with these settings on the same test subset. Settings a saved file
+    predates count at their defaults (e.g. suite "paper": what was run before it existed)."""
+    record = settings_record(settings, limit)
+    saved = {**settings_record(EvalSettings(), None), **cached.settings}
+    return same_json(saved, record) and same_json(cached.info, json.loads(json.dumps(info)))
+
+
+def noise_sigma(result: EvalResult, preferred: float = 0.1) -> float | None:
+    """The noise level of the headline noise accuracy: ``preferred`` (the paper's) when
+    measured, else the first non-zero one; None without a noise measurement."""
+    if result.noise is None:
+        return None
+    sigmas = [s for s in result.noise.sigmas if s > 0]
+    return preferred if result.noise.at(preferred) is not None else (sigmas[0] if sigmas else None)
+
+
+def summary(result: EvalResult) -> dict[str, float | None]:
+    """The paper's four numbers for one model: clean, noise, APGD l_inf, APGD l_2 (0..1)."""
+    sigma = noise_sigma(result)
+    return {"clean": result.clean_accuracy,
+            "noise": None if sigma is None else result.noise.at(sigma),
+            "linf": result.attacks["Linf"].apgd.accuracy if "Linf" in result.attacks else None,
+            "l2": result.attacks["L2"].apgd.accuracy if "L2" in result.attacks else None}
+
+
+def worst_cases(result: EvalResult) -> dict[str, Any]:
+    """Per norm, the worst case per image over every attack run (``--attacks`` beyond
+    paper), as an AttackResult; norms without one are left out."""
+    return {norm: suite.adaptive.worst for norm, suite in result.attacks.items()
+            if suite.adaptive is not None}

@@ -7,15 +7,20 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from hahnet.config import EvalSettings
+from hahnet.eval.adaptive import Source, Target, run_adaptive
+from hahnet.eval.adaptive import estimate_seconds as adaptive_seconds
 from hahnet.eval.attacks import adversarial_accuracy, compare_attacks, pgd_accuracy, square_accuracy
-from hahnet.eval.base import EvalError, Progress, _check_data, _eval_mode, _prepare
-from hahnet.eval.metrics import clean_accuracy, first_layer_filters, noise_accuracy, snr_db, sparsity
+from hahnet.eval.base import (EvalError, Progress, _check_data, _eval_mode, _prepare,
+                              cudnn_autotuning_off)
+from hahnet.eval.metrics import (clean_accuracy, first_layer_filters, measurable, noise_accuracy,
+                                 snr_db, sparsity)
 from hahnet.eval.results import AttackSuite, EvalResult
 
 PhaseProgress = Callable[[str, int], Progress]  # (phase, images) -> per-batch callback
@@ -25,19 +30,24 @@ def _phase(progress: PhaseProgress | None, name: str, total: int) -> Progress | 
     return None if progress is None else progress(name, total)
 
 
+@cudnn_autotuning_off()
 def evaluate_model(model: nn.Module, images: Tensor, labels: Tensor, settings: EvalSettings,
                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                    progress: PhaseProgress | None = None, name: str = "model",
                    checkpoint: str | None = None,
-                   info: dict[str, Any] | None = None, env: Any = None) -> EvalResult:
+                   info: dict[str, Any] | None = None, env: Any = None,
+                   sources: Sequence[Source] = ()) -> EvalResult:
     """Run every measurement ``settings`` asks for; ``progress(phase, total)`` returns the
     callback for that phase's loop (the CLI opens a tqdm bar per phase). With ``env``
-    (torchrun, :func:`hahnet.distributed.setup`) clean and noise accuracy and the attacks
+    (torchrun, :func:`hahnet.training.distributed.setup`) clean and noise accuracy and the attacks
     are sharded over the processes (same numbers as one process); sparsity and SNR, which
-    are cheap, run whole on every process."""
+    are cheap, run whole on every process. cuDNN autotuning is off meanwhile (attacks
+    change batch sizes all the time). ``sources``: (name, model) of the checkpoints
+    whose adversarial examples the transfer attack uses (``suite`` adaptive or all)."""
     _check_data(images, labels)
     s, seconds, bs = settings, {}, settings.batch_size
     model = _prepare(model, device, dtype)
+    sources = [(source_name, _prepare(source, device, dtype)) for source_name, source in sources]
 
     def timed(key: str, fn: Callable[[], Any]) -> Any:
         start = time.perf_counter()
@@ -54,7 +64,7 @@ def evaluate_model(model: nn.Module, images: Tensor, labels: Tensor, settings: E
             model, images, labels, s.noise_sigmas, s.noise_draws, s.noise_seed, bs, device,
             dtype, _phase(progress, "noise", n), env))
     layers, snr = [], None
-    if s.layer_stats and getattr(model, "features", None) is not None:
+    if s.layer_stats and measurable(model):
         layers = timed("sparsity", lambda: sparsity(model, images, labels, bs, device, dtype,
                                                     progress=_phase(progress, "sparsity", n)))
         snr = timed("snr", lambda: snr_db(model, images, labels, s.snr_sigma, s.snr_seed, bs,
@@ -66,7 +76,7 @@ def evaluate_model(model: nn.Module, images: Tensor, labels: Tensor, settings: E
         order = torch.randperm(n, generator=torch.Generator().manual_seed(s.attack_seed))[:m]
         for norm in s.norms:
             suites[norm] = timed(f"attacks_{norm}", lambda norm=norm: _suite(
-                model, images, labels, order, norm, s, device, dtype, progress, env))
+                model, images, labels, order, norm, s, device, dtype, progress, env, sources))
     filters = first_layer_filters(model)
     return EvalResult(name, checkpoint, _config_dict(model), info or {}, n, clean, noise,
                       suites, layers, snr, None if filters is None else filters.tolist(),
@@ -80,7 +90,8 @@ def _config_dict(model: nn.Module) -> dict[str, Any]:
 
 def _suite(model: nn.Module, all_images: Tensor, all_labels: Tensor, order: Tensor, norm: str,
            s: EvalSettings, device: torch.device | str, dtype: torch.dtype,
-           progress: PhaseProgress | None, env: Any = None) -> AttackSuite:
+           progress: PhaseProgress | None, env: Any = None,
+           sources: Sequence[Source] = ()) -> AttackSuite:
     images, labels = all_images[order], all_labels[order]
     eps, m, bs, seed = s.eps(norm), len(labels), s.attack_batch_size, s.attack_seed
     apgd = adversarial_accuracy(model, images, labels, norm, eps, s.apgd_steps, seed, None, bs,
@@ -95,8 +106,14 @@ def _suite(model: nn.Module, all_images: Tensor, all_labels: Tensor, order: Tens
         square = square_accuracy(model, images[:k], labels[:k], norm, eps, s.square_queries,
                                  seed, bs, device, dtype, _phase(progress, f"Square {norm}", k),
                                  env)
+    adaptive = None
+    if s.attacks and s.suite != "paper":
+        target = Target(model, images, labels, s, apgd.params["n_classes"], device, dtype,
+                        progress, env)
+        adaptive = run_adaptive(target, norm, eps, apgd, [r for r in (pgd, square) if r],
+                                sources)
     return AttackSuite(norm, eps, order.tolist(), apgd, pgd, square,
-                       compare_attacks(apgd, pgd, square))
+                       compare_attacks(apgd, pgd, square), adaptive)
 
 
 def check_compatible(model: nn.Module, images: Tensor, labels: Tensor,
@@ -156,6 +173,7 @@ def time_batch(model: nn.Module, image_shape: Sequence[int], batch_size: int,
     return forward, time.perf_counter() - start
 
 
+@cudnn_autotuning_off()  # as evaluate_model runs
 def estimate_seconds(model: nn.Module, settings: EvalSettings, n_images: int,
                      image_shape: Sequence[int] = (3, 32, 32), num_classes: int | None = None,
                      device: torch.device | str = "cpu",
@@ -180,7 +198,7 @@ def estimate_seconds(model: nn.Module, settings: EvalSettings, n_images: int,
         per_norm = math.ceil(m / abs_) * (calls * ga + (3 + targets + s.pgd_restarts) * fa)
         per_norm += math.ceil(k / abs_) * s.square_queries * fa
         for norm in s.norms:
-            out[f"attacks_{norm}"] = per_norm
+            out[f"attacks_{norm}"] = per_norm + adaptive_seconds(s, m, abs_, fa, ga, classes)
     out["total"] = sum(out.values())
     return out
 
@@ -189,7 +207,7 @@ def evaluation_split(dataset: Any, split: str, infos: Sequence[tuple[str, dict[s
     """The test set, or the training images every checkpoint held out (the same seeded
     split ``train --holdout`` made); EvalError when there is none or they differ.
     ``infos``: (path, checkpoint info) per checkpoint."""
-    from hahnet.data import split_holdout
+    from hahnet.data.datasets import split_holdout
 
     if split == "test":
         return dataset.test
@@ -207,8 +225,15 @@ def evaluation_split(dataset: Any, split: str, infos: Sequence[tuple[str, dict[s
     return split_holdout(dataset.train, fraction, seed)[1]
 
 
+def shown_path(path: str | Path) -> str:
+    """The data path as a report shows it: as given when relative, only the folder's name
+    when absolute (reports are shared; the layout of the machine that wrote them is not)."""
+    return Path(path).name if Path(path).is_absolute() else str(path)
+
+
 def data_record(path: str, dataset: Any, test: Any, limit: int | None, limit_seed: int = 0,
                 split: str = "test") -> dict[str, Any]:
     """How the evaluated images were chosen, for results.json and the report."""
-    return {"path": str(path), "name": dataset.name, "split": split, "n_images": len(test),
-            "limit": limit, "limit_seed": limit_seed, "classes": list(test.classes)}
+    return {"path": shown_path(path), "name": dataset.name, "split": split,
+            "n_images": len(test), "limit": limit, "limit_seed": limit_seed,
+            "classes": list(test.classes)}

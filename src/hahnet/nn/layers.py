@@ -2,7 +2,7 @@
 normalization, top-fraction threshold, and the HaH and VGG blocks built from them.
 
 Every layer is a plain ``nn.Module`` on NCHW tensors; their fused autograd functions
-are in :mod:`hahnet.nn.fused`. The HaH cost lives in :mod:`hahnet.hah`, which computes a
+are in :mod:`hahnet.nn.fused`. The HaH cost lives in :mod:`hahnet.nn.hah`, which computes a
 convolution's score through :func:`conv_override` (no layer attribute is ever set).
 The formulas and the paper's settings: docs/method.md.
 """
@@ -20,11 +20,13 @@ from torch import Tensor, nn
 
 from hahnet.config import PAPER_KEEP, PAPER_SIGMA
 from hahnet.nn.fused import (_DivisiveNorm, _TopFraction, divisive_norm_reference, eager_mode,
-                             top_fraction_reference)
-from hahnet.nn.fused_block import hah_activation
-from hahnet.nn.weight_norm import normalize_filters
+                             hah_activation, normalize_filters, top_fraction_reference)
 
 WN_EPS = 1e-6
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+FASHION_MNIST_MEAN = (0.2860,)
+FASHION_MNIST_STD = (0.3530,)
 
 # (x, normalized weight, stride, padding) -> output; see conv_override.
 ConvFunction = Callable[[Tensor, Tensor, tuple, tuple], Tensor]
@@ -53,8 +55,9 @@ class WNConv2d(nn.Conv2d):
     activation-sized one.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
-                 stride: int = 1, padding: int = 1) -> None:
+    def __init__(self, in_channels: int, out_channels: int,
+                 kernel_size: int | tuple[int, int] = 3, stride: int | tuple[int, int] = 1,
+                 padding: int | tuple[int, int] = 1) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride=stride,
                          padding=padding, bias=False)
 
@@ -133,12 +136,15 @@ class TopFractionThreshold(nn.Module):
 
 
 class HaHBlock(nn.Module):
-    """WN conv -> ReLU -> divisive normalization -> top-fraction threshold."""
+    """WN conv -> ReLU -> divisive normalization -> top-fraction threshold. The paper's
+    convolution is 3x3, stride 1, padding 1; :func:`hahnet.hahify` passes other shapes."""
 
     def __init__(self, in_channels: int, out_channels: int, sigma: float = PAPER_SIGMA,
-                 keep: float = PAPER_KEEP) -> None:
+                 keep: float = PAPER_KEEP, kernel_size: int | tuple[int, int] = 3,
+                 stride: int | tuple[int, int] = 1,
+                 padding: int | tuple[int, int] = 1) -> None:
         super().__init__()
-        self.conv = WNConv2d(in_channels, out_channels)
+        self.conv = WNConv2d(in_channels, out_channels, kernel_size, stride, padding)
         self.relu = nn.ReLU()
         self.divnorm = DivisiveNorm2d(sigma)
         self.threshold = TopFractionThreshold(keep)
@@ -153,7 +159,7 @@ class HaHBlock(nn.Module):
 
 def hah_block_activation(z: Tensor, relu: nn.Module, divnorm: nn.Module,
                          threshold: nn.Module) -> Tensor:
-    """``threshold(divnorm(relu(z)))``; as one fused pass (:mod:`hahnet.nn.fused_block`)
+    """``threshold(divnorm(relu(z)))``; as one fused pass (:func:`hahnet.nn.fused.hah_activation`)
     in eager CPU execution when the parts are plain ReLU, DivisiveNorm2d and
     TopFractionThreshold modules without hooks (the fused code computes exactly their
     formulas, and would skip the hooks)."""
@@ -206,3 +212,28 @@ class InputNormalize(nn.Module):
         mean = tuple(round(v, 4) for v in self.mean.flatten().tolist())
         std = tuple(round(v, 4) for v in self.std.flatten().tolist())
         return f"mean={mean}, std={std}"
+
+
+def default_normalization(in_channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """CIFAR-10 statistics for 3 channels, Fashion-MNIST's for 1, else 0.5/0.25."""
+    if in_channels == 3:
+        return CIFAR10_MEAN, CIFAR10_STD
+    if in_channels == 1:
+        return FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    return (0.5,) * in_channels, (0.25,) * in_channels
+
+
+def input_normalization(in_channels: int, mean: tuple[float, ...] | None,
+                        std: tuple[float, ...] | None) -> InputNormalize:
+    """The model's first module: ``mean``/``std`` if given, else the defaults for
+    ``in_channels``; ValueError when their length is not ``in_channels``."""
+    if mean is None or std is None:
+        mean, std = default_normalization(in_channels)
+    if len(mean) != in_channels:
+        raise ValueError(f"normalization has {len(mean)} channels but in_channels={in_channels}")
+    return InputNormalize(mean, std)
+
+
+def scaled(channels: int, width: float) -> int:
+    """Channel count scaled by width, at least 1."""
+    return max(1, int(round(channels * width)))

@@ -1,0 +1,448 @@
+"""Sweeps: a declared grid of training runs over several seeds, evaluated on held-out
+training images, summarised per setting as mean +- sd over seeds, with the HaH-minus-
+standard gain of every metric paired by seed.
+
+A sweep file (TOML) names shared training settings, a grid (every combination of its
+values), optional explicit runs, the seeds and one evaluation spec; see docs/sweep.md.
+Runs live in ``OUT/runs/NAME-seedS`` (ordinary run directories), evaluations in
+``OUT/evals/NAME-seedS@EPOCH.json``; both are reused when their settings match, and a
+run directory trained with other settings is refused before any work starts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from hahnet.training import checkpoint
+from hahnet.config import ATTACK_SUITES, EvalSettings, TrainConfig
+from hahnet.eval.results import (EvalResult, result_from_dict, results_json, reusable,
+                                 settings_record)
+from hahnet.io import write_json
+from hahnet.training.rundir import RunDir
+
+RUNS_DIR = "runs"
+EVALS_DIR = "evals"
+# Settings that only a HaH network has: a HaH run's standard partner differs in these alone.
+HAH_ONLY = frozenset({"hah", "alphas", "ratio", "demote", "sigma", "keep", "hah_layers"})
+EVAL_KEYS = frozenset({"split", "limit", "limit_seed", "epochs"})
+
+
+class SweepError(ValueError):
+    """A sweep file or run directory that cannot be used as asked; one line to the user."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of the sweep: a named setting at one seed."""
+
+    name: str
+    seed: int
+    train: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}-seed{self.seed}"
+
+    @property
+    def config(self) -> TrainConfig:
+        return TrainConfig.from_dict({**self.train, "seed": self.seed})
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A parsed sweep file."""
+
+    name: str
+    runs: tuple[RunSpec, ...]
+    settings: EvalSettings
+    split: str = "holdout"
+    limit: int | None = None
+    limit_seed: int = 0
+    eval_epochs: tuple[int, ...] = ()  # 1-based; () = the last epoch only
+    data: str | None = None
+
+    def epochs_of(self, run: RunSpec) -> tuple[int, ...]:
+        last = run.config.epochs
+        return tuple(e for e in self.eval_epochs if e <= last) or (last,)
+
+    def settings_dict(self) -> dict[str, Any]:
+        return {**settings_record(self.settings, self.limit), "split": self.split,
+                "limit_seed": self.limit_seed}
+
+
+# ------------------------------------------------------------------ parsing
+
+def _run_name(values: dict[str, Any]) -> str:
+    parts = ["hah" if values.get("hah") else "std"]
+    for key, value in values.items():
+        if key == "hah":
+            continue
+        shown = ",".join(f"{v:g}" for v in value) if isinstance(value, (list, tuple)) else \
+            (f"{value:g}" if isinstance(value, float) else str(value))
+        parts.append(f"{key}{shown}")
+    return "-".join(parts)
+
+
+def _checked_train(values: dict[str, Any], where: str) -> dict[str, Any]:
+    known = set(TrainConfig.__dataclass_fields__) - {"seed"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SweepError(f"{where}: unknown training setting(s) {unknown}; use TrainConfig "
+                         f"fields such as width, hah, epochs, alphas, limit_train, holdout")
+    return dict(values)
+
+
+def parse(data: dict[str, Any], source: str = "sweep") -> Sweep:
+    """Build a :class:`Sweep` from a sweep file's parsed TOML (see the module doc)."""
+    allowed = {"name", "seeds", "data", "train", "grid", "runs", "eval"}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise SweepError(f"{source}: unknown top-level key(s) {unknown}; expected {sorted(allowed)}")
+    seeds = data.get("seeds", [2022])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds) \
+            or len(set(seeds)) != len(seeds):
+        raise SweepError(f"{source}: seeds must be a non-empty list of distinct integers, got {seeds!r}")
+    base = _checked_train(data.get("train", {}), f"{source} [train]")
+    grid = data.get("grid", {})
+    if any(not isinstance(v, list) or not v for v in grid.values()):
+        raise SweepError(f"{source} [grid]: every entry is a non-empty list of values")
+    _checked_train(grid, f"{source} [grid]")
+    points: list[tuple[str, dict[str, Any]]] = []
+    if grid or not data.get("runs"):
+        keys = list(grid)
+        for combo in itertools.product(*(grid[k] for k in keys)):
+            values = dict(zip(keys, combo))
+            points.append((_run_name(values), {**base, **values}))
+    for index, entry in enumerate(data.get("runs", [])):
+        entry = dict(entry)
+        name = entry.pop("name", None)
+        if not name or not isinstance(name, str) or "@" in name or "/" in name:
+            raise SweepError(f"{source} [[runs]] #{index + 1}: needs a name (no '@' or '/')")
+        points.append((name, {**base, **_checked_train(entry, f"{source} run {name!r}")}))
+    names = [n for n, _ in points]
+    if len(set(names)) != len(names):
+        raise SweepError(f"{source}: run names repeat: {sorted(n for n in set(names) if names.count(n) > 1)}")
+    runs = []
+    for name, train in points:
+        for seed in seeds:
+            spec = RunSpec(name, seed, train)
+            try:
+                spec.config
+            except (TypeError, ValueError) as error:
+                raise SweepError(f"{source} run {spec.key}: {error}") from None
+            runs.append(spec)
+    return Sweep(str(data.get("name", Path(source).stem)), tuple(runs),
+                 *_parse_eval(data.get("eval", {}), source), data=data.get("data"))
+
+
+def _parse_eval(spec: dict[str, Any], source: str) -> tuple[EvalSettings, str, int | None, int, tuple[int, ...]]:
+    spec = dict(spec)
+    split = spec.pop("split", "holdout")
+    if split not in ("holdout", "test"):
+        raise SweepError(f"{source} [eval]: split must be 'holdout' or 'test', got {split!r}")
+    limit, limit_seed = spec.pop("limit", None), spec.pop("limit_seed", 0)
+    epochs = spec.pop("epochs", [])
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise SweepError(f"{source} [eval]: limit must be a positive number of images, got {limit!r}")
+    if not isinstance(epochs, list) or not all(isinstance(e, int) and e >= 1 for e in epochs):
+        raise SweepError(f"{source} [eval]: epochs must be a list of 1-based epochs, got {epochs!r}")
+    known = set(EvalSettings.__dataclass_fields__)
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise SweepError(f"{source} [eval]: unknown setting(s) {unknown}; use EvalSettings fields "
+                         f"(noise_sigmas, attack_limit, eps_linf, ...) or {sorted(EVAL_KEYS)}")
+    for key in ("noise_sigmas", "norms"):
+        if key in spec:
+            spec[key] = tuple(spec[key])
+    if isinstance(spec.get("attacks"), str):  # attacks = "adaptive": the suite, as `eval --attacks`
+        spec["suite"] = spec.pop("attacks")
+    elif not isinstance(spec.get("attacks", True), bool):
+        raise SweepError(f"{source} [eval]: attacks must be one of {', '.join(ATTACK_SUITES)} "
+                         f"or false, got {spec['attacks']!r}")
+    spec.setdefault("pgd_steps", 0)       # masking checks are `hahnet eval`'s job
+    spec.setdefault("square_limit", 0)
+    return EvalSettings(**spec), split, limit, int(limit_seed), tuple(sorted(set(epochs)))
+
+
+def loads(text: str, source: str = "sweep") -> Sweep:
+    """Parse and check a sweep file's text (``source`` names it in errors)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise SweepError(f"{source} is not valid TOML: {error}") from None
+    return parse(data, source)
+
+
+def load(path: str | Path) -> Sweep:
+    """Read and check a sweep file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SweepError(f"no sweep file at {path}; see docs/sweep.md for the format") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise SweepError(f"cannot read the sweep file {path}: {error}") from None
+    return loads(text, str(path))
+
+
+def partner(sweep: Sweep, hah_name: str) -> str | None:
+    """The standard setting a HaH setting is compared with: equal in every non-HaH setting."""
+    settings = {r.name: r.train for r in sweep.runs}
+    mine = {k: v for k, v in settings[hah_name].items() if k not in HAH_ONLY}
+    for name, train in settings.items():
+        if not train.get("hah") and {k: v for k, v in train.items() if k not in HAH_ONLY} == mine:
+            return name
+    return None
+
+
+
+# ------------------------------------------------------------------ planning
+
+@dataclass
+class Task:
+    """One unit of work: train a run, or evaluate one of its epochs."""
+
+    kind: str  # "train" | "eval"
+    run: RunSpec
+    epoch: int = 0
+    cost: float = 1.0  # relative, for the ETA and longest-first scheduling
+
+    @property
+    def label(self) -> str:
+        return self.run.key if self.kind == "train" else f"{self.run.key}@{self.epoch}"
+
+
+def run_dir(out: Path, run: RunSpec) -> Path:
+    return Path(out) / RUNS_DIR / run.key
+
+
+def eval_file(out: Path, run: RunSpec, epoch: int) -> Path:
+    return Path(out) / EVALS_DIR / f"{run.key}@{epoch}.json"
+
+
+def _trained(directory: Path, epochs: int) -> bool:
+    history = RunDir(directory).history()
+    return bool(history) and history[-1]["epoch"] + 1 >= epochs \
+        and (directory / checkpoint.MODEL_FILE).exists()
+
+
+def _train_cost(config: TrainConfig, done_epochs: int = 0) -> float:
+    images = config.limit_train or 50_000
+    return (config.epochs - done_epochs) * images * config.width * (2.0 if config.hah else 1.0)
+
+
+def _eval_cost(sweep: Sweep, run: RunSpec) -> float:
+    config = run.config
+    n = sweep.settings.attack_limit or sweep.limit or 10_000
+    steps = sweep.settings.apgd_steps * (1 + 9) * len(sweep.settings.norms) if sweep.settings.attacks else 1
+    return n * steps * 3 * config.width * (2.0 if config.hah else 1.0) / 40
+
+
+def check(sweep: Sweep, out: Path) -> None:
+    """Refuse, before any work, run directories trained with other settings and
+    unreadable histories or saved evaluations."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SweepError(f"--out {out} is a file; pass a directory")
+    for run in sweep.runs:
+        directory = run_dir(out, run)
+        try:
+            mismatch = RunDir(directory).mismatch(run.config)
+            RunDir(directory).history()
+        except ValueError as error:
+            raise SweepError(str(error)) from None
+        if mismatch:
+            raise SweepError(f"{directory} holds a run with other settings ({mismatch}); "
+                             f"pass another --out or delete {directory}")
+        if sweep.split == "holdout" and not run.config.holdout:
+            raise SweepError(f"run {run.name}: [eval] split 'holdout' needs holdout > 0 in its "
+                             f"training settings (e.g. holdout = 0.05)")
+
+
+def plan(sweep: Sweep, out: Path, re_evaluate: bool = False) -> tuple[list[Task], list[Task]]:
+    """(training tasks, evaluation tasks) still to do; finished work is skipped."""
+    out = Path(out)
+    trains, evals = [], []
+    for run in sweep.runs:
+        config = run.config
+        directory = run_dir(out, run)
+        if not _trained(directory, config.epochs):
+            done = len(RunDir(directory).history())
+            trains.append(Task("train", run, cost=_train_cost(config, done)))
+        for epoch in sweep.epochs_of(run):
+            if re_evaluate or not _saved_eval_matches(sweep, out, run, epoch):
+                evals.append(Task("eval", run, epoch, _eval_cost(sweep, run)))
+    return trains, evals
+
+
+def _saved_eval_matches(sweep: Sweep, out: Path, run: RunSpec, epoch: int) -> bool:
+    path = eval_file(out, run, epoch)
+    if not path.exists():
+        return False
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        cached = _result(saved)
+        info = checkpoint.read_info(checkpoint.resolve(f"{run_dir(out, run)}@{epoch}"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    same_split = saved.get("split") == sweep.split and saved.get("limit_seed") == sweep.limit_seed
+    return same_split and reusable(cached, info, sweep.settings, sweep.limit)
+
+
+def read_eval(path: Path) -> EvalResult:
+    """A saved evaluation of one run at one epoch."""
+    return _result(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def _result(saved: dict[str, Any]) -> EvalResult:
+    return result_from_dict(saved["result"])
+
+
+# ------------------------------------------------------------------ workers
+
+def train_task(directory: str, train: dict[str, Any], data: str, cache_dir: str | None,
+               threads: int, device: str) -> float:
+    """Train (or resume) one run in ``directory``; returns the seconds it took."""
+    import torch
+
+    from hahnet.data.datasets import load_dataset
+    from hahnet.training.device import resolve_device
+    from hahnet.training.trainer import Trainer
+
+    started = time.perf_counter()
+    torch.set_num_threads(threads)
+    config = TrainConfig.from_dict(train)
+    trainer = Trainer(config, load_dataset(data, cache_dir=cache_dir), Path(directory),
+                      resolve_device(device))
+    if RunDir(directory).has_checkpoint():
+        trainer.resume()
+    trainer.fit()
+    return time.perf_counter() - started
+
+
+def eval_task(checkpoint_path: str, target: str, settings: dict[str, Any], split: str,
+              limit: int | None, limit_seed: int, data: str, cache_dir: str | None,
+              threads: int, device: str) -> float:
+    """Evaluate one checkpoint on its run's held-out images (or the test set) and write
+    the result JSON to ``target``; returns the seconds it took."""
+    import torch
+
+    from hahnet.data.datasets import load_dataset
+    from hahnet.training.device import resolve_device
+    from hahnet.eval.runner import evaluate_model, evaluation_split
+
+    started = time.perf_counter()
+    torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    info = checkpoint.read_info(checkpoint_path)
+    model = checkpoint.load(checkpoint_path, device=dev)
+    images = evaluation_split(load_dataset(data, cache_dir=cache_dir), split,
+                              [(checkpoint_path, info)])
+    if limit:
+        images = images.limit(limit, limit_seed)
+    values = dict(settings)
+    for key in ("noise_sigmas", "norms"):
+        values[key] = tuple(values[key])
+    result = evaluate_model(model, images.images, images.labels, EvalSettings(**values), dev,
+                            name=Path(target).stem, checkpoint=checkpoint_path, info=info)
+    result.settings["limit"] = limit  # what eval.results.reusable compares
+    record = {"split": split, "limit_seed": limit_seed,
+              "result": results_json([result])["models"][0]}
+    write_json(Path(target), record)
+    return time.perf_counter() - started
+
+
+# ------------------------------------------------------------------ running
+
+Progress = Callable[[str], None]
+
+
+def run(sweep: Sweep, out: str | Path, data: str, cache_dir: str | None = None,
+        jobs: int = 2, threads: int = 1, device: str = "cpu", re_evaluate: bool = False,
+        progress: Progress | None = None) -> None:
+    """Train what is missing, then evaluate what is missing (``jobs`` processes of
+    ``threads`` threads each, longest first); :mod:`hahnet.experiments.sweep_summary` reads
+    them back."""
+    out = Path(out)
+    check(sweep, out)
+    trains, evals = plan(sweep, out, re_evaluate)
+    say = progress or (lambda message: None)
+    total = len(sweep.runs) + sum(len(sweep.epochs_of(r)) for r in sweep.runs)
+    say(f"{sweep.name}: {len(sweep.runs)} runs, {total - len(trains) - len(evals)} of {total} "
+        f"tasks already done; {len(trains)} to train, {len(evals)} to evaluate "
+        f"({jobs} x {threads} thread(s) on {device})")
+    counter = _Counter(total - len(trains) - len(evals), total, trains + evals, say)
+
+    def submit(pool, task: Task) -> Future:
+        directory = run_dir(out, task.run)
+        if task.kind == "train":
+            return pool.submit(train_task, str(directory), {**task.run.train, "seed": task.run.seed},
+                               data, cache_dir, threads, device)
+        path = str(checkpoint.resolve(f"{directory}@{task.epoch}"))
+        return pool.submit(eval_task, path, str(eval_file(out, task.run, task.epoch)),
+                           asdict(sweep.settings), sweep.split, sweep.limit, sweep.limit_seed,
+                           data, cache_dir, threads, device)
+
+    _run_tasks(sorted(trains, key=lambda t: -t.cost) + sorted(evals, key=lambda t: -t.cost),
+               submit, jobs, counter)
+
+
+class _Counter:
+    """Which task of how many, and the ETA from the cost of what is left."""
+
+    def __init__(self, done: int, total: int, tasks: Sequence[Task], say: Progress) -> None:
+        self.done, self.total, self.say = done, total, say
+        self.cost_left = sum(t.cost for t in tasks)
+        self.cost_done, self.started = 0.0, time.perf_counter()
+
+    def finished(self, task: Task, seconds: float) -> None:
+        self.done += 1
+        self.cost_left -= task.cost
+        self.cost_done += task.cost
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / self.cost_done * self.cost_left if self.cost_done else 0.0
+        verb = "trained" if task.kind == "train" else "evaluated"
+        self.say(f"[{self.done}/{self.total}] {verb} {task.label} in {seconds / 60:.1f} min; "
+                 f"ETA {eta / 60:.0f} min")
+
+
+def _run_tasks(tasks: list[Task], submit: Callable[[Any, Task], Future], jobs: int,
+               counter: _Counter) -> None:
+    """Run ``tasks`` in order, ``jobs`` at a time; a run's evaluations wait until it is
+    trained, and meanwhile later tasks go first so that no process idles."""
+    if not tasks:
+        return
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        pending: dict[Future, Task] = {}
+        queue = list(tasks)
+        while queue or pending:
+            while len(pending) < jobs:
+                training = {t.run.key for t in [*queue, *pending.values()] if t.kind == "train"}
+                ready = [t for t in queue if t.kind == "train" or t.run.key not in training]
+                if not ready:
+                    break
+                queue.remove(ready[0])
+                pending[submit(pool, ready[0])] = ready[0]
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                task = pending.pop(future)
+                try:
+                    seconds = future.result()
+                except Exception as error:
+                    for other in pending:
+                        other.cancel()
+                    raise SweepError(f"{task.kind} {task.label} failed: "
+                                     f"{type(error).__name__}: {error}") from error
+                counter.finished(task, seconds)
