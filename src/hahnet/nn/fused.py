@@ -92,17 +92,17 @@ CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32
 UNCHUNKED_ELEMENTS = 1 << 16
 
 
-def batch_chunks(batch: int, per_image: int,
-                 device: torch.device | str | None = None) -> list[tuple[int, int]]:
-    """(start, stop) ranges of about CHUNK_ELEMENTS elements over a batch of images of
-    ``per_image`` elements each; one range when the whole batch is small, or when it
-    lives on an accelerator (``device`` not a CPU): a GPU wants few large launches, and
-    its caches are no reason to split a batch."""
+def batch_chunks(batch: int, per_image: int, device: torch.device | str | None = None,
+                 scale: int = 1) -> list[tuple[int, int]]:
+    """(start, stop) ranges of about ``scale`` x CHUNK_ELEMENTS elements over a batch of
+    images of ``per_image`` elements each; one range when the whole batch is small, or
+    when it lives on an accelerator (``device`` not a CPU): a GPU wants few large
+    launches, and its caches are no reason to split a batch."""
     if device is not None and torch.device(device).type != "cpu":
         return [(0, batch)]
     if batch * per_image <= UNCHUNKED_ELEMENTS:  # small enough to stay in cache as a whole
         return [(0, batch)]
-    step = max(1, CHUNK_ELEMENTS // max(1, per_image))
+    step = max(1, scale * CHUNK_ELEMENTS // max(1, per_image))
     return [(start, min(batch, start + step)) for start in range(0, batch, step)]
 
 
