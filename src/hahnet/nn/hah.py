@@ -116,7 +116,8 @@ def _winners_by_threshold(z: Tensor, k: int, accumulate: torch.dtype
                           ) -> tuple[_Winners, Tensor, Tensor] | None:
     """The top-K channels of relu(z) at every position, and the per-position sums of the
     winners' and of all rectified values; ``None`` if z is not finite. Exact: only max,
-    compare and 0/1 products (in one scratch buffer), plus topk at tied positions."""
+    compare and 0/1 products (in one scratch buffer), plus topk at tied positions. For a
+    CPU only: its checks for inf/NaN and ties read values, a host sync on an accelerator."""
     n, c, h, w = z.shape
     chunks = batch_chunks(n, c * h * w, z.device)  # cache-sized, as the fused layers
     scratch = torch.empty_like(z[: chunks[0][1]])
@@ -277,7 +278,7 @@ class _ScoredConv(torch.autograd.Function):
                 demote: float) -> tuple[Tensor, Tensor]:
         z = F.conv2d(x, weight.to(x.dtype), None, stride, padding)
         k = winners(z.shape[1], ratio)
-        found = None
+        found = None  # an accelerator takes topk's winners: no value read, no host sync
         if z.device.type == "cpu" and k <= FAST_WINNERS_MAX_K and eager_mode():
             accumulate = torch.promote_types(z.dtype, torch.float32)
             result = _winners_by_threshold(z, k, accumulate)
@@ -321,8 +322,8 @@ def scored_conv2d(x: Tensor, weight: Tensor, stride, padding, ratio: float,
     the custom backward sees consistent dtypes; ``weight`` stays as it is (fp32) and is
     cast inside, so that its gradient comes back in fp32 with the score's part intact.
     """
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    device_type = x.device.type  # a device without autocast (meta) runs as it is
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
             return _ScoredConv.apply(x.to(dtype), weight, stride, padding, ratio, demote)
