@@ -9,7 +9,6 @@ one line on stderr and exit status 2, see docs/errors.md) and prints; the work i
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shlex
 import sys
@@ -19,6 +18,7 @@ from typing import Any, Sequence
 from hahnet import config as cfg
 from hahnet.cli.console import say
 from hahnet.errors import UserError
+from hahnet.training.device import cpu_threads
 from hahnet.training.run import DEFAULT_DATA, check_out
 
 class Parser(argparse.ArgumentParser):
@@ -284,20 +284,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@contextlib.contextmanager
-def threads_restored():
-    """Run a command and give the caller back its torch thread count (``--threads`` sets
-    a process-wide value; a program or test that calls :func:`main` keeps its own)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-
-
 def main(argv: Sequence[str] | None = None, own_process: bool = False) -> int:
     """Run one ``hahnet`` command; returns its exit status. Process-wide settings it makes
     are undone on return (threads), or refused unless ``own_process`` says this call is
@@ -309,7 +295,7 @@ def main(argv: Sequence[str] | None = None, own_process: bool = False) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for reports: how to rerun
     args.own_process = own_process
     try:
-        with threads_restored():
+        with cpu_threads(None):  # --threads is undone for a caller of main
             return args.func(args)
     except UserError as error:
         if not getattr(error, "quiet", False):
