@@ -126,7 +126,8 @@ def eval_settings(args: argparse.Namespace) -> cfg.EvalSettings:
                  autoattack_queries=args.autoattack_queries, adaptive_limit=args.adaptive_limit,
                  transfer_steps=args.transfer_steps, bpda=args.bpda,
                  bpda_temperature=args.bpda_temperature, sweep_limit=args.sweep_limit,
-                 sweep_eps_linf=args.sweep_eps_linf, sweep_eps_l2=args.sweep_eps_l2)
+                 sweep_eps_linf=args.sweep_eps_linf, sweep_eps_l2=args.sweep_eps_l2,
+                 norms=args.norms)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

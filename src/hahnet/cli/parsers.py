@@ -154,6 +154,9 @@ def add_eval(subparsers, commands: dict[str, Any]) -> None:
     parser.add_argument("--square-queries", type=non_negative, default=1000, metavar="Q",
                         help="Square queries per image (1000)")
     parser.add_argument("--no-attacks", action="store_true", help="skip all adversarial attacks")
+    parser.add_argument("--norms", type=NORMS, default=("Linf", "L2"), metavar="Linf,L2",
+                        help="threat models attacked (both); one at a time splits a long "
+                             "evaluation; `hahnet report` joins the parts")
     add_attack_suite(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of noise, SNR and attacks (0)")
     parser.add_argument("--batch-size", type=positive, default=128, help="images per batch (128)")
@@ -170,6 +173,8 @@ def add_eval(subparsers, commands: dict[str, Any]) -> None:
 
 BPDA = typed(lambda t: tuple(v.strip() for v in t.split(",") if v.strip()),
              "a comma-separated list of BPDA variants")
+NORMS = typed(lambda t: tuple(v.strip() for v in t.split(",") if v.strip()),
+              "Linf, L2 or Linf,L2")
 
 
 def add_attack_suite(parser: argparse.ArgumentParser) -> None:
