@@ -1,4 +1,4 @@
-"""The ``hahnet`` command: ``train``, ``eval``, ``reproduce``, ``presets``, ``bench``, ``sweep``.
+"""The ``hahnet`` command: ``train``, ``eval``, ``report``, ``reproduce``, ``presets``, ``bench``, ``sweep``.
 
 This module parses and checks flags (every setting before any work starts; a bad one is
 one line on stderr and exit status 2, see docs/errors.md) and prints; the work is done by
@@ -141,6 +141,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return eval_run.run(args, settings)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Read every results file first (a bad one is one line), join the parts, write."""
+    from hahnet.eval.results import join_parts, read_results
+    from hahnet.reporting import evaluation as report
+
+    results, data = [], None
+    for given in args.results:
+        path = Path(given) / "results.json" if Path(given).is_dir() else Path(given)
+        if path.resolve() == (Path(args.out) / "results.json").resolve():
+            raise UserError(f"--out {args.out} holds the input {given}; write the report "
+                            f"into another directory")
+        try:
+            found, saved = read_results(path)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+        if data is not None and saved != data:
+            raise UserError(f"{given}: evaluated on other images than {args.results[0]} "
+                            f"(its data record differs); report them separately")
+        results, data = results + found, saved
+    check_out(args.out, "report")
+    try:
+        joined = join_parts(results)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    paths = report.write_report(joined, args.out, data, title=args.title)
+    print(report.paper_table(joined))
+    print(f"report: {paths['report.md']}")
+    return 0
+
+
 # ---------------------------------------------------------------- presets, reproduce
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -279,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     from hahnet.cli import parsers as cli_parsers
 
     parser = Parser(prog="hahnet", description=__doc__.splitlines()[0])
-    commands = {"train": cmd_train, "eval": cmd_eval, "reproduce": cmd_reproduce,
+    commands = {"train": cmd_train, "eval": cmd_eval, "report": cmd_report, "reproduce": cmd_reproduce,
                 "presets": cmd_presets, "bench": cmd_bench, "sweep": cmd_sweep}
     cli_parsers.add_all(parser.add_subparsers(dest="command", required=True), commands)
     return parser

@@ -93,7 +93,8 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
 
 def add_all(subparsers, commands: dict[str, Any]) -> None:
     """Every subcommand; ``commands``: subcommand name -> the function that runs it."""
-    for add in (add_train, add_eval, add_reproduce, add_presets, add_bench, add_sweep):
+    for add in (add_train, add_eval, add_report, add_reproduce, add_presets, add_bench,
+                add_sweep):
         add(subparsers, commands)
 
 
@@ -169,6 +170,20 @@ def add_eval(subparsers, commands: dict[str, Any]) -> None:
 
     corruption_cli.add_arguments(parser)  # --corruptions, --severities, --corruption-seed
     parser.set_defaults(func=commands["eval"])
+
+
+def add_report(subparsers, commands: dict[str, Any]) -> None:
+    """``hahnet report RESULTS [RESULTS ...]``: the report of saved evaluations."""
+    parser = subparsers.add_parser(
+        "report", help="write the report of saved evaluations (results.json)",
+        description="Write report.md, results.json and plots from saved evaluations, "
+                    "joining the parts of one checkpoint evaluated one threat model at a "
+                    "time (eval --norms), e.g. to evaluate in several sittings.")
+    parser.add_argument("results", nargs="+", metavar="RESULTS",
+                        help="a results.json, or the report directory that holds one")
+    parser.add_argument("--out", required=True, help="report directory")
+    parser.add_argument("--title", default="HaH evaluation report", help="the report's title")
+    parser.set_defaults(func=commands["report"])
 
 
 BPDA = typed(lambda t: tuple(v.strip() for v in t.split(",") if v.strip()),
