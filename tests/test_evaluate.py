@@ -419,3 +419,32 @@ def test_evaluate_checkpoint_round_trip(tmp_path):
     assert r.clean_accuracy == metrics.clean_accuracy(model, x, y)
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint at .*missing"):
         evaluate_checkpoint(str(tmp_path / "missing"), x, y, settings)
+
+
+def test_parts_by_norm_join_into_the_whole_evaluation():
+    """`eval --norms Linf` and `--norms L2` as two parts: joined, every number equals one
+    evaluation of both; parts that disagree are refused."""
+    from dataclasses import replace
+
+    model, (x, y) = tiny_net(), (random_uint8(10), torch.arange(10) % CLASSES)
+    whole = runner.evaluate_model(model, x, y, FAST, name="tiny", checkpoint="c")
+    parts = [runner.evaluate_model(model, x, y, replace(FAST, norms=(norm,)), name="tiny",
+                                   checkpoint="c") for norm in ("L2", "Linf")]
+    [joined] = results.join_parts(parts)
+    assert list(joined.attacks) == ["L2", "Linf"] and joined.settings["norms"] == ["Linf", "L2"]
+    for norm in ("Linf", "L2"):
+        mine, theirs = joined.attacks[norm], whole.attacks[norm]
+        assert mine.indices == theirs.indices
+        for attack in ("apgd", "pgd", "square"):
+            assert getattr(mine, attack).robust == getattr(theirs, attack).robust, (norm, attack)
+    assert {k for k in joined.seconds} == {k for k in whole.seconds}
+    assert list(parts[0].attacks) == ["L2"]  # the parts themselves are left as they were
+    other = replace(parts[1], settings={**parts[1].settings, "apgd_steps": 3})
+    with pytest.raises(ValueError, match="different settings .*apgd_steps"):
+        results.join_parts([parts[0], other])
+    with pytest.raises(ValueError, match="L2 attacked in two parts"):
+        results.join_parts([parts[0], parts[0]])
+    fewer = replace(parts[1], n_images=9)
+    with pytest.raises(ValueError, match="different images"):
+        results.join_parts([parts[0], fewer])
+    assert len(results.join_parts([parts[0], replace(parts[1], checkpoint="d")])) == 2

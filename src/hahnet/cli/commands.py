@@ -1,4 +1,4 @@
-"""The ``hahnet`` command: ``train``, ``eval``, ``reproduce``, ``presets``, ``bench``, ``sweep``.
+"""The ``hahnet`` command: ``train``, ``eval``, ``report``, ``reproduce``, ``presets``, ``bench``, ``sweep``.
 
 This module parses and checks flags (every setting before any work starts; a bad one is
 one line on stderr and exit status 2, see docs/errors.md) and prints; the work is done by
@@ -9,7 +9,6 @@ one line on stderr and exit status 2, see docs/errors.md) and prints; the work i
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shlex
 import sys
@@ -19,6 +18,7 @@ from typing import Any, Sequence
 from hahnet import config as cfg
 from hahnet.cli.console import say
 from hahnet.errors import UserError
+from hahnet.training.device import cpu_threads
 from hahnet.training.run import DEFAULT_DATA, check_out
 
 class Parser(argparse.ArgumentParser):
@@ -126,7 +126,8 @@ def eval_settings(args: argparse.Namespace) -> cfg.EvalSettings:
                  autoattack_queries=args.autoattack_queries, adaptive_limit=args.adaptive_limit,
                  transfer_steps=args.transfer_steps, bpda=args.bpda,
                  bpda_temperature=args.bpda_temperature, sweep_limit=args.sweep_limit,
-                 sweep_eps_linf=args.sweep_eps_linf, sweep_eps_l2=args.sweep_eps_l2)
+                 sweep_eps_linf=args.sweep_eps_linf, sweep_eps_l2=args.sweep_eps_l2,
+                 norms=args.norms)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -138,6 +139,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_out(args.out, "eval")
     configure_threads(args.threads)
     return eval_run.run(args, settings)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Read every results file first (a bad one is one line), join the parts, write."""
+    from hahnet.eval.results import join_parts, read_results
+    from hahnet.reporting import evaluation as report
+
+    results, data = [], None
+    for given in args.results:
+        path = Path(given) / "results.json" if Path(given).is_dir() else Path(given)
+        if path.resolve() == (Path(args.out) / "results.json").resolve():
+            raise UserError(f"--out {args.out} holds the input {given}; write the report "
+                            f"into another directory")
+        try:
+            found, saved = read_results(path)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+        if data is not None and saved != data:
+            raise UserError(f"{given}: evaluated on other images than {args.results[0]} "
+                            f"(its data record differs); report them separately")
+        results, data = results + found, saved
+    check_out(args.out, "report")
+    try:
+        joined = join_parts(results)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    paths = report.write_report(joined, args.out, data, title=args.title)
+    print(report.paper_table(joined))
+    print(f"report: {paths['report.md']}")
+    return 0
 
 
 # ---------------------------------------------------------------- presets, reproduce
@@ -278,24 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     from hahnet.cli import parsers as cli_parsers
 
     parser = Parser(prog="hahnet", description=__doc__.splitlines()[0])
-    commands = {"train": cmd_train, "eval": cmd_eval, "reproduce": cmd_reproduce,
+    commands = {"train": cmd_train, "eval": cmd_eval, "report": cmd_report, "reproduce": cmd_reproduce,
                 "presets": cmd_presets, "bench": cmd_bench, "sweep": cmd_sweep}
     cli_parsers.add_all(parser.add_subparsers(dest="command", required=True), commands)
     return parser
-
-
-@contextlib.contextmanager
-def threads_restored():
-    """Run a command and give the caller back its torch thread count (``--threads`` sets
-    a process-wide value; a program or test that calls :func:`main` keeps its own)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
 
 
 def main(argv: Sequence[str] | None = None, own_process: bool = False) -> int:
@@ -309,7 +326,7 @@ def main(argv: Sequence[str] | None = None, own_process: bool = False) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for reports: how to rerun
     args.own_process = own_process
     try:
-        with threads_restored():
+        with cpu_threads(None):  # --threads is undone for a caller of main
             return args.func(args)
     except UserError as error:
         if not getattr(error, "quiet", False):

@@ -93,7 +93,8 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
 
 def add_all(subparsers, commands: dict[str, Any]) -> None:
     """Every subcommand; ``commands``: subcommand name -> the function that runs it."""
-    for add in (add_train, add_eval, add_reproduce, add_presets, add_bench, add_sweep):
+    for add in (add_train, add_eval, add_report, add_reproduce, add_presets, add_bench,
+                add_sweep):
         add(subparsers, commands)
 
 
@@ -154,6 +155,9 @@ def add_eval(subparsers, commands: dict[str, Any]) -> None:
     parser.add_argument("--square-queries", type=non_negative, default=1000, metavar="Q",
                         help="Square queries per image (1000)")
     parser.add_argument("--no-attacks", action="store_true", help="skip all adversarial attacks")
+    parser.add_argument("--norms", type=NORMS, default=("Linf", "L2"), metavar="Linf,L2",
+                        help="threat models attacked (both); one at a time splits a long "
+                             "evaluation; `hahnet report` joins the parts")
     add_attack_suite(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of noise, SNR and attacks (0)")
     parser.add_argument("--batch-size", type=positive, default=128, help="images per batch (128)")
@@ -168,8 +172,24 @@ def add_eval(subparsers, commands: dict[str, Any]) -> None:
     parser.set_defaults(func=commands["eval"])
 
 
+def add_report(subparsers, commands: dict[str, Any]) -> None:
+    """``hahnet report RESULTS [RESULTS ...]``: the report of saved evaluations."""
+    parser = subparsers.add_parser(
+        "report", help="write the report of saved evaluations (results.json)",
+        description="Write report.md, results.json and plots from saved evaluations, "
+                    "joining the parts of one checkpoint evaluated one threat model at a "
+                    "time (eval --norms), e.g. to evaluate in several sittings.")
+    parser.add_argument("results", nargs="+", metavar="RESULTS",
+                        help="a results.json, or the report directory that holds one")
+    parser.add_argument("--out", required=True, help="report directory")
+    parser.add_argument("--title", default="HaH evaluation report", help="the report's title")
+    parser.set_defaults(func=commands["report"])
+
+
 BPDA = typed(lambda t: tuple(v.strip() for v in t.split(",") if v.strip()),
              "a comma-separated list of BPDA variants")
+NORMS = typed(lambda t: tuple(v.strip() for v in t.split(",") if v.strip()),
+              "Linf, L2 or Linf,L2")
 
 
 def add_attack_suite(parser: argparse.ArgumentParser) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 import platform
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -361,3 +361,43 @@ def worst_cases(result: EvalResult) -> dict[str, Any]:
     paper), as an AttackResult; norms without one are left out."""
     return {norm: suite.adaptive.worst for norm, suite in result.attacks.items()
             if suite.adaptive is not None}
+
+
+def join_parts(results: Sequence[EvalResult]) -> list[EvalResult]:
+    """One result per checkpoint from evaluations made in parts, one threat model each
+    (``hahnet eval --norms``): the attacks of all parts, the rest from the first. Parts
+    must agree on everything but the norms (same images, settings, clean accuracy);
+    ValueError (one line) names the first disagreement."""
+    joined: dict[tuple[str, str | None], EvalResult] = {}
+    for result in results:
+        key = (result.name, result.checkpoint)
+        if key not in joined:
+            joined[key] = replace(result, attacks=dict(result.attacks),
+                                  settings=dict(result.settings), seconds=dict(result.seconds))
+            continue
+        whole = joined[key]
+        _check_part(whole, result)
+        whole.attacks.update(result.attacks)
+        whole.settings["norms"] = [n for n in ("Linf", "L2") if n in whole.attacks]
+        for phase, seconds in result.seconds.items():
+            if phase.startswith("attacks_"):
+                whole.seconds[phase] = seconds
+    return list(joined.values())
+
+
+def _check_part(whole: EvalResult, part: EvalResult) -> None:
+    label = f"{part.name} ({part.checkpoint})"
+    overlap = sorted(set(whole.attacks) & set(part.attacks))
+    if overlap:
+        raise ValueError(f"{label}: {', '.join(overlap)} attacked in two parts; give each "
+                         f"threat model once")
+    mine = {k: v for k, v in whole.settings.items() if k != "norms"}
+    theirs = {k: v for k, v in part.settings.items() if k != "norms"}
+    differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+    if differ:
+        raise ValueError(f"{label}: the parts were evaluated with different settings "
+                         f"({', '.join(differ)}); evaluate them alike")
+    if (whole.n_images, whole.clean_accuracy) != (part.n_images, part.clean_accuracy):
+        raise ValueError(f"{label}: the parts saw different images ({whole.n_images} at "
+                         f"{whole.clean_accuracy:.4f} vs {part.n_images} at "
+                         f"{part.clean_accuracy:.4f} clean); evaluate them on the same subset")

@@ -315,20 +315,18 @@ def _result(saved: dict[str, Any]) -> EvalResult:
 def train_task(directory: str, train: dict[str, Any], data: str, cache_dir: str | None,
                threads: int, device: str) -> float:
     """Train (or resume) one run in ``directory``; returns the seconds it took."""
-    import torch
-
     from hahnet.data.datasets import load_dataset
-    from hahnet.training.device import resolve_device
+    from hahnet.training.device import cpu_threads, resolve_device
     from hahnet.training.trainer import Trainer
 
     started = time.perf_counter()
-    torch.set_num_threads(threads)
-    config = TrainConfig.from_dict(train)
-    trainer = Trainer(config, load_dataset(data, cache_dir=cache_dir), Path(directory),
-                      resolve_device(device))
-    if RunDir(directory).has_checkpoint():
-        trainer.resume()
-    trainer.fit()
+    with cpu_threads(threads):
+        config = TrainConfig.from_dict(train)
+        trainer = Trainer(config, load_dataset(data, cache_dir=cache_dir), Path(directory),
+                          resolve_device(device))
+        if RunDir(directory).has_checkpoint():
+            trainer.resume()
+        trainer.fit()
     return time.perf_counter() - started
 
 
@@ -337,30 +335,28 @@ def eval_task(checkpoint_path: str, target: str, settings: dict[str, Any], split
               threads: int, device: str) -> float:
     """Evaluate one checkpoint on its run's held-out images (or the test set) and write
     the result JSON to ``target``; returns the seconds it took."""
-    import torch
-
     from hahnet.data.datasets import load_dataset
-    from hahnet.training.device import resolve_device
     from hahnet.eval.runner import evaluate_model, evaluation_split
+    from hahnet.training.device import cpu_threads, resolve_device
 
     started = time.perf_counter()
-    torch.set_num_threads(threads)
-    dev = resolve_device(device)
-    info = checkpoint.read_info(checkpoint_path)
-    model = checkpoint.load(checkpoint_path, device=dev)
-    images = evaluation_split(load_dataset(data, cache_dir=cache_dir), split,
-                              [(checkpoint_path, info)])
-    if limit:
-        images = images.limit(limit, limit_seed)
-    values = dict(settings)
-    for key in ("noise_sigmas", "norms"):
-        values[key] = tuple(values[key])
-    result = evaluate_model(model, images.images, images.labels, EvalSettings(**values), dev,
-                            name=Path(target).stem, checkpoint=checkpoint_path, info=info)
-    result.settings["limit"] = limit  # what eval.results.reusable compares
-    record = {"split": split, "limit_seed": limit_seed,
-              "result": results_json([result])["models"][0]}
-    write_json(Path(target), record)
+    with cpu_threads(threads):
+        dev = resolve_device(device)
+        info = checkpoint.read_info(checkpoint_path)
+        model = checkpoint.load(checkpoint_path, device=dev)
+        images = evaluation_split(load_dataset(data, cache_dir=cache_dir), split,
+                                  [(checkpoint_path, info)])
+        if limit:
+            images = images.limit(limit, limit_seed)
+        values = dict(settings)
+        for key in ("noise_sigmas", "norms"):
+            values[key] = tuple(values[key])
+        result = evaluate_model(model, images.images, images.labels, EvalSettings(**values), dev,
+                                name=Path(target).stem, checkpoint=checkpoint_path, info=info)
+        result.settings["limit"] = limit  # what eval.results.reusable compares
+        record = {"split": split, "limit_seed": limit_seed,
+                  "result": results_json([result])["models"][0]}
+        write_json(Path(target), record)
     return time.perf_counter() - started
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -43,3 +44,17 @@ def rng_kept(device: torch.device | str) -> contextlib.AbstractContextManager:
     its caller's random state untouched."""
     dev = torch.device(device)
     return torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else [])
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int | None) -> Iterator[None]:
+    """Compute with ``threads`` CPU threads inside (None: as set), and give the caller
+    back its own count after: a worker run in the caller's process leaves it unchanged."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
