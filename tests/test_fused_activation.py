@@ -127,6 +127,22 @@ def test_hah_block_fuses_unless_its_parts_are_hooked_or_replaced(monkeypatch):
     assert calls == [1]
 
 
+@pytest.mark.parametrize("channels, size", [(16, 32), (64, 16), (128, 8)])
+@pytest.mark.parametrize("grad", [True, False])
+def test_fused_activation_is_bit_identical_to_the_modules(channels, size, grad):
+    """The fused activation and the block's parts run one by one (as under a hook: BPDA,
+    sparsity probes) give the same bits, so that hooking a block does not move its
+    output (the BPDA attacks promise the model's own forward)."""
+    torch.manual_seed(channels)
+    block = HaHBlock(channels, channels)
+    z = torch.randn(4, channels, size, size, requires_grad=grad)
+    k = threshold_rank(size * size, block.threshold.keep)
+    with torch.set_grad_enabled(grad):
+        fused_out = hah_activation(z, block.divnorm.sigma, block.divnorm.pool, k)
+        parts_out = block.threshold(block.divnorm(block.relu(z)))
+    assert torch.equal(fused_out, parts_out)
+
+
 # ------------------------------------------------ WNConv2d's filter normalization
 
 

@@ -145,7 +145,7 @@ class _DivisiveNorm(torch.autograd.Function):
             torch.ops.aten.max_pool2d_with_indices.out(
                 part_magnitude, [pool, pool], [1, 1], [pool // 2, pool // 2], [1, 1], False,
                 out=part_pooled, indices=indices[start:stop])
-            torch.mean(part_pooled, dim=1, keepdim=True, out=field[start:stop])
+            _channel_mean(part_pooled, field[start:stop])  # as the fused activation sums
         peak = field.amax(dim=(2, 3), keepdim=True)
         divisor = sigma * peak + (1.0 - sigma) * field + DIVNORM_EPS
         for start, stop in chunks:
