@@ -1,12 +1,15 @@
 """Before/after: the HaH training step with the layer and objective code of an older
 git revision against the working tree's, in one process, interleaved.
 
-The old ``hahnet/layers.py`` and ``hahnet/hah.py`` are loaded from ``git show REV:...``
-as separate modules; a copy of the same model (same weights) is patched to run their
-forward passes. Steps (forward + backward + Adam) of both are timed round-robin, with
-plain cross-entropy steps of each and of the standard VGG16, and medians are reported.
+The old ``hahnet/nn/fused.py``, ``hahnet/nn/layers.py`` and ``hahnet/hah.py`` are loaded
+from ``git show REV:...`` as separate modules (revisions from f90a7f9 on, which have
+that layout); a copy of the same model (same weights) is patched to run their forward
+passes, and their ``HaHObjective`` scores it. Steps (forward + backward + Adam) of both
+are timed round-robin, with plain cross-entropy steps of each and of the standard VGG16,
+and medians (and minima) are reported.
 
-    .venv/bin/python benchmarks/before_after.py --rev f19fd37 --width 0.25 --repeats 7
+    .venv/bin/python benchmarks/before_after.py --rev f90a7f9 --width 0.25 --repeats 7 \
+        --threads 1 --clock cpu
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import os
 import statistics
 import subprocess
 import sys
@@ -26,73 +30,66 @@ import torch
 import torch.nn.functional as F
 
 from hahnet import HaHObjective, vgg16
-from hahnet.nn.layers import DivisiveNorm2d, TopFractionThreshold, WNConv2d
+from hahnet.nn.hah import hah_convs
+from hahnet.nn.layers import DivisiveNorm2d, HaHBlock, TopFractionThreshold, WNConv2d
+
+# old_<name> <- the first of these files that the revision has
+OLD_MODULES = {"fused": ("nn/fused",), "layers": ("nn/layers",), "hah": ("nn/hah", "hah")}
+IMPORTS = {"hahnet.nn.fused": "old_fused", "hahnet.nn.layers": "old_layers",
+           "hahnet.nn.hah": "old_hah", "hahnet.hah": "old_hah"}
 
 
-def load_revision(rev: str) -> tuple[types.ModuleType, types.ModuleType]:
-    """hahnet.layers and hahnet.hah as they were at ``rev`` (as standalone modules)."""
+def load_revision(rev: str) -> dict[str, types.ModuleType]:
+    """hahnet.nn.fused, hahnet.nn.layers and hahnet.(nn.)hah as they were at ``rev``, as
+    standalone modules ``old_fused``, ``old_layers``, ``old_hah`` importing each other."""
     root = Path(__file__).resolve().parents[1]
     folder = Path(tempfile.mkdtemp(prefix="hahnet-rev-"))
-    modules = []
-    for name in ("layers", "hah"):
-        source = subprocess.run(["git", "show", f"{rev}:src/hahnet/{name}.py"], cwd=root,
-                                check=True, capture_output=True, text=True).stdout
-        path = folder / f"old_{name}.py"
-        path.write_text(source.replace("from hahnet.layers import", "from old_layers import")
-                        .replace("from hahnet.hah import", "from old_hah import"))
-        modules.append(path)
     sys.path.insert(0, str(folder))
-    loaded = []
-    for path in modules:
-        spec = importlib.util.spec_from_file_location(path.stem, path)
+    loaded = {}
+    for name, paths in OLD_MODULES.items():
+        for path in paths:
+            shown = subprocess.run(["git", "show", f"{rev}:src/hahnet/{path}.py"], cwd=root,
+                                   capture_output=True, text=True)
+            if not shown.returncode:
+                break
+        else:
+            raise SystemExit(f"--rev {rev}: no src/hahnet/{paths[0]}.py there; pick a "
+                             f"revision from f90a7f9 on (the nn/ layout)")
+        source = shown.stdout
+        for new, old in IMPORTS.items():
+            source = source.replace(f"from {new} import", f"from {old} import")
+        target = folder / f"old_{name}.py"
+        target.write_text(source)
+        spec = importlib.util.spec_from_file_location(target.stem, target)
         module = importlib.util.module_from_spec(spec)
-        sys.modules[path.stem] = module
+        sys.modules[target.stem] = module
         spec.loader.exec_module(module)
-        loaded.append(module)
-    return loaded[0], loaded[1]
+        loaded[name] = module
+    return loaded
 
 
-def patch_to_old(model: torch.nn.Module, old_layers, old_hah) -> None:
-    """Make the model's HaH layers run the old revision's forward code."""
+def patch_to_old(model: torch.nn.Module, old: dict[str, types.ModuleType]) -> None:
+    """Make the model's HaH blocks and layers run the old revision's forward code."""
+    classes = ((HaHBlock, "HaHBlock"), (DivisiveNorm2d, "DivisiveNorm2d"),
+               (TopFractionThreshold, "TopFractionThreshold"), (WNConv2d, "WNConv2d"))
     for module in model.modules():
-        if isinstance(module, DivisiveNorm2d):
-            module.forward = types.MethodType(old_layers.DivisiveNorm2d.forward, module)
-        elif isinstance(module, TopFractionThreshold):
-            module.forward = types.MethodType(old_layers.TopFractionThreshold.forward, module)
-        elif isinstance(module, WNConv2d):
-            def forward(self, x):
-                weight = self.normalized_weight()
-                spec = getattr(self, "score_spec", None)  # set by the old objective
-                if spec is None or not torch.is_grad_enabled():
-                    return F.conv2d(x, weight, None, self.stride, self.padding)
-                z, self.last_score = old_hah.scored_conv2d(x, weight, self.stride,
-                                                           self.padding, *spec)
-                return z
-            module.forward = types.MethodType(forward, module)
+        for kind, name in classes:
+            if isinstance(module, kind):
+                forward = getattr(old["layers"], name).forward
+                module.forward = types.MethodType(forward, module)
+                break
 
 
-def old_objective(model: torch.nn.Module):
-    """The old revision's objective protocol on a :func:`patch_to_old` model: each HaH
-    convolution gets ``score_spec`` and leaves its score in ``last_score``."""
-    from hahnet.nn.hah import PAPER_ALPHAS, hah_convs
-
-    convs = hah_convs(model)[: len(PAPER_ALPHAS)]
-    for conv in convs:
-        conv.score_spec = (0.1, 1.0)
-
-    def objective(x, y):
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
-        for alpha, conv in zip(PAPER_ALPHAS, convs):
-            loss = loss - alpha * conv.last_score
-            conv.last_score = None
-        return logits, loss
-    return objective
+def old_objective(model: torch.nn.Module, old: dict[str, types.ModuleType]):
+    """The old revision's HaHObjective on a :func:`patch_to_old` model (its layer lookup
+    is told about today's classes, which the model is built from)."""
+    old["hah"].hah_convs = hah_convs
+    return old["hah"].HaHObjective(model)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rev", default="f19fd37", help="the 'before' git revision")
+    parser.add_argument("--rev", default="f90a7f9", help="the 'before' git revision")
     parser.add_argument("--width", type=float, default=0.25)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=7)
@@ -114,13 +111,13 @@ def main() -> None:
         from hahnet.experiments.bench import tune_malloc
         if not tune_malloc():
             raise SystemExit("--malloc tuned: not supported here (glibc malloc only)")
-    old_layers, old_hah = load_revision(args.rev)
+    modules = load_revision(args.rev)
 
     torch.manual_seed(0)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     new = vgg16(hah=True, width=args.width).train().to(memory_format=fmt)
     old = copy.deepcopy(new)
-    patch_to_old(old, old_layers, old_hah)
+    patch_to_old(old, modules)
     std = vgg16(width=args.width).train().to(memory_format=fmt)
     x = torch.rand(args.batch_size, 3, 32, 32).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (args.batch_size,))
@@ -131,7 +128,7 @@ def main() -> None:
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         objective = None
         if hah:
-            objective = old_objective(model) if model is old else HaHObjective(model)
+            objective = old_objective(model, modules) if model is old else HaHObjective(model)
 
         def step():
             optimizer.zero_grad(set_to_none=True)
@@ -141,9 +138,9 @@ def main() -> None:
             optimizer.step()
         return step
 
-    # plain steps use their own copies so the objectives' score hooks stay attached
+    # each step has its own copy of the weights and its own Adam
     new_plain, old_plain = copy.deepcopy(new), copy.deepcopy(new)
-    patch_to_old(old_plain, old_layers, old_hah)
+    patch_to_old(old_plain, modules)
     steps = {"before hah": make(old, True), "after hah": make(new, True),
              "before plain": make(old_plain, False), "after plain": make(new_plain, False),
              "standard": make(std, False)}
@@ -152,7 +149,7 @@ def main() -> None:
 
         for when, model in (("before", copy.deepcopy(old_plain)), ("after", copy.deepcopy(new))):
             if when == "before":
-                patch_to_old(model, old_layers, old_hah)
+                patch_to_old(model, modules)
             reference = ReferenceStep(model, torch.optim.Adam(model.parameters(), lr=1e-3))
             steps[f"{when} reference"] = (lambda reference=reference: reference(x, y, args.precision))
     for _ in range(args.warmup):
@@ -165,20 +162,28 @@ def main() -> None:
             started = clock()
             step()
             times[name].append(clock() - started)
+    report(args, times)
+
+
+def report(args: argparse.Namespace, times: dict[str, list[float]]) -> None:
+    """Medians and minima per step; ratios from the medians (and from the minima)."""
     med = {name: statistics.median(t) for name, t in times.items()}
+    low = {name: min(t) for name, t in times.items()}
+    load = " ".join(f"{v:.1f}" for v in os.getloadavg())
     print(f"width {args.width:g}, batch {args.batch_size}, {args.precision}, "
           f"{'channels-last' if args.channels_last else 'NCHW'}, {torch.get_num_threads()} threads, "
-          f"{args.clock} clock, {args.malloc} malloc, "
-          f"median of {args.repeats} interleaved rounds; before = {args.rev}")
-    for name, value in med.items():
-        print(f"  {name:14s} {value * 1e3:9.1f} ms")
+          f"{args.clock} clock, {args.malloc} malloc, {args.repeats} interleaved rounds; "
+          f"before = {args.rev}; load average now {load}")
+    for name in med:
+        print(f"  {name:17s} median {med[name] * 1e3:9.1f} ms   min {low[name] * 1e3:9.1f} ms")
     for when in ("before", "after"):
-        line = (f"  {when:6s}: a/b = {med[f'{when} hah'] / med[f'{when} plain']:.3f}   "
-                f"a/d = {med[f'{when} hah'] / med['standard']:.3f}")
-        if f"{when} reference" in med:
-            line += f"   c/a = {med[f'{when} reference'] / med[f'{when} hah']:.3f}"
-        print(line)
-    print(f"  speed-up of the HaH step: {med['before hah'] / med['after hah']:.2f}x, "
+        for label, value in (("median", med), ("min", low)):
+            line = (f"  {when:6s} ({label:6s}): a/b = {value[f'{when} hah'] / value[f'{when} plain']:.3f}"
+                    f"   a/d = {value[f'{when} hah'] / value['standard']:.3f}")
+            if f"{when} reference" in value:
+                line += f"   c/a = {value[f'{when} reference'] / value[f'{when} hah']:.3f}"
+            print(line)
+    print(f"  speed-up (medians) of the HaH step: {med['before hah'] / med['after hah']:.2f}x, "
           f"of the plain step: {med['before plain'] / med['after plain']:.2f}x")
 
 

@@ -8,7 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from hahnet import PAPER_ALPHAS, HaHObjective, hah_score, vgg16
+from hahnet.config import ModelConfig
+from hahnet.nn import hah
 from hahnet.nn.hah import _ScoredConv, hah_convs, reference_score, winners
+from hahnet.nn.models import build_model
 
 
 @pytest.mark.parametrize("channels,expected", [(1, 1), (2, 1), (3, 1), (10, 1), (11, 2),
@@ -159,8 +162,6 @@ def test_bf16_hah_weight_gradient_matches_fp32(monkeypatch, scoring):
     gradient of the activations that forward computed, at HaH/CE ratios from 0.001 to 0.1
     (the study's runs saw 0.001-0.02): in bf16 it is far below half a rounding step of the
     cross-entropy's gradient at each activation, and must not be rounded away there."""
-    from hahnet.nn import hah
-
     if scoring == "topk":  # the path CUDA takes
         monkeypatch.setattr(hah, "FAST_WINNERS_MAX_K", 0)
     torch.manual_seed(5)
@@ -191,3 +192,44 @@ def test_bf16_hah_weight_gradient_matches_fp32(monkeypatch, scoring):
             cosine = float(F.cosine_similarity(part.flatten(), want.flatten(), dim=0))
             assert cosine >= 0.99, f"layer {layer}, HaH/CE {ratio}: cosine {cosine:.3f}"
             assert float(part.norm() / ce.norm()) == pytest.approx(ratio, rel=0.05)
+
+
+def _scored_gradients(x, w, upstream):
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    z, score = _ScoredConv.apply(x, w, (1, 1), (1, 1), 0.1, 1.0)
+    return (score, *torch.autograd.grad((z * upstream).sum() - 0.7 * score, (x, w)))
+
+
+@pytest.mark.parametrize("value", [1e307, -1e307, math.nan])
+def test_non_finite_activations_score_as_the_topk_path(monkeypatch, value):
+    """Activations that overflow to +-inf (or are NaN) at one image's positions: the CPU's
+    threshold search hands them to the topk path, so score and gradients are the topk
+    path's, and the score is not finite (the trainer's finite-loss check sees it)."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 12, 5, 5, dtype=torch.float64)
+    x[1, 4, 2, 3] = value  # x stays finite for +-1e307; z = conv(x, w) is +-inf near it
+    w = torch.randn(20, 12, 3, 3, dtype=torch.float64) * 100
+    upstream = torch.randn(2, 20, 5, 5, dtype=torch.float64) * 1e-3
+    fast = _scored_gradients(x, w, upstream)
+    monkeypatch.setattr(hah, "FAST_WINNERS_MAX_K", 0)  # the topk path
+    plain = _scored_gradients(x, w, upstream)
+    assert not math.isfinite(fast[0].item())
+    for got, want in zip(fast, plain):
+        torch.testing.assert_close(got, want, equal_nan=True)
+
+
+@pytest.mark.parametrize("arch", ["vgg16", "preact_resnet18"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_objective_reads_no_value_on_an_accelerator(arch, dtype):
+    """On an accelerator the HaH objective's forward and backward read no tensor's value
+    on the host (each read, as a check for inf/NaN or ties, would be a host sync per HaH
+    layer and step). On the meta device every such read (bool, item, nonzero, boolean
+    indexing) raises, and the code takes the accelerator's paths (not a CPU)."""
+    with torch.device("meta"):
+        model = build_model(ModelConfig(arch=arch, hah=True, width=0.0625)).to(dtype)
+        x, y = torch.rand(2, 3, 32, 32, dtype=dtype), torch.randint(0, 10, (2,))
+    objective = HaHObjective(model)
+    _, loss = objective(x, y)
+    loss.backward()
+    assert len(objective.alphas) == len(hah_convs(model)) > 0
+    assert all(conv.weight.grad.is_meta for conv in hah_convs(model))

@@ -13,7 +13,9 @@ configuration, in one process:
     first, then a second forward and the cross-entropy backward (+ Adam step);
 (d) ``standard``: one cross-entropy step of the standard network of the same width;
 (e) forward + backward of DivisiveNorm2d, TopFractionThreshold and WNConv2d alone at each
-    VGG16 resolution (32, 16, 8) with the HaH channel counts (64, 128, 256) x width;
+    VGG16 resolution (32, 16, 8) with the HaH channel counts (64, 128, 256) x width, and
+    of a HaH block's whole activation after its convolution (ReLU, normalization,
+    threshold: fused into one pass on a CPU, :func:`hahnet.nn.fused.hah_activation`);
 (f) evaluation throughput of the HaH network: clean images/s, and APGD-CE
     iterations x images / s (torchattacks.APGD, l_inf 2/255, a few steps).
 
@@ -44,7 +46,8 @@ from torch import Tensor, nn
 from hahnet.config import _check, default_alphas, PAPER_ALPHAS, PAPER_DEMOTE, PAPER_EPS, PAPER_RATIO
 from hahnet.training.device import autocast, rng_kept, tune_device
 from hahnet.nn.hah import HaHObjective, hah_convs, reference_score
-from hahnet.nn.layers import DivisiveNorm2d, TopFractionThreshold, WNConv2d
+from hahnet.nn.layers import (DivisiveNorm2d, TopFractionThreshold, WNConv2d,
+                              hah_block_activation)
 from hahnet.nn.models import create_model, list_models, scaled
 
 TARGETS = {  # ratio -> (comparison, bound, where it applies)
@@ -53,7 +56,7 @@ TARGETS = {  # ratio -> (comparison, bound, where it applies)
     "hah_over_standard": ("<=", 1.5, "width 1.0"),
 }
 STEPS = ("hah", "plain", "reference", "standard")
-BLOCKS = ("DivisiveNorm2d", "TopFractionThreshold", "WNConv2d")
+BLOCKS = ("DivisiveNorm2d", "TopFractionThreshold", "WNConv2d", "HaHActivation")
 RESOLUTIONS = ((32, 64), (16, 128), (8, 256))  # VGG16 resolution -> HaH channels at width 1
 
 
@@ -287,6 +290,18 @@ def step_functions(width: float, batch_size: int, precision: str, channels_last:
 # ------------------------------------------------------------------ the blocks
 
 
+class HaHActivation(nn.Module):
+    """What a HaH block computes after its convolution (ReLU, divisive normalization,
+    threshold), as the block runs it (fused on a CPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.relu, self.divnorm, self.threshold = nn.ReLU(), DivisiveNorm2d(), TopFractionThreshold()
+
+    def forward(self, z: Tensor) -> Tensor:
+        return hah_block_activation(z, self.relu, self.divnorm, self.threshold)
+
+
 def block_functions(width: float, batch_size: int, precision: str, channels_last: bool,
                     seed: int, device: str = "cpu"
                     ) -> dict[str, tuple[dict[str, Any], Callable[[], Any]]]:
@@ -300,7 +315,8 @@ def block_functions(width: float, batch_size: int, precision: str, channels_last
         x = torch.relu(torch.randn(batch_size, channels, resolution, resolution)).to(device)
         x = x.contiguous(memory_format=fmt).requires_grad_()
         modules = {"DivisiveNorm2d": DivisiveNorm2d(), "TopFractionThreshold": TopFractionThreshold(),
-                   "WNConv2d": WNConv2d(channels, channels).to(device, memory_format=fmt)}
+                   "WNConv2d": WNConv2d(channels, channels).to(device, memory_format=fmt),
+                   "HaHActivation": HaHActivation()}
         for name, module in modules.items():
             params = [p for p in module.parameters()]
 

@@ -12,7 +12,7 @@ weight gradient only, so it never reaches earlier layers (docs/method.md states 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -116,7 +116,8 @@ def _winners_by_threshold(z: Tensor, k: int, accumulate: torch.dtype
                           ) -> tuple[_Winners, Tensor, Tensor] | None:
     """The top-K channels of relu(z) at every position, and the per-position sums of the
     winners' and of all rectified values; ``None`` if z is not finite. Exact: only max,
-    compare and 0/1 products (in one scratch buffer), plus topk at tied positions."""
+    compare and 0/1 products (in one scratch buffer), plus topk at tied positions. For a
+    CPU only: its checks for inf/NaN and ties read values, a host sync on an accelerator."""
     n, c, h, w = z.shape
     chunks = batch_chunks(n, c * h * w, z.device)  # cache-sized, as the fused layers
     scratch = torch.empty_like(z[: chunks[0][1]])
@@ -187,23 +188,12 @@ def _local_gradient(z: Tensor, found: _Winners, start: int, stop: int, loser: fl
     return local
 
 
-def _weight_gradient_input(z: Tensor, grad_z: Tensor, grad_score: Tensor, found: _Winners,
-                           k: int, demote: float) -> Tensor:
-    """``grad_z + grad_score * dH/dz`` (fp32 or wider) with dH/dz as
-    :func:`_score_gradient` computes it, from a :class:`_Winners`, chunk by chunk (the
-    fused multiply-add rounds once)."""
-    n, c, h, w = z.shape
-    loser, boost = _gradient_levels(z, k, demote, 1.0 / (n * h * w))
-    factor = grad_score.to(z.dtype)
-    out = torch.empty_like(z)
-    chunks = batch_chunks(n, c * h * w, z.device)  # cache-sized, as the fused layers
-    local_scratch = torch.empty_like(z[: chunks[0][1]])
-    won_scratch = torch.empty_like(local_scratch)
-    for start, stop in chunks:
-        local = _local_gradient(z, found, start, stop, loser, boost,
-                                local_scratch[: stop - start], won_scratch[: stop - start])
-        torch.addcmul(grad_z[start:stop], local, factor, out=out[start:stop])
-    return out
+# In fp32 the weight gradient of a scored convolution is summed over batch chunks of about
+# this many times fused.CHUNK_ELEMENTS (2^20 fp32 elements: 4 MiB): grad_z + dL/dH * dH/dz
+# is then chunk-sized scratch, not an activation-sized fresh tensor, and the
+# weight-gradient convolutions of a few images each ran faster on a 2-core CPU than one
+# of the whole batch (docs/performance.md).
+WEIGHT_CHUNK_SCALE = 4
 
 
 def _score_gradient_from_winners(z: Tensor, found: _Winners, k: int, demote: float,
@@ -223,24 +213,24 @@ def _score_gradient_from_winners(z: Tensor, found: _Winners, k: int, demote: flo
 def _weight_gradient(ctx, x: Tensor, weight: Tensor, z: Tensor, grad_z: Tensor,
                      grad_score: Tensor | None) -> Tensor:
     """The weight gradient of :class:`_ScoredConv`: the main branch's plus the score's
-    (dL/dH * dH/dz). In fp32 (or wider) one weight-gradient convolution of their sum. In
-    bf16/fp16 the score's term per element lies far below half a rounding step of
-    ``grad_z`` and would vanish from that sum, so it gets its own convolution, and both are
-    scaled and added in fp32."""
+    (dL/dH * dH/dz). In fp32 (or wider) the weight-gradient convolution of their sum (with
+    the CPU's winners, :class:`_Winners`, chunk by chunk). In bf16/fp16 the score's term
+    per element lies far below half a rounding step of ``grad_z`` and would vanish from
+    that sum, so it gets its own convolution, and both are scaled and added in fp32."""
     stride, padding = ctx.conv
     common = dict(bias_sizes=None, stride=stride, padding=padding, dilation=(1, 1),
                   transposed=False, output_padding=(0, 0), groups=1)
 
-    def convolve(grad: Tensor) -> Tensor:
+    def convolve(grad: Tensor, images: Tensor = x) -> Tensor:
         return torch.ops.aten.convolution_backward(
-            grad, x, weight, output_mask=[False, True, False], **common)[1]
+            grad, images, weight, output_mask=[False, True, False], **common)[1]
 
     if grad_score is None:
         return convolve(grad_z)
     if z.element_size() >= 4:
         if ctx.winners is not None:
-            return convolve(_weight_gradient_input(z, grad_z, grad_score, ctx.winners,
-                                                   ctx.k, ctx.demote))
+            return _chunked_weight_gradient(convolve, x, z, grad_z, grad_score, ctx.winners,
+                                            ctx.k, ctx.demote)
         local = _score_gradient(z, ctx.top_indices, ctx.k, ctx.demote)
         return convolve(grad_z + grad_score.to(z.dtype) * local)
     # dH/dz without its 1/(N*H*W), which is applied in fp32 with dL/dH
@@ -250,6 +240,28 @@ def _weight_gradient(ctx, x: Tensor, weight: Tensor, z: Tensor, grad_z: Tensor,
     n, _, h, w = z.shape
     score_part = convolve(local).float().mul_(grad_score.float() / (n * h * w))
     return convolve(grad_z).float().add_(score_part)
+
+
+def _chunked_weight_gradient(convolve: Callable[[Tensor, Tensor], Tensor], x: Tensor,
+                             z: Tensor, grad_z: Tensor, grad_score: Tensor, found: _Winners,
+                             k: int, demote: float) -> Tensor:
+    """The fp32 (or wider) weight gradient from a :class:`_Winners`: the convolutions of
+    ``grad_z + dL/dH * dH/dz`` (one fused multiply-add per element) over batch chunks,
+    summed."""
+    n, c, h, w = z.shape
+    loser, boost = _gradient_levels(z, k, demote, 1.0 / (n * h * w))
+    factor = grad_score.to(z.dtype)
+    chunks = batch_chunks(n, c * h * w, z.device, scale=WEIGHT_CHUNK_SCALE)
+    local_scratch = torch.empty_like(z[: chunks[0][1]])
+    won_scratch = torch.empty_like(local_scratch)
+    total = None
+    for start, stop in chunks:
+        local = _local_gradient(z, found, start, stop, loser, boost,
+                                local_scratch[: stop - start], won_scratch[: stop - start])
+        part = convolve(torch.addcmul(grad_z[start:stop], local, factor, out=local),
+                        x[start:stop])
+        total = part if total is None else total.add_(part)
+    return total
 
 
 class _ScoredConv(torch.autograd.Function):
@@ -266,7 +278,7 @@ class _ScoredConv(torch.autograd.Function):
                 demote: float) -> tuple[Tensor, Tensor]:
         z = F.conv2d(x, weight.to(x.dtype), None, stride, padding)
         k = winners(z.shape[1], ratio)
-        found = None
+        found = None  # an accelerator takes topk's winners: no value read, no host sync
         if z.device.type == "cpu" and k <= FAST_WINNERS_MAX_K and eager_mode():
             accumulate = torch.promote_types(z.dtype, torch.float32)
             result = _winners_by_threshold(z, k, accumulate)
@@ -310,8 +322,8 @@ def scored_conv2d(x: Tensor, weight: Tensor, stride, padding, ratio: float,
     the custom backward sees consistent dtypes; ``weight`` stays as it is (fp32) and is
     cast inside, so that its gradient comes back in fp32 with the score's part intact.
     """
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    device_type = x.device.type  # a device without autocast (meta) runs as it is
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
             return _ScoredConv.apply(x.to(dtype), weight, stride, padding, ratio, demote)

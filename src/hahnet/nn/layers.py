@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from hahnet.config import PAPER_KEEP, PAPER_SIGMA
 from hahnet.nn.fused import (_DivisiveNorm, _TopFraction, divisive_norm_reference, eager_mode,
-                             top_fraction_reference)
+                             hah_activation, normalize_filters, top_fraction_reference)
 
 WN_EPS = 1e-6
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -63,8 +63,7 @@ class WNConv2d(nn.Conv2d):
 
     def normalized_weight(self) -> Tensor:
         """The filters divided by their l2 norms (each over in_channels x kH x kW)."""
-        norms = torch.linalg.vector_norm(self.weight, dim=(1, 2, 3), keepdim=True)
-        return self.weight / (norms + WN_EPS)
+        return normalize_filters(self.weight, WN_EPS)
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.normalized_weight()
@@ -151,7 +150,27 @@ class HaHBlock(nn.Module):
         self.threshold = TopFractionThreshold(keep)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.threshold(self.divnorm(self.relu(self.conv(x))))
+        return self.activation(self.conv(x))
+
+    def activation(self, z: Tensor) -> Tensor:
+        """threshold(divnorm(relu(z))) of the convolution's output ``z``."""
+        return hah_block_activation(z, self.relu, self.divnorm, self.threshold)
+
+
+def hah_block_activation(z: Tensor, relu: nn.Module, divnorm: nn.Module,
+                         threshold: nn.Module) -> Tensor:
+    """``threshold(divnorm(relu(z)))``; as one fused pass (:func:`hahnet.nn.fused.hah_activation`)
+    in eager CPU execution when the parts are plain ReLU, DivisiveNorm2d and
+    TopFractionThreshold modules without hooks (the fused code computes exactly their
+    formulas, and would skip the hooks)."""
+    parts = ((relu, nn.ReLU), (divnorm, DivisiveNorm2d), (threshold, TopFractionThreshold))
+    k = threshold_rank(z.shape[-2] * z.shape[-1], threshold.keep) \
+        if z.dim() == 4 and type(threshold) is TopFractionThreshold else 0
+    if k and z.device.type == "cpu" and eager_mode() and all(
+            type(m) is kind and not (m._forward_hooks or m._forward_pre_hooks)
+            for m, kind in parts):
+        return hah_activation(z, divnorm.sigma, divnorm.pool, k)
+    return threshold(divnorm(relu(z)))
 
 
 class VGGBlock(nn.Module):
