@@ -34,8 +34,11 @@ from hahnet.nn.hah import hah_convs
 from hahnet.nn.layers import DivisiveNorm2d, HaHBlock, TopFractionThreshold, WNConv2d
 
 # old_<name> <- the first of these files that the revision has
-OLD_MODULES = {"fused": ("nn/fused",), "layers": ("nn/layers",), "hah": ("nn/hah", "hah")}
+OLD_MODULES = {"fused": ("nn/fused",), "layers": ("nn/layers",), "costs": ("nn/costs",),
+               "objective": ("nn/objective",), "hah": ("nn/hah", "hah")}
+OPTIONAL = {"costs", "objective"}  # the layer-cost API, from 5d80bda on
 IMPORTS = {"hahnet.nn.fused": "old_fused", "hahnet.nn.layers": "old_layers",
+           "hahnet.nn.costs": "old_costs", "hahnet.nn.objective": "old_objective",
            "hahnet.nn.hah": "old_hah", "hahnet.hah": "old_hah"}
 
 
@@ -53,6 +56,8 @@ def load_revision(rev: str) -> dict[str, types.ModuleType]:
             if not shown.returncode:
                 break
         else:
+            if name in OPTIONAL:
+                continue
             raise SystemExit(f"--rev {rev}: no src/hahnet/{paths[0]}.py there; pick a "
                              f"revision from f90a7f9 on (the nn/ layout)")
         source = shown.stdout
@@ -84,6 +89,11 @@ def old_objective(model: torch.nn.Module, old: dict[str, types.ModuleType]):
     """The old revision's HaHObjective on a :func:`patch_to_old` model (its layer lookup
     is told about today's classes, which the model is built from)."""
     old["hah"].hah_convs = hah_convs
+    for module in (old["hah"], old.get("objective")):
+        if module is not None:  # isinstance checks see the model's (today's) classes
+            module.WNConv2d = WNConv2d
+            if hasattr(module, "HaHBlock"):
+                module.HaHBlock = HaHBlock
     return old["hah"].HaHObjective(model)
 
 
