@@ -6,13 +6,16 @@ plots; the comparison as results.json. Reads only the dict that
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
 from hahnet.eval.markdown import table
 from hahnet.io import atomic_write, write_json
 from hahnet.reporting.plots import figure
-from hahnet.reporting.sweep import PLOTTED, cell, columns, finite
+from hahnet.reporting.sweep import cell, columns, finite
+
+PANELS_PER_ROW = 5
 
 
 def _at(comparison: dict[str, Any], key: str, snapshot: str) -> list[dict[str, Any]]:
@@ -93,6 +96,7 @@ def _positions(comparison: dict[str, Any]) -> dict[str, int]:
 
 def _x_axis(ax, comparison: dict[str, Any]) -> None:
     ax.set_xticks(range(len(comparison["sweeps"])))
+    ax.set_xlim(-0.5, len(comparison["sweeps"]) - 0.5)
     ax.set_xticklabels([f"{s['value']}" for s in comparison["sweeps"]])
     ax.set_xlabel(comparison["by"])
 
@@ -108,26 +112,32 @@ def _lines(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 def plot_gains(comparison: dict[str, Any], path: Path) -> None:
     """Gain against the compared setting, one panel per metric, error bars: sd over seeds."""
     rows = comparison["gains"]
-    keys = [k for k in (*PLOTTED, "train_acc") if any(k in r["metrics"] for r in rows)]
+    keys = columns(rows)
     if not keys:
         return
     where = _positions(comparison)
+    across = min(len(keys), PANELS_PER_ROW)
+    down = math.ceil(len(keys) / across)
 
     def draw(fig) -> None:
-        axes = fig.subplots(1, len(keys), squeeze=False)[0]
+        axes = fig.subplots(down, across, squeeze=False).ravel()
         for ax, key in zip(axes, keys):
-            for label, mine in _lines([r for r in rows if key in r["metrics"]]).items():
+            lines = _lines([r for r in rows if key in r["metrics"]])
+            for j, (label, mine) in enumerate(lines.items()):
+                shift = 0.06 * (j - (len(lines) - 1) / 2)  # keep error bars apart
                 stats = [r["metrics"][key] for r in mine]
-                ax.errorbar([where[r["sweep"]] for r in mine], [100 * s["mean"] for s in stats],
+                ax.errorbar([where[r["sweep"]] + shift for r in mine], [100 * s["mean"] for s in stats],
                             yerr=[100 * (s["sd"] or 0.0) for s in stats], marker="o", capsize=3,
                             label=label)
             ax.axhline(0, color="grey", lw=0.8)
             ax.set_title(key)
+            ax.set_ylabel("HaH − standard (points)")
             _x_axis(ax, comparison)
-        axes[0].set_ylabel("HaH − standard (points)")
-        axes[-1].legend(fontsize=7)
+        for ax in axes[len(keys):]:
+            ax.set_visible(False)
+        axes[0].legend(fontsize=7)
 
-    figure(path, draw, (3.6 * len(keys), 3.4))
+    figure(path, draw, (3.6 * across, 3.2 * down))
 
 
 def plot_grad_ratios(comparison: dict[str, Any], path: Path) -> None:
