@@ -13,32 +13,11 @@ import pytest
 from hahnet.cli import commands as cli
 from hahnet.experiments import sweep as sw, sweep_compare, sweep_summary
 from hahnet.reporting import sweep_compare as compare_report
-from conftest import make_cifar as write_cifar
+from conftest import TINY_SWEEP, TINY_SWEEP_EVAL, make_cifar as write_cifar
 
-TINY = """
-name = "{name}"
-seeds = {seeds}
-
-[train]
-width = {width}
-epochs = 2
-batch_size = 16
-holdout = 0.25
-snapshots = [1, 2]
-
-[grid]
-hah = [false, true]
-
-[eval]
-epochs = [1, 2]
-limit = 8
-noise_sigmas = [0.1]
-noise_draws = 1
-attack_limit = 3
-apgd_steps = 2
-"""
-NARROW = TINY.format(name="narrow", seeds=[1, 2], width=0.0625)
-WIDE = TINY.format(name="wide", seeds=[1], width=0.125)
+NARROW = TINY_SWEEP.replace('name = "tiny"', 'name = "narrow"') + TINY_SWEEP_EVAL
+WIDE = NARROW.replace('name = "narrow"', 'name = "wide"').replace("seeds = [1, 2]", "seeds = [1]") \
+    .replace("width = 0.0625", "width = 0.125")
 
 
 @pytest.fixture(scope="module")
