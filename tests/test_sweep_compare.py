@@ -86,6 +86,9 @@ def test_a_second_difference_or_a_non_training_setting_is_refused(ladder, tmp_pa
     evaluated = sweep_summary.summarise(sw.loads(WIDE.replace("limit = 8", "limit = 7")), tmp_path)
     with pytest.raises(sw.SweepError, match=r"differ in evaluation limit \(8 vs 7\) besides width"):
         sweep_compare.compare([narrow, evaluated], by="width")
+    same = sweep_summary.summarise(sw.loads(WIDE.replace("batch_size = 16", "batch_size = 16\nlr = 0.001"
+                                                         "\neval_batch_size = 7")), tmp_path)
+    assert [s["value"] for s in sweep_compare.compare([narrow, same])["sweeps"]] == [0.0625, 0.125]
     with pytest.raises(sw.SweepError, match="'seed': not a training setting"):
         sweep_compare.compare([narrow], by="seed")
     with pytest.raises(sw.SweepError, match="sweep narrow varies hah inside itself"):
@@ -100,7 +103,7 @@ def test_cli_refuses_with_one_line(ladder, tmp_path, capsys):
     assert cli.main(["sweep", "--compare", "width", f"{narrow}={narrow_out}",
                      f"{changed}={tmp_path / 'empty'}", "--out", str(tmp_path / "report")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "differ in lr of std (default vs 0.01) besides width" in err[0]
+    assert len(err) == 1 and "differ in lr of std (0.001 vs 0.01) besides width" in err[0]
     assert not (tmp_path / "report").exists()
     assert cli.main(["sweep", "--compare", "widht", str(narrow), "--out", str(tmp_path / "r")]) == 2
     assert "not a training setting" in capsys.readouterr().err

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from hahnet.config import TrainConfig
+from hahnet.config import RUNTIME_OPTIONS, TrainConfig
 from hahnet.experiments.sweep import SweepError
 from hahnet.experiments.sweep_summary import seed_stats
 
@@ -25,20 +25,27 @@ def check_setting(by: str) -> None:
                          f"TrainConfig field such as width, epochs, limit_train or lr")
 
 
+def _config(run: dict[str, Any]) -> dict[str, Any]:
+    """A run's every training setting, defaults filled in."""
+    return TrainConfig.from_dict({**run["train"], "seed": run["seed"]}).to_dict()
+
+
 def _value(summary: dict[str, Any], by: str) -> Any:
     """The one value of ``by`` that every run of the sweep shares."""
-    default = TrainConfig.__dataclass_fields__[by].default
-    values = {repr(run["train"].get(by, default)) for run in summary["runs_spec"]}
-    if len(values) != 1:
-        raise SweepError(f"sweep {summary['sweep']} varies {by} inside itself ({', '.join(sorted(values))}); "
+    values = [_config(run)[by] for run in summary["runs_spec"]]
+    if any(v != values[0] for v in values):
+        shown = ", ".join(dict.fromkeys(map(str, values)))
+        raise SweepError(f"sweep {summary['sweep']} varies {by} inside itself ({shown}); "
                          f"compare sweeps that each fix {by}")
-    return summary["runs_spec"][0]["train"].get(by, default)
+    return values[0]
 
 
 def _signature(summary: dict[str, Any], by: str) -> dict[str, Any]:
     """Everything a comparison requires to be equal: each setting's training settings
-    other than ``by`` (and the seed), and the evaluation."""
-    runs = {r["name"]: {k: v for k, v in r["train"].items() if k != by} for r in summary["runs_spec"]}
+    other than ``by``, the seed and those that change speed only, and the evaluation."""
+    ignored = {by, "seed", *RUNTIME_OPTIONS}
+    runs = {r["name"]: {k: v for k, v in _config(r).items() if k not in ignored}
+            for r in summary["runs_spec"]}
     return {"settings": runs, "eval": summary["settings"]}
 
 
@@ -50,7 +57,7 @@ def _difference(a: dict[str, Any], b: dict[str, Any]) -> str:
         other = b["settings"][name]
         for key in sorted(set(train) | set(other)):
             if train.get(key) != other.get(key):
-                return f"{key} of {name} ({train.get(key, 'default')} vs {other.get(key, 'default')})"
+                return f"{key} of {name} ({train.get(key)} vs {other.get(key)})"
     for key in sorted(set(a["eval"]) | set(b["eval"])):
         if a["eval"].get(key) != b["eval"].get(key):
             return f"evaluation {key} ({a['eval'].get(key)} vs {b['eval'].get(key)})"
@@ -140,7 +147,10 @@ def compare(summaries: Sequence[dict[str, Any]], by: str = "width",
     last evaluated), the paired HaH-minus-standard gains, every setting's metrics and the
     gradient ratios per HaH layer, each as mean (+- sd from two seeds) over the seeds."""
     values = check_comparable(summaries, by)
-    order = sorted(range(len(summaries)), key=lambda i: values[i])
+    try:
+        order = sorted(range(len(summaries)), key=lambda i: values[i])
+    except TypeError:  # values that do not order (e.g. None beside numbers): as given
+        order = list(range(len(summaries)))
     chosen = snapshots(epochs)
     result: dict[str, Any] = {
         "by": by, "snapshots": [label for label, _ in chosen],
