@@ -21,6 +21,7 @@ HEADLINE = ("clean", "noise0.05", "noise0.1", "noise0.2", "apgd_linf", "apgd_l2"
 
 
 def columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The metrics the rows have: the headline ones in their order, then the rest."""
     present = list(dict.fromkeys(k for row in rows for k in row["metrics"]))
     return [k for k in HEADLINE if k in present] + [k for k in present if k not in HEADLINE]
 
