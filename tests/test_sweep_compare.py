@@ -89,6 +89,8 @@ def test_a_second_difference_or_a_non_training_setting_is_refused(ladder, tmp_pa
     same = sweep_summary.summarise(sw.loads(WIDE.replace("batch_size = 16", "batch_size = 16\nlr = 0.001"
                                                          "\neval_batch_size = 7")), tmp_path)
     assert [s["value"] for s in sweep_compare.compare([narrow, same])["sweeps"]] == [0.0625, 0.125]
+    with pytest.raises(sw.SweepError, match="sweeps narrow and narrow both have width = 0.0625"):
+        sweep_compare.compare([narrow, narrow])
     with pytest.raises(sw.SweepError, match="'seed': not a training setting"):
         sweep_compare.compare([narrow], by="seed")
     with pytest.raises(sw.SweepError, match="sweep narrow varies hah inside itself"):
