@@ -126,6 +126,33 @@ def make_cifar(root: Path, n_train: int = 50, n_test: int = 16, seed: int = 0) -
     return root
 
 
+# A tiny sweep file (standard vs HaH, 2 seeds, 2 epochs) and its evaluation section, for
+# the tests of hahnet sweep and hahnet sweep --compare.
+TINY_SWEEP = """
+name = "tiny"
+seeds = [1, 2]
+
+[train]
+width = 0.0625
+epochs = 2
+batch_size = 16
+holdout = 0.25
+snapshots = [1, 2]
+
+[grid]
+hah = [false, true]
+"""
+TINY_SWEEP_EVAL = """
+[eval]
+epochs = [1, 2]
+limit = 8
+noise_sigmas = [0.1]
+noise_draws = 1
+attack_limit = 3
+apgd_steps = 2
+"""
+
+
 def make_tiny_net(hah: bool = True, classes: int = 10) -> nn.Module:
     """A few blocks on 8x8 inputs: fast enough for the whole evaluation in a test."""
     torch.manual_seed(0)

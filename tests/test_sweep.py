@@ -11,36 +11,13 @@ import pytest
 
 from hahnet.cli import commands as cli
 from hahnet.experiments import sweep as sw, sweep_summary
-from conftest import make_cifar as write_cifar
+from conftest import TINY_SWEEP as BASE, TINY_SWEEP_EVAL as EVAL, make_cifar as write_cifar
 
-BASE = """
-name = "tiny"
-seeds = [1, 2]
-
-[train]
-width = 0.0625
-epochs = 2
-batch_size = 16
-holdout = 0.25
-snapshots = [1, 2]
-
-[grid]
-hah = [false, true]
-"""
 EXTRA_RUN = """
 [[runs]]
 name = "hah-alphas-x2"
 hah = true
 alphas = [0.009, 0.005, 0.0026, 0.002, 0.0016, 0.001]
-"""
-EVAL = """
-[eval]
-epochs = [1, 2]
-limit = 8
-noise_sigmas = [0.1]
-noise_draws = 1
-attack_limit = 3
-apgd_steps = 2
 """
 SWEEP = BASE + EXTRA_RUN + EVAL
 

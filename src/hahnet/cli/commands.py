@@ -284,7 +284,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from hahnet.experiments import sweep as sw, sweep_summary
     from hahnet.reporting import sweep as sweep_report
 
-    spec = build(sw.load, args.file)
+    if args.compare:
+        return cmd_sweep_compare(args)
+    if len(args.file) > 1 or args.epoch:
+        raise UserError("several sweep files or --epoch need --compare SETTING "
+                        "(e.g. --compare width)")
+    spec = build(sw.load, args.file[0])
     out = Path(args.out or f"runs/sweeps/{spec.name}")
     check_out(out, "sweep")
     data = args.data or spec.data or DEFAULT_DATA
@@ -299,6 +304,39 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise UserError(str(error)) from None
     paths = sweep_report.write(summary, out, "hahnet " + shlex.join(args.argv))
     print(sweep_report.gains_table(summary))
+    print(f"report: {paths['report.md']}")
+    return 0
+
+
+def cmd_sweep_compare(args: argparse.Namespace) -> int:
+    """``hahnet sweep --compare SETTING FILE[=DIR] ...``: finished sweeps side by side."""
+    from hahnet.experiments import sweep as sw, sweep_compare, sweep_summary
+    from hahnet.reporting import sweep_compare as compare_report
+
+    if args.re_evaluate:
+        raise UserError("--compare only reads finished sweeps; drop --re-evaluate")
+    build(sweep_compare.check_setting, args.compare)
+    entries = []
+    for entry in args.file:
+        file, _, directory = entry.partition("=")
+        spec = build(sw.load, file)
+        out = Path(directory or f"runs/sweeps/{spec.name}")
+        if not out.is_dir():
+            raise UserError(f"{entry}: no sweep directory at {out}; pass FILE=DIR")
+        entries.append((spec, out))
+    names = [spec.name for spec, _ in entries]
+    report = Path(args.out or f"runs/sweeps/{'-'.join(names)}-by-{args.compare}")
+    check_out(report, "sweep")
+    try:
+        for spec, out in entries:
+            sw.check(spec, out)
+        comparison = sweep_compare.compare([sweep_summary.summarise(spec, out) for spec, out in entries],
+                                           args.compare, args.epoch)
+    except sw.SweepError as error:
+        raise UserError(str(error)) from None
+    paths = compare_report.write(comparison, report, "hahnet " + shlex.join(args.argv))
+    for snapshot in comparison["snapshots"]:
+        print(f"{snapshot}:\n{compare_report.gains_table(comparison, snapshot)}")
     print(f"report: {paths['report.md']}")
     return 0
 

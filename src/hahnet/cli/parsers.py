@@ -331,9 +331,20 @@ def add_sweep(subparsers, commands: dict[str, Any]) -> None:
         description="Run the sweep file's grid (resumable: finished runs and evaluations are "
                     "reused, runs with other settings refused), evaluate every run on its "
                     "held-out images, write OUT/report.md, results.json and plots with mean +- "
-                    "sd over seeds and the HaH-minus-standard gain paired by seed.")
-    parser.add_argument("file", help="sweep file (TOML; see docs/sweep.md)")
-    parser.add_argument("--out", help="sweep directory (default runs/sweeps/<name>)")
+                    "sd over seeds and the HaH-minus-standard gain paired by seed. With "
+                    "--compare SETTING: report finished sweeps that differ in that training "
+                    "setting alone, side by side (nothing is trained or evaluated).")
+    parser.add_argument("file", nargs="+", metavar="FILE",
+                        help="sweep file (TOML; see docs/sweep.md); with --compare, several "
+                             "FILE[=DIR], DIR its sweep directory (default runs/sweeps/<name>)")
+    parser.add_argument("--out", help="sweep directory (default runs/sweeps/<name>); with "
+                                      "--compare the report's directory "
+                                      "(default runs/sweeps/<names>-by-<setting>)")
+    parser.add_argument("--compare", metavar="SETTING",
+                        help="compare the sweeps by this training setting, e.g. width")
+    parser.add_argument("--epoch", type=POSITIVE, action="append", metavar="E",
+                        help="with --compare: the epoch to compare (repeatable; default the "
+                             "snapshot before the first lr drop and the last evaluated)")
     add_data(parser, download=False)
     parser.add_argument("--jobs", type=POSITIVE, default=2, help="runs at a time (2)")
     parser.add_argument("--threads", type=POSITIVE, default=1, help="threads per run (1)")

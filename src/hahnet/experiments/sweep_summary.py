@@ -33,7 +33,8 @@ def metrics_of(result: EvalResult) -> dict[str, float]:
     return values
 
 
-def _stats(values: Sequence[float]) -> dict[str, Any]:
+def seed_stats(values: Sequence[float]) -> dict[str, Any]:
+    """Mean and sd (0 from one value) over seeds of the finite values, and all the values."""
     finite = [v for v in values if v is not None and math.isfinite(v)]
     mean = statistics.fmean(finite) if finite else float("nan")
     sd = statistics.stdev(finite) if len(finite) > 1 else 0.0
@@ -68,14 +69,14 @@ def summarise(sweep: Sweep, out: str | Path) -> dict[str, Any]:
             rows = [per[(name, epoch, s)] for s in seeds if (name, epoch, s) in per]
             keys = list(dict.fromkeys(k for row in rows for k in row))
             table.append({"name": name, "epoch": epoch, "seeds": len(rows),
-                          "metrics": {k: _stats([row.get(k, float("nan")) for row in rows]) for k in keys}})
+                          "metrics": {k: seed_stats([row.get(k, float("nan")) for row in rows]) for k in keys}})
             base = partner(sweep, name) if dict(next(r.train for r in sweep.runs if r.name == name)).get("hah") else None
             if base is None:
                 continue
             paired = [s for s in seeds if (name, epoch, s) in per and (base, epoch, s) in per]
             if paired:
                 gains.append({"name": name, "baseline": base, "epoch": epoch, "seeds": paired,
-                              "metrics": {k: _stats([per[(name, epoch, s)][k] - per[(base, epoch, s)][k]
+                              "metrics": {k: seed_stats([per[(name, epoch, s)][k] - per[(base, epoch, s)][k]
                                                      for s in paired]) for k in keys
                                           if k in per[(base, epoch, paired[0])]}})
     return {"sweep": sweep.name, "settings": sweep.settings_dict(),

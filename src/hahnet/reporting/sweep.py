@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from hahnet.eval.markdown import table as _table
 from hahnet.io import atomic_write, write_json
 from hahnet.reporting.plots import figure
 
@@ -19,42 +20,42 @@ HEADLINE = ("clean", "noise0.05", "noise0.1", "noise0.2", "apgd_linf", "apgd_l2"
             "worst_linf", "worst_l2", "nonzero_first6", "train_acc")
 
 
-def _columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+def columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The metrics the rows have: the headline ones in their order, then the rest."""
     present = list(dict.fromkeys(k for row in rows for k in row["metrics"]))
     return [k for k in HEADLINE if k in present] + [k for k in present if k not in HEADLINE]
 
 
-def _cell(stats: dict[str, Any] | None, signed: bool = False) -> str:
-    if stats is None or not math.isfinite(stats["mean"]):
+def cell(stats: dict[str, Any] | None, signed: bool = False) -> str:
+    """Mean ± sd in percent (points when ``signed``; bold where |mean| > sd over 2+ seeds);
+    the mean alone where sd is None."""
+    if stats is None or stats["mean"] is None or not math.isfinite(stats["mean"]):
         return "-"
     sign = "+" if signed else ""
+    if stats["sd"] is None:
+        return f"{100 * stats['mean']:{sign}.1f}"
     text = f"{100 * stats['mean']:{sign}.1f} ± {100 * stats['sd']:.1f}"
     if signed and stats["n"] > 1 and abs(stats["mean"]) > stats["sd"]:
         text = f"**{text}**"
     return text
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-
-
 def metrics_table(summary: dict[str, Any]) -> str:
     rows = summary["table"]
-    columns = _columns(rows)
-    return _table(["setting", "epoch", "seeds", *columns],
+    keys = columns(rows)
+    return _table(["setting", "epoch", "seeds", *keys],
                   [[r["name"], str(r["epoch"]), str(r["seeds"]),
-                    *(_cell(r["metrics"].get(k)) for k in columns)] for r in rows])
+                    *(cell(r["metrics"].get(k)) for k in keys)] for r in rows])
 
 
 def gains_table(summary: dict[str, Any]) -> str:
     rows = summary["gains"]
     if not rows:
         return "(no HaH setting has a standard partner with finished evaluations)"
-    columns = _columns(rows)
-    return _table(["HaH setting", "vs", "epoch", "seeds", *columns],
+    keys = columns(rows)
+    return _table(["HaH setting", "vs", "epoch", "seeds", *keys],
                   [[r["name"], r["baseline"], str(r["epoch"]), str(len(r["seeds"])),
-                    *(_cell(r["metrics"].get(k), signed=True) for k in columns)] for r in rows])
+                    *(cell(r["metrics"].get(k), signed=True) for k in keys)] for r in rows])
 
 
 def render_markdown(summary: dict[str, Any], command: str = "") -> str:
@@ -175,7 +176,7 @@ def write(summary: dict[str, Any], out: str | Path, command: str = "") -> dict[s
     out = Path(out)
     paths = {name: out / name for name in ("results.json", "report.md", "metrics.png",
                                            "gains.png", "grad_ratios.png", "training.png")}
-    write_json(paths["results.json"], _finite(summary))
+    write_json(paths["results.json"], finite(summary))
     atomic_write(paths["report.md"], lambda tmp: tmp.write_text(render_markdown(summary, command)))
     plot_metrics(summary, paths["metrics.png"])
     plot_gains(summary, paths["gains.png"])
@@ -184,12 +185,12 @@ def write(summary: dict[str, Any], out: str | Path, command: str = "") -> dict[s
     return {k: p for k, p in paths.items() if p.exists()}
 
 
-def _finite(value: Any) -> Any:
+def finite(value: Any) -> Any:
     """JSON without NaN (null instead)."""
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [finite(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
