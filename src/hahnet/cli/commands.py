@@ -19,7 +19,7 @@ from hahnet import config as cfg
 from hahnet.cli.console import say
 from hahnet.errors import UserError
 from hahnet.training.device import cpu_threads
-from hahnet.training.run import DEFAULT_DATA, check_out
+from hahnet.training.run import DEFAULT_DATA, RESULTS_FILE, check_out
 
 class Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag as one line (no usage block), exit status 2."""
@@ -148,8 +148,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     results, data = [], None
     for given in args.results:
-        path = Path(given) / "results.json" if Path(given).is_dir() else Path(given)
-        if path.resolve() == (Path(args.out) / "results.json").resolve():
+        path = Path(given) / RESULTS_FILE if Path(given).is_dir() else Path(given)
+        if path.resolve() == (Path(args.out) / RESULTS_FILE).resolve():
             raise UserError(f"--out {args.out} holds the input {given}; write the report "
                             f"into another directory")
         try:

@@ -188,8 +188,6 @@ def add_report(subparsers, commands: dict[str, Any]) -> None:
 
 BPDA = typed(lambda t: tuple(v.strip() for v in t.split(",") if v.strip()),
              "a comma-separated list of BPDA variants")
-NORMS = typed(lambda t: tuple(v.strip() for v in t.split(",") if v.strip()),
-              "Linf, L2 or Linf,L2")
 
 
 def add_attack_suite(parser: argparse.ArgumentParser) -> None:
@@ -272,6 +270,9 @@ def _list(convert, accepted: str):
             raise ValueError(text)
         return values
     return typed(parse, accepted)
+
+
+NORMS = _list(str, "Linf, L2 or Linf,L2")
 
 
 def _choice(allowed: dict[str, Any]):

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from hahnet.config import VERSION, EvalSettings, same_json
+from hahnet.config import PAPER_EPS, VERSION, EvalSettings, same_json
 
 FORMAT = "hahnet-eval-1"
 
@@ -378,7 +378,7 @@ def join_parts(results: Sequence[EvalResult]) -> list[EvalResult]:
         whole = joined[key]
         _check_part(whole, result)
         whole.attacks.update(result.attacks)
-        whole.settings["norms"] = [n for n in ("Linf", "L2") if n in whole.attacks]
+        whole.settings["norms"] = [n for n in PAPER_EPS if n in whole.attacks]
         for phase, seconds in result.seconds.items():
             if phase.startswith("attacks_"):
                 whole.seconds[phase] = seconds

@@ -92,11 +92,10 @@ def _evaluated(summary: dict[str, Any]) -> list[int]:
 
 def _pre_drop(summary: dict[str, Any]) -> int | None:
     """The last evaluated epoch (1-based) trained entirely at the starting learning rate."""
-    spec = summary["runs_spec"][0]
-    config = TrainConfig.from_dict({**spec["train"], "seed": spec["seed"]})
-    if not config.milestones or config.gamma == 1.0:
+    config = _config(summary["runs_spec"][0])
+    if not config["milestones"] or config["gamma"] == 1.0:
         return None
-    first_drop = min(round(m * config.epochs) for m in config.milestones)
+    first_drop = min(round(m * config["epochs"]) for m in config["milestones"])
     return max((e for e in _evaluated(summary) if e <= first_drop), default=None)
 
 

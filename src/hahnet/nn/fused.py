@@ -30,9 +30,7 @@ def eager_mode() -> bool:
 def divisive_divisor(x: Tensor, sigma: float, pool: int) -> Tensor:
     """DivisiveNorm2d's denominator ``sigma * peak + (1 - sigma) * field + eps`` (N1HW)."""
     field = F.max_pool2d(x.abs(), pool, stride=1, padding=pool // 2)
-    field = field.mean(dim=1, keepdim=True)
-    peak = field.amax(dim=(2, 3), keepdim=True)
-    return sigma * peak + (1.0 - sigma) * field + DIVNORM_EPS
+    return _divisor(field.mean(dim=1, keepdim=True), sigma)
 
 
 def divisive_norm_reference(x: Tensor, sigma: float, pool: int) -> Tensor:
@@ -106,6 +104,13 @@ def batch_chunks(batch: int, per_image: int, device: torch.device | str | None =
     return [(start, min(batch, start + step)) for start in range(0, batch, step)]
 
 
+def _peak_positions(field: Tensor) -> tuple[Tensor, Tensor]:
+    """Where each image's pooled field (N1HW) reaches its peak, and at how many positions:
+    the divisor's peak term sends its gradient there."""
+    at_peak = field == field.amax(dim=(2, 3), keepdim=True)
+    return at_peak, at_peak.sum(dim=(2, 3), keepdim=True)
+
+
 def _field_gradient(grad_divisor: Tensor, sigma: float, at_peak: Tensor,
                     peak_count: Tensor) -> Tensor:
     """dL/d(field) of the divisor ``d = sigma * peak + (1 - sigma) * field + eps`` (N1HW),
@@ -146,17 +151,16 @@ class _DivisiveNorm(torch.autograd.Function):
                 part_magnitude, [pool, pool], [1, 1], [pool // 2, pool // 2], [1, 1], False,
                 out=part_pooled, indices=indices[start:stop])
             _channel_mean(part_pooled, field[start:stop])  # as the fused activation sums
-        peak = field.amax(dim=(2, 3), keepdim=True)
-        divisor = sigma * peak + (1.0 - sigma) * field + DIVNORM_EPS
+        divisor = _divisor(field, sigma)
         for start, stop in chunks:
             torch.div(x[start:stop], divisor[start:stop], out=out[start:stop])
-        ctx.save_for_backward(x, divisor, field, peak, indices)
+        ctx.save_for_backward(x, divisor, field, indices)
         ctx.sigma, ctx.pool = sigma, pool
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None]:
-        x, divisor, field, peak, indices = ctx.saved_tensors
+        x, divisor, field, indices = ctx.saved_tensors
         sigma, pool = ctx.sigma, ctx.pool
         if torch.is_grad_enabled():  # create_graph: differentiate the plain code instead
             with torch.enable_grad():
@@ -168,8 +172,7 @@ class _DivisiveNorm(torch.autograd.Function):
         grad_x = torch.empty_like(x, memory_format=layout)
         work = torch.empty_like(x[: chunks[0][1]], memory_format=layout)
         grad_magnitude = torch.empty_like(work)
-        at_peak = field == peak
-        peak_count = at_peak.sum(dim=(2, 3), keepdim=True)
+        at_peak, peak_count = _peak_positions(field)
         for start, stop in chunks:
             size = stop - start
             part_x, part_grad_x, part_work = x[start:stop], grad_x[start:stop], work[:size]
@@ -272,8 +275,8 @@ def _channel_mean(pooled: Tensor, out: Tensor) -> None:
 
 
 def _divisor(field: Tensor, sigma: float) -> Tensor:
-    """The divisor as :func:`divisive_divisor` rounds it, from the pooled field (its peak
-    is per image, so a batch chunk has what it needs)."""
+    """The divisor from the channel-mean pooled field (its peak is per image, so a batch
+    chunk has what it needs)."""
     peak = field.amax(dim=(2, 3), keepdim=True)
     return sigma * peak + (1.0 - sigma) * field + DIVNORM_EPS
 
@@ -343,8 +346,7 @@ def _activation_backward(grad: Tensor, z: Tensor, field: Tensor, kth: Tensor,
     chunk_indices = torch.empty_like(normalized, dtype=torch.int64,
                                      memory_format=torch.channels_last)
     divisor = _divisor(field, sigma)
-    at_peak = field == field.amax(dim=(2, 3), keepdim=True)
-    peak_count = at_peak.sum(dim=(2, 3), keepdim=True)
+    at_peak, peak_count = _peak_positions(field)
     for start, stop in chunks:
         size = stop - start
         part_divisor, part_grad_z = divisor[start:stop], grad_z[start:stop]
