@@ -6,29 +6,40 @@
 # Then `hahnet report` joins the parts into one report in $OUT.
 #
 #   bash benchmarks/adaptive_cpu.sh                 # writes runs/adaptive, then $OUT
+#   RUN="hah-Linf hah-L2" bash benchmarks/adaptive_cpu.sh &   # two processes, one part
+#   RUN="standard-Linf standard-L2" bash benchmarks/adaptive_cpu.sh  # list each
+#
+# PGD-50x5 and the short Square (the paper suite's masking checks in `hahnet eval`) are
+# left out: AutoAttack standard's Square-5000 and the adaptive attacks supersede them.
+# The report is written once all four parts exist.
 #
 # Environment: PARTS (runs/adaptive), OUT (docs/results/cpu/adaptive), HAHNET
 # (.venv/bin/hahnet), THREADS (1), LIMIT (1000 test images), ADAPTIVE_LIMIT (500:
-# margin, BPDA and transfer), SWEEP_LIMIT (200: the eps sweeps), EXTRA (more eval flags).
+# margin, BPDA and transfer), SWEEP_LIMIT (200: the eps sweeps), EXTRA (more eval flags),
+# RUN (the parts this process runs, in order; default all four).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PARTS=${PARTS:-runs/adaptive}
 OUT=${OUT:-docs/results/cpu/adaptive}
 HAHNET=${HAHNET:-.venv/bin/hahnet}
 NETS=${NETS:-docs/results/cpu}
-for norm in Linf L2; do
-  for net in hah standard; do
+ALL="hah-Linf standard-Linf hah-L2 standard-L2"
+for name in ${RUN:-$ALL}; do
+    net=${name%-*} norm=${name#*-}
+    case " $ALL " in *" $name "*) ;; *) echo "RUN: unknown part $name; choose from $ALL" >&2; exit 2;; esac
     other=$([ "$net" = hah ] && echo standard || echo hah)
-    part=$PARTS/$net-$norm
+    part=$PARTS/$name
     [ -f "$part/results.json" ] && { echo "kept: $part"; continue; }
     rm -rf "$part.part"
     # shellcheck disable=SC2086
     $HAHNET eval "$NETS/$net" --attacks all --norms "$norm" --limit "${LIMIT:-1000}" \
       --attack-limit "${LIMIT:-1000}" --adaptive-limit "${ADAPTIVE_LIMIT:-500}" \
       --sweep-limit "${SWEEP_LIMIT:-200}" --transfer-from "$NETS/$other" \
-      --threads "${THREADS:-1}" --out "$part.part" ${EXTRA:-}
+      --pgd-steps 0 --square-limit 0 --threads "${THREADS:-1}" --out "$part.part" ${EXTRA:-}
     mv "$part.part" "$part"
-  done
+done
+for name in $ALL; do
+  [ -f "$PARTS/$name/results.json" ] || { echo "not all parts done yet ($name missing)"; exit 0; }
 done
 $HAHNET report "$PARTS"/standard-Linf "$PARTS"/hah-Linf "$PARTS"/standard-L2 "$PARTS"/hah-L2 \
   --out "$OUT" --title "Adaptive attacks on the cpu checkpoints"
