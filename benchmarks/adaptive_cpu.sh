@@ -3,6 +3,8 @@
 # "Adaptive attacks"), in four parts that each take an hour or more on one CPU core:
 # {hah, standard} x {Linf, L2}, every part saved when it finishes, so that the study can
 # be stopped and resumed (finished parts are kept; an unfinished one starts again).
+# Each finished part's results.json is also copied to $OUT/parts/NAME.json, the record
+# that is committed: a part found there is not run again, on this clone or any other.
 # Then `hahnet report` joins the parts into one report in $OUT.
 #
 #   bash benchmarks/adaptive_cpu.sh                 # writes runs/adaptive, then $OUT
@@ -28,8 +30,9 @@ for name in ${RUN:-$ALL}; do
     net=${name%-*} norm=${name#*-}
     case " $ALL " in *" $name "*) ;; *) echo "RUN: unknown part $name; choose from $ALL" >&2; exit 2;; esac
     other=$([ "$net" = hah ] && echo standard || echo hah)
-    part=$PARTS/$name
-    [ -f "$part/results.json" ] && { echo "kept: $part"; continue; }
+    part=$PARTS/$name record=$OUT/parts/$name.json
+    [ -f "$record" ] && { echo "kept: $record"; continue; }
+    [ -f "$part/results.json" ] && { mkdir -p "$OUT/parts"; cp "$part/results.json" "$record"; echo "kept: $part"; continue; }
     rm -rf "$part.part"
     # shellcheck disable=SC2086
     $HAHNET eval "$NETS/$net" --attacks all --norms "$norm" --limit "${LIMIT:-1000}" \
@@ -37,9 +40,11 @@ for name in ${RUN:-$ALL}; do
       --sweep-limit "${SWEEP_LIMIT:-200}" --transfer-from "$NETS/$other" \
       --pgd-steps 0 --square-limit 0 --threads "${THREADS:-1}" --out "$part.part" ${EXTRA:-}
     mv "$part.part" "$part"
+    mkdir -p "$OUT/parts" && cp "$part/results.json" "$record"
 done
 for name in $ALL; do
-  [ -f "$PARTS/$name/results.json" ] || { echo "not all parts done yet ($name missing)"; exit 0; }
+  [ -f "$OUT/parts/$name.json" ] || { echo "not all parts done yet ($name missing)"; exit 0; }
 done
-$HAHNET report "$PARTS"/standard-Linf "$PARTS"/hah-Linf "$PARTS"/standard-L2 "$PARTS"/hah-L2 \
+$HAHNET report "$OUT"/parts/standard-Linf.json "$OUT"/parts/hah-Linf.json \
+  "$OUT"/parts/standard-L2.json "$OUT"/parts/hah-L2.json \
   --out "$OUT" --title "Adaptive attacks on the cpu checkpoints"
