@@ -27,8 +27,10 @@ HAHNET=${HAHNET:-.venv/bin/hahnet}
 NETS=${NETS:-docs/results/cpu}
 ALL="hah-Linf standard-Linf hah-L2 standard-L2"
 for name in ${RUN:-$ALL}; do
+  case " $ALL " in *" $name "*) ;; *) echo "RUN: unknown part $name; choose from $ALL" >&2; exit 2;; esac
+done
+for name in ${RUN:-$ALL}; do
     net=${name%-*} norm=${name#*-}
-    case " $ALL " in *" $name "*) ;; *) echo "RUN: unknown part $name; choose from $ALL" >&2; exit 2;; esac
     other=$([ "$net" = hah ] && echo standard || echo hah)
     part=$PARTS/$name record=$OUT/parts/$name.json
     [ -f "$record" ] && { echo "kept: $record"; continue; }
