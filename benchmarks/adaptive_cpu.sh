@@ -34,14 +34,17 @@ for name in ${RUN:-$ALL}; do
     other=$([ "$net" = hah ] && echo standard || echo hah)
     part=$PARTS/$name record=$OUT/parts/$name.json
     [ -f "$record" ] && { echo "kept: $record"; continue; }
-    [ -f "$part/results.json" ] && { mkdir -p "$OUT/parts"; cp "$part/results.json" "$record"; echo "kept: $part"; continue; }
-    rm -rf "$part.part"
-    # shellcheck disable=SC2086
-    $HAHNET eval "$NETS/$net" --attacks all --norms "$norm" --limit "${LIMIT:-1000}" \
-      --attack-limit "${LIMIT:-1000}" --adaptive-limit "${ADAPTIVE_LIMIT:-500}" \
-      --sweep-limit "${SWEEP_LIMIT:-200}" --transfer-from "$NETS/$other" \
-      --pgd-steps 0 --square-limit 0 --threads "${THREADS:-1}" --out "$part.part" ${EXTRA:-}
-    mv "$part.part" "$part"
+    if [ -f "$part/results.json" ]; then
+      echo "kept: $part"
+    else
+      rm -rf "$part.part"
+      # shellcheck disable=SC2086
+      $HAHNET eval "$NETS/$net" --attacks all --norms "$norm" --limit "${LIMIT:-1000}" \
+        --attack-limit "${LIMIT:-1000}" --adaptive-limit "${ADAPTIVE_LIMIT:-500}" \
+        --sweep-limit "${SWEEP_LIMIT:-200}" --transfer-from "$NETS/$other" \
+        --pgd-steps 0 --square-limit 0 --threads "${THREADS:-1}" --out "$part.part" ${EXTRA:-}
+      mv "$part.part" "$part"
+    fi
     mkdir -p "$OUT/parts" && cp "$part/results.json" "$record"
 done
 for name in $ALL; do
