@@ -2,7 +2,8 @@
 # The adaptive-attack study of the committed `cpu` checkpoints (docs/evaluation.md,
 # "Adaptive attacks"), in four parts that each take an hour or more on one CPU core:
 # {hah, standard} x {Linf, L2}, every part saved when it finishes, so that the study can
-# be stopped and resumed (finished parts are kept; an unfinished one starts again).
+# be stopped and resumed (finished parts are kept; an unfinished one resumes from the
+# attack rows it finished, which `hahnet eval` keeps in its --out until the report).
 # Each finished part's results.json is also copied to $OUT/parts/NAME.json, the record
 # that is committed: a part found there is not run again, on this clone or any other.
 # Then `hahnet report` joins the parts into one report in $OUT.
@@ -37,7 +38,6 @@ for name in ${RUN:-$ALL}; do
     if [ -f "$part/results.json" ]; then
       echo "kept: $part"
     else
-      rm -rf "$part.part"
       # shellcheck disable=SC2086
       $HAHNET eval "$NETS/$net" --attacks all --norms "$norm" --limit "${LIMIT:-1000}" \
         --attack-limit "${LIMIT:-1000}" --adaptive-limit "${ADAPTIVE_LIMIT:-500}" \

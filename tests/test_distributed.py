@@ -490,6 +490,7 @@ def test_torchrun_eval_shards_everything_and_equals_one_process(tmp_path, data):
     two = torchrun(tmp_path, args + ["--out", str(tmp_path / "two")])
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("report:") == 1 and two.stderr.count("data: ") == 1
+    assert not (tmp_path / "two" / "partial").exists()  # rows kept only until the report
     one_doc, two_doc = (json.loads((tmp_path / d / "results.json").read_text())
                         for d in ("one", "two"))
     (a,), (b,) = one_doc["models"], two_doc["models"]

@@ -141,8 +141,8 @@ def test_cli_end_to_end_caches_and_reads_back(tmp_path, monkeypatch, capsys, wri
     again = json.loads((tmp_path / "b" / "results.json").read_text())
     for a, b in zip(doc["models"], again["models"]):
         assert a["corruptions"]["accuracy"] == b["corruptions"]["accuracy"]
-    from hahnet.eval.results import _jsonable
-    assert [_jsonable(r) for r in results] == doc["models"]
+    from hahnet.eval.results import jsonable
+    assert [jsonable(r) for r in results] == doc["models"]
 
 
 def test_old_results_without_corruptions_read_back():

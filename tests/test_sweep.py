@@ -87,6 +87,33 @@ def test_sweep_evaluation_runs_the_chosen_suite(finished, tmp_path):
     assert metrics["worst_linf"] == adaptive.worst.accuracy <= metrics["apgd_linf"]
 
 
+def test_sweep_evaluation_resumes_from_the_rows_a_stopped_one_saved(finished, tmp_path,
+                                                                     monkeypatch):
+    """A sweep's evaluation keeps its attack rows beside its target until the target is
+    written, and reuses them: a row saved by a stopped evaluation (here marked by an
+    accuracy no attack gives) is what the next one reports."""
+    from hahnet.eval.journal import Journal
+
+    _, out, data, _ = finished
+    spec = sw.loads(BASE + EVAL)
+    target = tmp_path / "eval.json"
+    args = (str(sw.run_dir(out, spec.runs[1])), str(target), spec.settings.to_dict(),
+            spec.split, spec.limit, spec.limit_seed, str(data), str(tmp_path / "cache"), 1, "cpu")
+    with monkeypatch.context() as m:
+        m.setattr(Journal, "clear", lambda self: None)  # as if stopped before the end
+        sw.eval_task(*args)
+    rows = sorted(target.with_suffix(".partial").glob("*.json"))
+    assert len(rows) == len(spec.settings.norms)
+    for row in rows:
+        document = json.loads(row.read_text())
+        document["value"]["accuracy"] = 0.123
+        row.write_text(json.dumps(document))
+    sw.eval_task(*args)
+    result = sw.read_eval(target)
+    assert [suite.apgd.accuracy for suite in result.attacks.values()] == [0.123] * len(rows)
+    assert not target.with_suffix(".partial").exists()
+
+
 def test_unreadable_files(tmp_path):
     with pytest.raises(sw.SweepError, match="no sweep file at"):
         sw.load(tmp_path / "missing.toml")

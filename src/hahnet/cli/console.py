@@ -70,7 +70,7 @@ def fit_with_progress(trainer, quiet: bool, tensorboard: bool = False) -> None:
 
 
 def evaluate_with_progress(model, images, labels, settings, device, path: str,
-                           info: dict[str, Any], env=None, sources=()):
+                           info: dict[str, Any], env=None, sources=(), journal=None):
     """Evaluate one loaded checkpoint under a tqdm bar per phase and print its summary."""
     from tqdm import tqdm
 
@@ -94,7 +94,7 @@ def evaluate_with_progress(model, images, labels, settings, device, path: str,
     try:
         result = ev.evaluate_model(model, images, labels, settings, device, progress=open_bar,
                                    name=name, checkpoint=str(path), info=info, env=env,
-                                   sources=sources)
+                                   sources=sources, journal=journal)
     except ev.EvalError as error:
         raise UserError(f"{path}: {error}") from None
     finally:

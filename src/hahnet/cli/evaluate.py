@@ -61,9 +61,10 @@ def evaluate_and_report(args: argparse.Namespace, settings: EvalSettings, env) -
                 f"{env.device}; ETA ~{console.minutes(eta)} (attacks estimated as if every "
                 f"image survived every stage)")
     _check_sources(models, sources)
+    journal = _journal(args.out, env.is_main)
     results = [console.evaluate_with_progress(model, test.images, test.labels, settings,
                                               env.device, path, info, env,
-                                              transfer_sources(path, sources))
+                                              transfer_sources(path, sources), journal)
                for path, info, model in models]
     from hahnet.cli import corruptions as corruption_cli
 
@@ -73,10 +74,28 @@ def evaluate_and_report(args: argparse.Namespace, settings: EvalSettings, env) -
     data = data_record(args.data or DEFAULT_DATA, dataset, test, args.limit, args.limit_seed,
                        args.split)
     paths = report.write_report(results, args.out, data)
+    journal.clear()
     print(report.paper_table(results))
     console.warn_gradient_masking(results, paths["report.md"])
     print(f"report: {paths['report.md']}")
     return 0
+
+
+def _journal(out: str, is_main: bool):
+    """The attack rows of an unfinished evaluation into ``out`` (OUT/partial), reused by
+    the next run with the same checkpoints, images and settings; rank 0 alone writes."""
+    from pathlib import Path
+
+    from hahnet.eval.journal import Journal
+
+    journal = Journal(Path(out) / "partial", write=is_main,
+                      on_resume=lambda row: console.say(f"resumed: {row}, saved by an "
+                                                        f"unfinished run"))
+    saved = journal.saved_rows()
+    if saved:
+        console.say(f"{journal.directory}: {saved} attack row(s) of an unfinished evaluation; "
+                    f"those made the same way are reused (delete the folder to start afresh)")
+    return journal
 
 
 def _load_all(paths, device) -> list:

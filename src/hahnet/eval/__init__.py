@@ -5,6 +5,7 @@
 * :mod:`hahnet.eval.corruptions`: the 19 CIFAR-10-C corruptions, batched;
   :mod:`hahnet.eval.corruptions.evaluate`: accuracy under them, their cache, mCE;
 * :mod:`hahnet.eval.runner`: one whole evaluation (``evaluate_model``), data checks, ETA;
+* :mod:`hahnet.eval.journal`: attack rows saved as they finish, so a stopped evaluation resumes;
 * :mod:`hahnet.eval.results`: the result dataclasses and results.json (write and read).
 
 Settings: :class:`hahnet.config.EvalSettings`. May import: the bottom modules,

@@ -28,6 +28,7 @@ from hahnet.eval.attacks import (Stage, StageRun, _attacks_module, _make, apgd_s
                                  apgdt_stage, fab_t_stage, square_stage, worst_case)
 from hahnet.eval.base import Progress
 from hahnet.eval.bpda import Surrogate, bpda, has_hah_ops, parse_surrogate
+from hahnet.eval.journal import Recall, model_digest, recaller
 from hahnet.eval.results import AdaptiveResult, AttackResult, EpsSweep
 
 Source = tuple[str, nn.Module]  # a transfer source: (name, model on the same device)
@@ -39,7 +40,8 @@ SURVIVING = 0.3
 @dataclass(frozen=True)
 class Target:
     """The model under attack, its attacked images (in the seeded attack order) and how
-    to attack them; ``progress(phase, total)`` opens a progress callback per phase."""
+    to attack them; ``progress(phase, total)`` opens a progress callback per phase;
+    ``recall`` reuses rows a stopped evaluation saved (:mod:`hahnet.eval.journal`)."""
 
     model: nn.Module
     images: Tensor
@@ -50,6 +52,7 @@ class Target:
     dtype: torch.dtype = torch.float32
     progress: Callable[[str, int], Progress] | None = None
     env: Any = None
+    recall: Recall = recaller(None, {})
 
     def run(self, norm: str, eps: float, stages: Sequence[Stage], name: str,
             params: dict[str, Any], n: int, start: Sequence[bool] | None = None) -> AttackResult:
@@ -216,26 +219,27 @@ def run_adaptive(t: Target, norm: str, eps: float, paper: AttackResult,
     """Every attack of the chosen suite beyond ``paper`` (the paper's result on the same
     attacked images) at one norm, and the worst case per image over all of them and the
     ``checks`` (PGD, Square) that ran."""
-    s, rows, notes, sweeps = t.settings, {}, [], []
+    s, rows, notes, sweeps, recall = t.settings, {}, [], [], t.recall
     if s.runs("standard"):
-        rows["AutoAttack"] = autoattack(t, norm, eps, paper)
+        rows["AutoAttack"] = recall("AutoAttack", lambda: autoattack(t, norm, eps, paper))
     if s.runs("adaptive"):
-        rows["margin"] = margin(t, norm, eps)
+        rows["margin"] = recall("margin", lambda: margin(t, norm, eps))
         hah = has_hah_ops(t.model)
         if hah and s.bpda:
-            rows["BPDA"] = bpda_attack(t, norm, eps)
+            rows["BPDA"] = recall("BPDA", lambda: bpda_attack(t, norm, eps))
         else:
             notes.append("BPDA not run: " + ("the model has no HaH operations (threshold, "
                          "divisive normalization), so BPDA would be plain APGD" if not hah
                          else "no BPDA variant chosen"))
         if sources:
-            rows["transfer"] = transfer(t, norm, eps, sources)
+            rows["transfer"] = recall("transfer", lambda: transfer(t, norm, eps, sources),
+                                      sources=[(name, model_digest(m)) for name, m in sources])
         else:
             notes.append("transfer not run: no source checkpoint (--transfer-from)")
         if s.sweep_limit > 0:
-            sweeps.append(eps_sweep(t, norm))
+            sweeps.append(recall("sweep APGD", lambda: eps_sweep(t, norm)))
             if hah and s.bpda:
-                sweeps.append(eps_sweep(t, norm, surrogates(s)[0]))
+                sweeps.append(recall("sweep BPDA", lambda: eps_sweep(t, norm, surrogates(s)[0])))
     n = t.adaptive_n if s.runs("adaptive") else paper.n_images
     everything = {"paper": paper, **rows, **{check.attack: check for check in checks}}
     return AdaptiveResult(s.suite, rows, worst_over(everything, n), sweeps, notes)

@@ -194,23 +194,17 @@ class EvalResult:
 def result_from_dict(data: dict[str, Any]) -> EvalResult:
     """Rebuild an :class:`EvalResult` from its JSON form (one entry of results.json's
     "models"), so saved evaluations can be reported again without re-running them."""
-    def attack(d: dict[str, Any] | None) -> AttackResult | None:
-        if d is None:
-            return None
-        return AttackResult(**{**d, "accuracy": _float(d["accuracy"])})
-
     def suite(d: dict[str, Any]) -> AttackSuite:
-        return AttackSuite(d["norm"], d["eps"], list(d["indices"]), attack(d["apgd"]),
-                           attack(d.get("pgd")), attack(d.get("square")),
+        return AttackSuite(d["norm"], d["eps"], list(d["indices"]), attack_from_dict(d["apgd"]),
+                           attack_from_dict(d.get("pgd")), attack_from_dict(d.get("square")),
                            AttackComparison(**d["comparison"]), adaptive(d.get("adaptive")))
 
     def adaptive(d: dict[str, Any] | None) -> AdaptiveResult | None:
         if d is None:
             return None
-        sweeps = [EpsSweep(**{**e, "accuracy": [_float(a) for a in e["accuracy"]]})
-                  for e in d["sweeps"]]
-        return AdaptiveResult(d["suite"], {k: attack(v) for k, v in d["rows"].items()},
-                              attack(d["worst"]), sweeps, list(d["notes"]))
+        sweeps = [sweep_from_dict(e) for e in d["sweeps"]]
+        return AdaptiveResult(d["suite"], {k: attack_from_dict(v) for k, v in d["rows"].items()},
+                              attack_from_dict(d["worst"]), sweeps, list(d["notes"]))
 
     snr = data.get("snr")
     return EvalResult(
@@ -225,6 +219,18 @@ def result_from_dict(data: dict[str, Any]) -> EvalResult:
         filters=data.get("filters"), settings=data.get("settings") or {},
         seconds=data.get("seconds") or {},
         corruptions=corruptions_from_dict(data.get("corruptions")))
+
+
+def attack_from_dict(d: dict[str, Any] | None) -> AttackResult | None:
+    """An :class:`AttackResult` from its JSON form (None stays None)."""
+    if d is None:
+        return None
+    return AttackResult(**{**d, "accuracy": _float(d["accuracy"])})
+
+
+def sweep_from_dict(d: dict[str, Any]) -> EpsSweep:
+    """An :class:`EpsSweep` from its JSON form (NaN accuracies come back from null)."""
+    return EpsSweep(**{**d, "accuracy": [_float(a) for a in d["accuracy"]]})
 
 
 def corruptions_from_dict(data: dict[str, Any] | None) -> CorruptionResult | None:
@@ -256,14 +262,14 @@ def _float(value: float | None) -> float:
 
 # ------------------------------------------------------------------ results.json
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Dataclasses, tuples and non-finite floats as strict JSON (NaN/inf -> None)."""
     if is_dataclass(value) and not isinstance(value, type):
         value = asdict(value)
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, (str, int, float, bool)) or value is None:
@@ -286,7 +292,7 @@ def versions() -> dict[str, str]:
 
 def results_json(results: Sequence[EvalResult], data: dict[str, Any] | None = None) -> dict:
     """Every number and setting of the evaluation as one JSON-able document."""
-    return _jsonable({"format": FORMAT, "created": datetime.now(timezone.utc).isoformat(),
+    return jsonable({"format": FORMAT, "created": datetime.now(timezone.utc).isoformat(),
                       "versions": versions(), "data": data or {},
                       "checkpoints": [r.checkpoint for r in results],
                       "models": [asdict(r) for r in results]})
@@ -297,7 +303,7 @@ def results_document(results: Sequence[EvalResult], data: dict[str, Any] | None 
     """results.json's text: :func:`results_json` plus ``extra`` keys, strict JSON."""
     document = results_json(results, data)
     if extra:
-        document.update(_jsonable(extra))
+        document.update(jsonable(extra))
     return json.dumps(document, indent=1, allow_nan=False) + "\n"
 
 

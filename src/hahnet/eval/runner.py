@@ -19,6 +19,7 @@ from hahnet.eval.adaptive import estimate_seconds as adaptive_seconds
 from hahnet.eval.attacks import adversarial_accuracy, compare_attacks, pgd_accuracy, square_accuracy
 from hahnet.eval.base import (EvalError, Progress, _check_data, _eval_mode, _prepare,
                               cudnn_autotuning_off)
+from hahnet.eval.journal import Journal, Recall, model_digest, recaller, tensor_digest
 from hahnet.eval.metrics import (clean_accuracy, first_layer_filters, measurable, noise_accuracy,
                                  snr_db, sparsity)
 from hahnet.eval.results import AttackSuite, EvalResult
@@ -36,9 +37,11 @@ def evaluate_model(model: nn.Module, images: Tensor, labels: Tensor, settings: E
                    progress: PhaseProgress | None = None, name: str = "model",
                    checkpoint: str | None = None,
                    info: dict[str, Any] | None = None, env: Any = None,
-                   sources: Sequence[Source] = ()) -> EvalResult:
+                   sources: Sequence[Source] = (), journal: Journal | None = None) -> EvalResult:
     """Run every measurement ``settings`` asks for; ``progress(phase, total)`` returns the
-    callback for that phase's loop (the CLI opens a tqdm bar per phase). With ``env``
+    callback for that phase's loop (the CLI opens a tqdm bar per phase). With ``journal``
+    each attack row is saved when it finishes and a saved one is reused (a stopped
+    evaluation resumes, :mod:`hahnet.eval.journal`). With ``env``
     (torchrun, :func:`hahnet.training.distributed.setup`) clean and noise accuracy and the attacks
     are sharded over the processes (same numbers as one process); sparsity and SNR, which
     are cheap, run whole on every process. cuDNN autotuning is off meanwhile (attacks
@@ -74,9 +77,14 @@ def evaluate_model(model: nn.Module, images: Tensor, labels: Tensor, settings: E
         m = n if s.attack_limit is None else min(n, s.attack_limit)
         # A seeded random order, not the first m: image folders are sorted by class.
         order = torch.randperm(n, generator=torch.Generator().manual_seed(s.attack_seed))[:m]
+        key = {} if journal is None else {
+            "model": model_digest(model), "dtype": str(dtype), "settings": asdict(s),
+            "images": tensor_digest(images[order], labels[order])}
         for norm in s.norms:
-            suites[norm] = timed(f"attacks_{norm}", lambda norm=norm: _suite(
-                model, images, labels, order, norm, s, device, dtype, progress, env, sources))
+            recall = recaller(journal, {**key, "norm": norm})
+            suites[norm] = timed(f"attacks_{norm}", lambda norm=norm, recall=recall: _suite(
+                model, images, labels, order, norm, s, device, dtype, progress, env, sources,
+                recall))
     filters = first_layer_filters(model)
     return EvalResult(name, checkpoint, _config_dict(model), info or {}, n, clean, noise,
                       suites, layers, snr, None if filters is None else filters.tolist(),
@@ -91,25 +99,27 @@ def _config_dict(model: nn.Module) -> dict[str, Any]:
 def _suite(model: nn.Module, all_images: Tensor, all_labels: Tensor, order: Tensor, norm: str,
            s: EvalSettings, device: torch.device | str, dtype: torch.dtype,
            progress: PhaseProgress | None, env: Any = None,
-           sources: Sequence[Source] = ()) -> AttackSuite:
+           sources: Sequence[Source] = (), recall: Recall = recaller(None, {})) -> AttackSuite:
     images, labels = all_images[order], all_labels[order]
     eps, m, bs, seed = s.eps(norm), len(labels), s.attack_batch_size, s.attack_seed
-    apgd = adversarial_accuracy(model, images, labels, norm, eps, s.apgd_steps, seed, None, bs,
-                                device, dtype, _phase(progress, f"APGD {norm}", m), env)
+    apgd = recall("APGD", lambda: adversarial_accuracy(
+        model, images, labels, norm, eps, s.apgd_steps, seed, None, bs, device, dtype,
+        _phase(progress, f"APGD {norm}", m), env))
     pgd = None
     if s.pgd_steps > 0 and s.pgd_restarts > 0:
-        pgd = pgd_accuracy(model, images, labels, norm, eps, s.pgd_steps, s.pgd_restarts, seed,
-                           bs, device, dtype, _phase(progress, f"PGD {norm}", m), env)
+        pgd = recall("PGD", lambda: pgd_accuracy(
+            model, images, labels, norm, eps, s.pgd_steps, s.pgd_restarts, seed, bs, device,
+            dtype, _phase(progress, f"PGD {norm}", m), env))
     square = None
     k = min(m, s.square_limit)
     if k > 0 and s.square_queries > 0:
-        square = square_accuracy(model, images[:k], labels[:k], norm, eps, s.square_queries,
-                                 seed, bs, device, dtype, _phase(progress, f"Square {norm}", k),
-                                 env)
+        square = recall("Square", lambda: square_accuracy(
+            model, images[:k], labels[:k], norm, eps, s.square_queries, seed, bs, device,
+            dtype, _phase(progress, f"Square {norm}", k), env))
     adaptive = None
     if s.attacks and s.suite != "paper":
         target = Target(model, images, labels, s, apgd.params["n_classes"], device, dtype,
-                        progress, env)
+                        progress, env, recall)
         adaptive = run_adaptive(target, norm, eps, apgd, [r for r in (pgd, square) if r],
                                 sources)
     return AttackSuite(norm, eps, order.tolist(), apgd, pgd, square,

@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 
 from hahnet.training import checkpoint
 from hahnet.config import ATTACK_SUITES, EvalSettings, TrainConfig
+from hahnet.eval.journal import Journal
 from hahnet.eval.results import (EvalResult, result_from_dict, results_json, reusable,
                                  settings_record)
 from hahnet.io import write_json
@@ -334,7 +335,8 @@ def eval_task(checkpoint_path: str, target: str, settings: dict[str, Any], split
               limit: int | None, limit_seed: int, data: str, cache_dir: str | None,
               threads: int, device: str) -> float:
     """Evaluate one checkpoint on its run's held-out images (or the test set) and write
-    the result JSON to ``target``; returns the seconds it took."""
+    the result JSON to ``target``; returns the seconds it took. Attack rows are kept in
+    ``target``'s ``.partial`` folder until then, so a stopped sweep resumes mid-evaluation."""
     from hahnet.data.datasets import load_dataset
     from hahnet.eval.runner import evaluate_model, evaluation_split
     from hahnet.training.device import cpu_threads, resolve_device
@@ -351,12 +353,15 @@ def eval_task(checkpoint_path: str, target: str, settings: dict[str, Any], split
         values = dict(settings)
         for key in ("noise_sigmas", "norms"):
             values[key] = tuple(values[key])
+        journal = Journal(Path(target).with_suffix(".partial"))
         result = evaluate_model(model, images.images, images.labels, EvalSettings(**values), dev,
-                                name=Path(target).stem, checkpoint=checkpoint_path, info=info)
+                                name=Path(target).stem, checkpoint=checkpoint_path, info=info,
+                                journal=journal)
         result.settings["limit"] = limit  # what eval.results.reusable compares
         record = {"split": split, "limit_seed": limit_seed,
                   "result": results_json([result])["models"][0]}
         write_json(Path(target), record)
+        journal.clear()
     return time.perf_counter() - started
 
 

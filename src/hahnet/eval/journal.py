@@ -1,0 +1,132 @@
+"""Attack rows saved as they finish, so that a long evaluation that is stopped resumes
+where it stopped instead of starting again (training resumes from its last epoch the
+same way). A row is reused only when everything that made it is the same: the model's
+weights, the attacked images, the settings, the norm and the row's own inputs (each
+folded into a digest); anything else is computed afresh."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from hahnet.config import same_json
+from hahnet.eval.results import (AttackResult, EpsSweep, attack_from_dict, jsonable,
+                                 sweep_from_dict)
+
+FORMAT = "hahnet-journal-1"
+T = TypeVar("T", AttackResult, EpsSweep)
+_DECODE: dict[str, Callable[[dict[str, Any]], Any]] = {"attack": attack_from_dict,
+                                                       "sweep": sweep_from_dict}
+
+
+def tensor_digest(*tensors: Tensor) -> str:
+    """A hex digest of the tensors' shapes, dtypes and exact bytes."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)} {t.dtype};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_digest(model: nn.Module) -> str:
+    """A hex digest of every parameter and buffer (names, shapes, dtypes, bytes)."""
+    h = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor_digest(value).encode())
+    return h.hexdigest()
+
+
+class Journal:
+    """Rows of one evaluation kept in ``directory`` (one JSON file each). ``Journal(None)``
+    keeps nothing; ``write=False`` reads saved rows but adds none (the other processes
+    under torchrun: rank 0 writes). ``on_resume(label)`` hears of each row reused ("APGD
+    Linf")."""
+
+    def __init__(self, directory: str | Path | None, write: bool = True,
+                 on_resume: Callable[[str], None] | None = None) -> None:
+        self.directory = None if directory is None else Path(directory)
+        self.write = write
+        self.on_resume = on_resume
+
+    def recall(self, row: str, key: dict[str, Any], compute: Callable[[], T]) -> T:
+        """The saved ``row`` made with ``key`` if there is one, else ``compute()``, saved."""
+        if self.directory is None:
+            return compute()
+        key = json.loads(json.dumps(jsonable({**key, "row": row})))
+        path = self.directory / f"{_digest(key)}.json"
+        saved = _read(path, key)
+        if saved is not None:
+            if self.on_resume is not None:
+                self.on_resume(" ".join(str(v) for v in (row, key.get("norm")) if v))
+            return saved
+        value = compute()
+        if self.write:
+            kind = "attack" if isinstance(value, AttackResult) else "sweep"
+            _write(path, {"format": FORMAT, "kind": kind, "key": key,
+                          "value": jsonable(asdict(value))})
+        return value
+
+    def clear(self) -> None:
+        """Remove the saved rows (the evaluation finished and wrote its report)."""
+        if self.directory is None or not self.write or not self.directory.is_dir():
+            return
+        for path in self.directory.glob("*.json"):
+            path.unlink(missing_ok=True)
+        for path in self.directory.glob("*.tmp"):
+            path.unlink(missing_ok=True)
+        try:
+            self.directory.rmdir()
+        except OSError:  # something else lives there: leave it
+            pass
+
+    def saved_rows(self) -> int:
+        """How many rows are saved (of any evaluation)."""
+        if self.directory is None or not self.directory.is_dir():
+            return 0
+        return sum(1 for _ in self.directory.glob("*.json"))
+
+
+def _digest(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _read(path: Path, key: dict[str, Any]) -> Any:
+    """The row saved at ``path`` for ``key``; None when absent, unreadable or another key's."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+        if document.get("format") != FORMAT or not same_json(document.get("key"), key):
+            return None
+        return _DECODE[document["kind"]](document["value"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _write(path: Path, document: dict[str, Any]) -> None:
+    """Write whole or not at all: a row cut off mid-write must not be read back."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(document, allow_nan=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+Recall = Callable[..., Any]  # recall(row, compute, **extra): a row, saved or computed
+
+
+def recaller(journal: Journal | None, key: dict[str, Any]) -> Recall:
+    """``recall(row, compute, **extra)`` for the rows of one model, image set and settings
+    (``key``); ``extra`` adds a row's own inputs (e.g. its transfer sources) to the key.
+    Without a journal it simply computes."""
+    def recall(row: str, compute: Callable[[], T], **extra: Any) -> T:
+        if journal is None:
+            return compute()
+        return journal.recall(row, {**key, **extra}, compute)
+    return recall

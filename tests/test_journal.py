@@ -1,0 +1,202 @@
+"""Resumable evaluations (hahnet.eval.journal): an evaluation stopped mid-way reuses the
+attack rows it finished and ends with the numbers of one that never stopped; a row is
+reused only for the same model, images, settings and inputs; a damaged row is ignored;
+`hahnet eval` and a sweep keep the rows until their report is written."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import make_cifar, make_random_uint8, make_tiny_net
+from hahnet.config import EvalSettings
+from hahnet.eval.journal import Journal, model_digest, tensor_digest
+from hahnet.eval.results import AttackResult, EpsSweep, jsonable
+from hahnet.eval.runner import evaluate_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CLASSES = 4
+SETTINGS = EvalSettings(suite="adaptive", norms=("Linf",), noise_sigmas=(), layer_stats=False,
+                        attack_limit=None, eps_linf=16 / 255, apgd_steps=4, pgd_steps=2,
+                        pgd_restarts=1, square_limit=4, square_queries=10, attack_batch_size=8,
+                        adaptive_limit=8, sweep_limit=4, sweep_eps_linf=(8 / 255, 32 / 255),
+                        restarts=1, transfer_steps=2, bpda=("sigmoid",))
+
+
+class Stop(Exception):
+    """Stands for a kill: raised when a chosen attack phase starts."""
+
+
+def data(n: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    return make_random_uint8(n, seed=3), torch.arange(n) % CLASSES
+
+
+def evaluate(journal: Journal | None = None, stop_at: str | None = None,
+             opened: list[str] | None = None, settings: EvalSettings = SETTINGS,
+             model: torch.nn.Module | None = None):
+    def progress(phase: str, total: int):
+        if opened is not None:
+            opened.append(phase)
+        if phase == stop_at:
+            raise Stop
+        return lambda n: None
+
+    x, y = data()
+    return evaluate_model(model or make_tiny_net(True, CLASSES), x, y, settings,
+                          progress=progress, journal=journal,
+                          sources=[("plain", make_tiny_net(False, CLASSES))])
+
+
+def without_seconds(value):
+    """The JSON form without wall times (they differ between runs of the same thing)."""
+    if isinstance(value, dict):
+        return {k: without_seconds(v) for k, v in value.items() if k != "seconds"}
+    return [without_seconds(v) for v in value] if isinstance(value, list) else value
+
+
+def attacks_json(result) -> dict:
+    return without_seconds(json.loads(json.dumps(jsonable(result.attacks))))
+
+
+@pytest.fixture(scope="module")
+def whole():
+    """The evaluation run from start to end without a journal."""
+    return evaluate()
+
+
+def test_a_stopped_evaluation_resumes_and_equals_one_that_never_stopped(whole, tmp_path):
+    journal = Journal(tmp_path / "partial")
+    with pytest.raises(Stop):
+        evaluate(journal, stop_at="BPDA Linf")
+    assert journal.saved_rows() == 4  # APGD, PGD, Square, margin finished before the stop
+    resumed, opened = [], []
+    again = evaluate(Journal(tmp_path / "partial", on_resume=resumed.append), opened=opened)
+    assert resumed == ["APGD Linf", "PGD Linf", "Square Linf", "margin Linf"]
+    assert not {"APGD Linf", "PGD Linf", "Square Linf", "margin Linf"} & set(opened)
+    assert {"BPDA Linf", "transfer Linf"} <= set(opened)
+    assert attacks_json(again) == attacks_json(whole)
+    assert again.attacks["Linf"].apgd.seconds == pytest.approx(
+        whole.attacks["Linf"].apgd.seconds, rel=10)  # the saved row keeps its own time
+    assert journal.saved_rows() == 8  # + BPDA, transfer, two sweeps
+    journal.clear()
+    assert not (tmp_path / "partial").exists()
+
+
+@pytest.mark.parametrize("change", ["settings", "weights", "images", "source"])
+def test_rows_are_reused_only_when_made_the_same_way(tmp_path, change):
+    evaluate(Journal(tmp_path))
+    resumed = []
+    journal = Journal(tmp_path, on_resume=resumed.append)
+    if change == "settings":
+        evaluate(journal, settings=EvalSettings(**{**SETTINGS.__dict__, "apgd_steps": 3}))
+        assert resumed == []
+    elif change == "weights":
+        model = make_tiny_net(True, CLASSES)
+        with torch.no_grad():
+            model.classifier.bias[0] += 1e-6
+        evaluate(journal, model=model)
+        assert resumed == []
+    elif change == "images":
+        x, y = data()
+        x[0, 0, 0, 0] ^= 1
+        evaluate_model(make_tiny_net(True, CLASSES), x, y, SETTINGS, journal=journal,
+                       sources=[("plain", make_tiny_net(False, CLASSES))])
+        assert resumed == []
+    else:  # another transfer source: only the transfer row is made again
+        x, y = data()
+        other = make_tiny_net(False, CLASSES)
+        with torch.no_grad():
+            other.classifier.weight.mul_(2)
+        evaluate_model(make_tiny_net(True, CLASSES), x, y, SETTINGS, journal=journal,
+                       sources=[("plain", other)])
+        assert "transfer Linf" not in resumed and "BPDA Linf" in resumed
+        assert len(resumed) == 7
+
+
+def test_damaged_or_foreign_rows_are_ignored_not_fatal(whole, tmp_path):
+    journal = Journal(tmp_path)
+    evaluate(journal)
+    files = sorted(tmp_path.glob("*.json"))
+    files[0].write_text("{ cut off mid-wri")
+    files[1].write_text(json.dumps({"format": "something else"}))
+    document = json.loads(files[2].read_text())
+    document["key"]["settings"]["apgd_steps"] = 99  # a row made another way
+    files[2].write_text(json.dumps(document))
+    resumed = []
+    again = evaluate(Journal(tmp_path, on_resume=resumed.append))
+    assert len(resumed) == 5
+    assert attacks_json(again) == attacks_json(whole)
+
+
+def test_journal_round_trips_rows_exactly_and_a_reader_writes_nothing(tmp_path):
+    row = AttackResult("APGD", "Linf", 2 / 255, 3, 1 / 3, [True, False, False],
+                       {"APGD-CE": 2 / 3, "APGD-T": 1 / 3}, 2 / 255, 1.5, {"steps": 100},
+                       [None, "clean", "APGD-T"])
+    sweep = EpsSweep("Linf", "APGD", 3, [0.01, 0.02], [float("nan"), 0.0], 2.0, {})
+    calls = []
+    reader = Journal(tmp_path, write=False)
+    assert reader.recall("APGD", {"norm": "Linf"}, lambda: calls.append(1) or row) == row
+    assert reader.saved_rows() == 0
+    writer = Journal(tmp_path)
+    writer.recall("APGD", {"norm": "Linf"}, lambda: row)
+    writer.recall("sweep", {"norm": "Linf"}, lambda: sweep)
+
+    def never():
+        raise AssertionError("recomputed a saved row")
+
+    assert Journal(tmp_path).recall("APGD", {"norm": "Linf"}, never) == row
+    back = Journal(tmp_path).recall("sweep", {"norm": "Linf"}, never)
+    assert math.isnan(back.accuracy[0]) and back.accuracy[1:] == [0.0] and back.eps == sweep.eps
+    assert Journal(None).recall("APGD", {}, lambda: row) is row
+
+
+def test_digests_see_every_bit():
+    a = make_tiny_net(True, CLASSES)
+    b = make_tiny_net(True, CLASSES)
+    assert model_digest(a) == model_digest(b)
+    with torch.no_grad():
+        b.features[0].conv.weight.view(-1)[5] = torch.nextafter(
+            b.features[0].conv.weight.view(-1)[5], torch.tensor(1.0))
+    assert model_digest(a) != model_digest(b)
+    x = torch.zeros(2, 3)
+    assert tensor_digest(x) != tensor_digest(x.double()) != tensor_digest(x.reshape(3, 2))
+
+
+def test_cli_eval_keeps_rows_until_the_report_is_written(tmp_path, capsys):
+    from hahnet import vgg11
+    from hahnet.cli import commands as cli
+    from hahnet.cli.commands import build_parser, eval_settings
+    from hahnet.training import checkpoint
+    from hahnet.training.run import load_data
+
+    folder = make_cifar(tmp_path / "data", n_train=20, n_test=12)
+    torch.manual_seed(0)
+    checkpoint.save_model(tmp_path / "hah", vgg11(hah=True, hah_layers=2, width=0.0625,
+                                                  num_classes=4).eval(),
+                          {"epoch": 0, "dataset": {"classes": ["a", "b", "c", "d"]}})
+    out = tmp_path / "report"
+    args = ["eval", str(tmp_path / "hah"), "--data", str(folder), "--cache-dir",
+            str(tmp_path / "cache"), "--limit", "6", "--noise", "0.1", "--noise-draws", "1",
+            "--attack-limit", "4", "--apgd-steps", "2", "--pgd-steps", "0", "--square-limit",
+            "0", "--norms", "Linf,L2", "--threads", "1", "--out", str(out)]
+    assert cli.main(args) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert not (out / "partial").exists()
+    # What a run stopped after its two attack rows leaves: those rows in OUT/partial.
+    model = checkpoint.load(str(tmp_path / "hah"))
+    test = load_data(str(folder), str(tmp_path / "cache")).test.limit(6, 0)
+    evaluate_model(model, test.images, test.labels, eval_settings(build_parser().parse_args(args)),
+                   journal=Journal(out / "partial"))
+    assert Journal(out / "partial").saved_rows() == 2
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert "2 attack row(s) of an unfinished evaluation" in err
+    assert "resumed: APGD Linf" in err and "resumed: APGD L2" in err
+    assert not (out / "partial").exists()
+    second = json.loads((out / "results.json").read_text())
+    assert without_seconds(second["models"]) == without_seconds(first["models"])
