@@ -2,7 +2,8 @@
 # The paper-scale run in ONE device command (docs/gpu.md): install torchattacks from the
 # carried wheel, unpack the carried CIFAR-10 JPEG pack, time the training steps (hahnet
 # bench, steps a-d at width 1), then `hahnet reproduce --preset paper` with a time budget
-# computed from the minutes left, and leave at most 8 result files in $OUT. The bench is
+# computed from the minutes left (evaluated with the adaptive suite: BPDA, margin,
+# transfer, eps sweeps, worst case per image), and leave at most 8 result files in $OUT. The bench is
 # optional (a failure is logged, training goes on), and results reach $OUT while the run
 # goes on (runs.tar.gz every EXPORT_SECONDS, each network's evaluation in it as soon as it
 # is written), so a run killed at the device's time limit still returns what it finished.
@@ -103,9 +104,11 @@ LEFT=$(( TOTAL - ($(date +%s) - START) - RESERVE ))
 MINUTES=$("$PY" -c "import sys; print(round(max(float(sys.argv[1]), 60.0) / 60, 2))" "$LEFT")
 if [ "$TINY" = 1 ]; then
   REPRO=(--width 0.0625 --epochs 1 --batch-size 32 --limit-train 256 --limit 100 --attack-limit 20
-         --apgd-steps 2 --noise 0.1 --noise-draws 1 --square-limit 0 --eval-batch-size 50)
+         --apgd-steps 2 --noise 0.1 --noise-draws 1 --square-limit 0 --eval-batch-size 50
+         --attacks adaptive --adaptive-limit 10 --restarts 1)
 else
-  REPRO=(--attack-limit 1000 --square-limit 100 --eval-batch-size 500)
+  REPRO=(--attack-limit 1000 --square-limit 100 --eval-batch-size 500 --attacks adaptive
+         --adaptive-limit 500)
 fi
 step "reproduce --preset paper --time-budget $MINUTES"
 set +e

@@ -169,6 +169,9 @@ def test_gpu_paper_script_rehearses_on_cpu(tmp_path):
     assert set(bench["runs"][0]["steps"]) == {"hah", "plain", "reference", "standard"}
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["time_budget"]["epochs"] == 1
+    for model in results["models"]:  # the adaptive suite: a worst case per image per norm
+        assert all(suite["adaptive"]["suite"] == "adaptive" and "worst" in suite["adaptive"]
+                   for suite in model["attacks"].values())
     assert "Time budget" in (tmp_path / "out" / "report.md").read_text()
     with tarfile.open(tmp_path / "out" / "runs.tar.gz") as archive:
         names = archive.getnames()
