@@ -3,10 +3,11 @@
 # carried wheel, unpack the carried CIFAR-10 JPEG pack, time the training steps (hahnet
 # bench, steps a-d at width 1), then `hahnet reproduce --preset paper` with a time budget
 # computed from the minutes left (evaluated with the adaptive suite: BPDA, margin,
-# transfer, eps sweeps, worst case per image), and leave at most 8 result files in $OUT. The bench is
-# optional (a failure is logged, training goes on), and results reach $OUT while the run
-# goes on (runs.tar.gz every EXPORT_SECONDS, each network's evaluation in it as soon as it
-# is written), so a run killed at the device's time limit still returns what it finished.
+# transfer, eps sweeps, worst case per image), and leave at most 8 result files in $OUT.
+# The bench is optional (a failure is logged, training goes on), and results reach $OUT
+# while the run goes on (runs.tar.gz every EXPORT_SECONDS, each network's evaluation in it
+# as soon as it is written), so a run killed at the device's time limit still returns what
+# it finished.
 #
 #   bash benchmarks/gpu_paper.sh                      # on the GPU machine (cuda)
 #   bash benchmarks/gpu_paper.sh --device cpu --tiny  # CPU rehearsal, same script, tiny scale

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -17,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from hahnet.config import same_json
+from hahnet.io import write_text  # atomic: a row cut off mid-write is never read back
 from hahnet.eval.results import (AttackResult, EpsSweep, attack_from_dict, jsonable,
                                  sweep_from_dict)
 
@@ -71,8 +71,8 @@ class Journal:
         value = compute()
         if self.write:
             kind = "attack" if isinstance(value, AttackResult) else "sweep"
-            _write(path, {"format": FORMAT, "kind": kind, "key": key,
-                          "value": jsonable(asdict(value))})
+            write_text(path, json.dumps({"format": FORMAT, "kind": kind, "key": key,
+                                         "value": jsonable(asdict(value))}, allow_nan=False))
         return value
 
     def clear(self) -> None:
@@ -108,14 +108,6 @@ def _read(path: Path, key: dict[str, Any]) -> Any:
         return _DECODE[document["kind"]](document["value"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-
-
-def _write(path: Path, document: dict[str, Any]) -> None:
-    """Write whole or not at all: a row cut off mid-write must not be read back."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(document, allow_nan=False), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 Recall = Callable[..., Any]  # recall(row, compute, **extra): a row, saved or computed
