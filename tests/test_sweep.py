@@ -54,6 +54,12 @@ def test_parse_grid_runs_names_and_partners():
     ("[train]\nepochs = 0", "epochs must be >= 1"),
     ("[[runs]]\nhah = true", "needs a name"),
     ("bogus = 1", r"unknown top-level key\(s\) \['bogus'\]"),
+    ("[adaptive]\nlimit = 3", r"\['limit'\] set\(s\) the images, which \[adaptive\] shares"),
+    ("[adaptive]\nseeds = [9]", r"seeds must be a list of the sweep's seeds \[2022\]"),
+    ("[adaptive]\nattacks = 'paper'", 'attacks must be "adaptive" or "all"'),
+    ("[adaptive]\nrestart = 1", r"\[adaptive\]: unknown setting\(s\) \['restart'\]"),
+    ("[adaptive]\nrestarts = 0", r"\[adaptive\]: .*restarts must be >= 1"),
+    ("adaptive = 1", r"\[adaptive\]: must be a table"),
 ])
 def test_bad_sweep_files_are_refused_with_the_reason(text, message):
     with pytest.raises(sw.SweepError, match=message):
@@ -175,6 +181,74 @@ def test_run_with_other_settings_is_refused_before_any_work(finished, tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds a run with other settings (epochs 2 there vs 3 wanted)" in err[0]
     assert sorted(p.name for p in (out / "evals").iterdir()) == before
+
+
+ADAPTIVE = """
+[adaptive]
+seeds = [1]
+epochs = [2]
+norms = ["Linf"]
+restarts = 1
+adaptive_limit = 2
+transfer_steps = 2
+bpda = ["identity"]
+sweep_limit = 0
+"""
+
+
+def test_adaptive_section_plans_attacks_with_transfer_between_partners(finished, tmp_path):
+    """``[adaptive]`` adds one task per chosen seed and epoch, each after the runs it
+    transfers from; it inherits ``[eval]``'s settings except those it sets."""
+    spec = sw.loads(SWEEP + ADAPTIVE)
+    assert spec.adaptive.settings.suite == "adaptive" and spec.adaptive.settings.norms == ("Linf",)
+    assert spec.adaptive.settings.apgd_steps == spec.settings.apgd_steps == 2
+    assert spec.settings.suite == "paper"
+    _, out, _, _ = finished
+    trains, evals = sw.plan(spec, out)
+    assert trains == [] and {t.label: [s.key for s in t.sources] for t in evals} == {
+        "std-seed1@2 (adaptive)": ["hah-seed1", "hah-alphas-x2-seed1"],
+        "hah-seed1@2 (adaptive)": ["std-seed1"],
+        "hah-alphas-x2-seed1@2 (adaptive)": ["std-seed1"]}
+    assert next(t for t in evals if t.run.key == "hah-seed1").needs == ("hah-seed1", "std-seed1")
+    untransferred = sw.loads(SWEEP + ADAPTIVE + "transfer = false")
+    assert all(t.sources == () for t in sw.plan(untransferred, out)[1])
+    assert sw.plan(sw.loads(SWEEP), out) == ([], [])
+
+
+def test_adaptive_evaluation_adds_the_worst_case_to_the_summary(finished, tmp_path, capsys):
+    import shutil
+
+    _, out, data, _ = finished
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    file = tmp_path / "tiny.toml"
+    file.write_text(SWEEP + ADAPTIVE)
+    assert cli.main(["sweep", str(file), "--out", str(copy), "--data", str(data), "--jobs", "2"]) == 0
+    assert "18 of 21 tasks already done; 0 to train, 3 to evaluate" in capsys.readouterr().err
+    spec = sw.load(file)
+    hah, std = spec.runs[2], spec.runs[0]
+    record = json.loads(sw.adaptive_file(copy, hah, 2).read_text())
+    assert record["transfer_from"] == ["std-seed1"]
+    result = sw.read_eval(sw.adaptive_file(copy, hah, 2))
+    rows = result.attacks["Linf"].adaptive.rows
+    assert rows["transfer"].params["sources"] == ["std-seed1"] and "BPDA" in rows
+    summary = sweep_summary.summarise(spec, copy)
+    per = {(r["name"], r["seed"], r["epoch"]): r["metrics"] for r in summary["runs"]}
+    assert "worst_linf" not in per[("hah", 2, 2)] and "worst_linf" not in per[("hah", 1, 1)]
+    for name in ("std", "hah", "hah-alphas-x2"):
+        metrics = per[(name, 1, 2)]
+        assert metrics["worst_linf"] <= metrics["apgd_linf"]  # APGD is among the attacks
+    gain = next(g for g in summary["gains"] if g["name"] == "hah" and g["epoch"] == 2)
+    assert gain["metrics"]["worst_linf"]["n"] == 1 and gain["metrics"]["clean"]["n"] == 2
+    assert gain["metrics"]["worst_linf"]["mean"] == pytest.approx(
+        per[("hah", 1, 2)]["worst_linf"] - per[("std", 1, 2)]["worst_linf"])
+    report = (copy / "report.md").read_text()
+    assert "(n=1)" in report and "`[adaptive]` evaluation: seeds 1, epochs 2" in report
+    before = sw.adaptive_file(copy, std, 2).stat().st_mtime_ns
+    assert sw.plan(spec, copy) == ([], [])  # reused: same checkpoint, settings and sources
+    assert sw.adaptive_file(copy, std, 2).stat().st_mtime_ns == before
+    other = sw.loads(SWEEP + ADAPTIVE.replace("restarts = 1", "restarts = 2"))
+    assert len(sw.plan(other, copy)[1]) == 3
 
 
 def test_half_trained_run_is_resumed_not_restarted(tmp_path):

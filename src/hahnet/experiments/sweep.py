@@ -3,10 +3,12 @@ training images, summarised per setting as mean +- sd over seeds, with the HaH-m
 standard gain of every metric paired by seed.
 
 A sweep file (TOML) names shared training settings, a grid (every combination of its
-values), optional explicit runs, the seeds and one evaluation spec; see docs/sweep.md.
-Runs live in ``OUT/runs/NAME-seedS`` (ordinary run directories), evaluations in
-``OUT/evals/NAME-seedS@EPOCH.json``; both are reused when their settings match, and a
-run directory trained with other settings is refused before any work starts.
+values), optional explicit runs, the seeds, one evaluation spec and optionally an
+adaptive one (the costly attacks with transfer between partners, on chosen seeds and
+epochs); see docs/sweep.md. Runs live in ``OUT/runs/NAME-seedS`` (ordinary run
+directories), evaluations in ``OUT/evals/NAME-seedS@EPOCH.json`` (adaptive:
+``...@EPOCH.adaptive.json``); all are reused when their settings match, and a run
+directory trained with other settings is refused before any work starts.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import itertools
 import json
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -33,6 +35,7 @@ EVALS_DIR = "evals"
 # Settings that only a HaH network has: a HaH run's standard partner differs in these alone.
 HAH_ONLY = frozenset({"hah", "alphas", "ratio", "demote", "sigma", "keep", "hah_layers"})
 EVAL_KEYS = frozenset({"split", "limit", "limit_seed", "epochs"})
+ADAPTIVE_KEYS = frozenset({"epochs", "seeds", "transfer", "attacks"})
 
 
 class SweepError(ValueError):
@@ -57,6 +60,22 @@ class RunSpec:
 
 
 @dataclass(frozen=True)
+class AdaptiveSpec:
+    """A sweep's ``[adaptive]`` evaluation: the adaptive attack suite (worst case per image),
+    costly, so on chosen seeds and epochs only; on ``[eval]``'s images with ``[eval]``'s
+    settings except those it sets; with transfer between each HaH run and its partner."""
+
+    settings: EvalSettings
+    epochs: tuple[int, ...] = ()  # 1-based, among the evaluated ones; () = the last
+    seeds: tuple[int, ...] = ()   # () = every seed
+    transfer: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"settings": settings_record(self.settings, None), "epochs": list(self.epochs),
+                "seeds": list(self.seeds), "transfer": self.transfer}
+
+
+@dataclass(frozen=True)
 class Sweep:
     """A parsed sweep file."""
 
@@ -68,14 +87,26 @@ class Sweep:
     limit_seed: int = 0
     eval_epochs: tuple[int, ...] = ()  # 1-based; () = the last epoch only
     data: str | None = None
+    adaptive: AdaptiveSpec | None = None
 
     def epochs_of(self, run: RunSpec) -> tuple[int, ...]:
         last = run.config.epochs
         return tuple(e for e in self.eval_epochs if e <= last) or (last,)
 
+    def adaptive_epochs_of(self, run: RunSpec) -> tuple[int, ...]:
+        """The evaluated epochs of ``run`` that ``[adaptive]`` also attacks (none without it)."""
+        spec = self.adaptive
+        if spec is None or (spec.seeds and run.seed not in spec.seeds):
+            return ()
+        evaluated = self.epochs_of(run)
+        return tuple(e for e in evaluated if e in spec.epochs) if spec.epochs else evaluated[-1:]
+
     def settings_dict(self) -> dict[str, Any]:
-        return {**settings_record(self.settings, self.limit), "split": self.split,
-                "limit_seed": self.limit_seed}
+        record = {**settings_record(self.settings, self.limit), "split": self.split,
+                  "limit_seed": self.limit_seed}
+        if self.adaptive is not None:
+            record["adaptive"] = self.adaptive.to_dict()
+        return record
 
 
 # ------------------------------------------------------------------ parsing
@@ -102,7 +133,7 @@ def _checked_train(values: dict[str, Any], where: str) -> dict[str, Any]:
 
 def parse(data: dict[str, Any], source: str = "sweep") -> Sweep:
     """Build a :class:`Sweep` from a sweep file's parsed TOML (see the module doc)."""
-    allowed = {"name", "seeds", "data", "train", "grid", "runs", "eval"}
+    allowed = {"name", "seeds", "data", "train", "grid", "runs", "eval", "adaptive"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise SweepError(f"{source}: unknown top-level key(s) {unknown}; expected {sorted(allowed)}")
@@ -139,8 +170,12 @@ def parse(data: dict[str, Any], source: str = "sweep") -> Sweep:
             except (TypeError, ValueError) as error:
                 raise SweepError(f"{source} run {spec.key}: {error}") from None
             runs.append(spec)
-    return Sweep(str(data.get("name", Path(source).stem)), tuple(runs),
-                 *_parse_eval(data.get("eval", {}), source), data=data.get("data"))
+    settings, split, limit, limit_seed, epochs = _parse_eval(data.get("eval", {}), source)
+    adaptive = None
+    if "adaptive" in data:
+        adaptive = _parse_adaptive(data["adaptive"], settings, seeds, source)
+    return Sweep(str(data.get("name", Path(source).stem)), tuple(runs), settings, split, limit,
+                 limit_seed, epochs, data=data.get("data"), adaptive=adaptive)
 
 
 def _parse_eval(spec: dict[str, Any], source: str) -> tuple[EvalSettings, str, int | None, int, tuple[int, ...]]:
@@ -170,6 +205,40 @@ def _parse_eval(spec: dict[str, Any], source: str) -> tuple[EvalSettings, str, i
     spec.setdefault("pgd_steps", 0)       # masking checks are `hahnet eval`'s job
     spec.setdefault("square_limit", 0)
     return EvalSettings(**spec), split, limit, int(limit_seed), tuple(sorted(set(epochs)))
+
+
+def _parse_adaptive(spec: dict[str, Any], base: EvalSettings, seeds: list[int],
+                    source: str) -> AdaptiveSpec:
+    where = f"{source} [adaptive]"
+    if not isinstance(spec, dict):
+        raise SweepError(f"{where}: must be a table of settings")
+    spec = dict(spec)
+    shared = sorted(set(spec) & (EVAL_KEYS - {"epochs"}))
+    if shared:
+        raise SweepError(f"{where}: {shared} set(s) the images, which [adaptive] shares with "
+                         f"[eval]; set them in [eval]")
+    unknown = sorted(set(spec) - set(EvalSettings.__dataclass_fields__) - ADAPTIVE_KEYS)
+    if unknown:
+        raise SweepError(f"{where}: unknown setting(s) {unknown}; use EvalSettings fields "
+                         f"(norms, adaptive_limit, sweep_limit, ...) or {sorted(ADAPTIVE_KEYS)}")
+    epochs, chosen = spec.pop("epochs", []), spec.pop("seeds", [])
+    transfer, suite = spec.pop("transfer", True), spec.pop("attacks", "adaptive")
+    if not isinstance(epochs, list) or not all(isinstance(e, int) and e >= 1 for e in epochs):
+        raise SweepError(f"{where}: epochs must be a list of 1-based epochs, got {epochs!r}")
+    if not isinstance(chosen, list) or not set(chosen) <= set(seeds):
+        raise SweepError(f"{where}: seeds must be a list of the sweep's seeds {seeds}, got {chosen!r}")
+    if not isinstance(transfer, bool):
+        raise SweepError(f"{where}: transfer must be true or false, got {transfer!r}")
+    if suite not in ("adaptive", "all"):
+        raise SweepError(f"{where}: attacks must be \"adaptive\" or \"all\", got {suite!r}")
+    for key in ("noise_sigmas", "norms", "bpda"):
+        if key in spec:
+            spec[key] = tuple(spec[key])
+    try:
+        settings = replace(base, **spec, attacks=True, suite=suite)
+    except (TypeError, ValueError) as error:
+        raise SweepError(f"{where}: {error}") from None
+    return AdaptiveSpec(settings, tuple(sorted(set(epochs))), tuple(sorted(set(chosen))), transfer)
 
 
 def loads(text: str, source: str = "sweep") -> Sweep:
@@ -208,21 +277,42 @@ def partner(sweep: Sweep, hah_name: str) -> str | None:
     return None
 
 
+def transfer_sources(sweep: Sweep, run: RunSpec) -> tuple[RunSpec, ...]:
+    """The runs whose adversarial examples ``run``'s adaptive evaluation transfers: a HaH
+    run's standard partner, a standard run's HaH partners; same seed. None without
+    ``[adaptive]`` transfer."""
+    if sweep.adaptive is None or not sweep.adaptive.transfer:
+        return ()
+    if run.train.get("hah"):
+        names = {partner(sweep, run.name)}
+    else:
+        names = {r.name for r in sweep.runs if r.train.get("hah") and partner(sweep, r.name) == run.name}
+    return tuple(r for r in sweep.runs if r.name in names and r.seed == run.seed)
+
 
 # ------------------------------------------------------------------ planning
 
 @dataclass
 class Task:
-    """One unit of work: train a run, or evaluate one of its epochs."""
+    """One unit of work: train a run, or evaluate one of its epochs (the ``[eval]`` or
+    the ``[adaptive]`` evaluation)."""
 
-    kind: str  # "train" | "eval"
+    kind: str  # "train" | "eval" | "adaptive"
     run: RunSpec
     epoch: int = 0
     cost: float = 1.0  # relative, for the ETA and longest-first scheduling
+    sources: tuple[RunSpec, ...] = ()  # adaptive: the transfer sources at the same epoch
 
     @property
     def label(self) -> str:
-        return self.run.key if self.kind == "train" else f"{self.run.key}@{self.epoch}"
+        if self.kind == "train":
+            return self.run.key
+        return f"{self.run.key}@{self.epoch}" + (" (adaptive)" if self.kind == "adaptive" else "")
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """The runs that must be trained before this task starts."""
+        return () if self.kind == "train" else (self.run.key, *(s.key for s in self.sources))
 
 
 def run_dir(out: Path, run: RunSpec) -> Path:
@@ -231,6 +321,10 @@ def run_dir(out: Path, run: RunSpec) -> Path:
 
 def eval_file(out: Path, run: RunSpec, epoch: int) -> Path:
     return Path(out) / EVALS_DIR / f"{run.key}@{epoch}.json"
+
+
+def adaptive_file(out: Path, run: RunSpec, epoch: int) -> Path:
+    return Path(out) / EVALS_DIR / f"{run.key}@{epoch}.adaptive.json"
 
 
 def _trained(directory: Path, epochs: int) -> bool:
@@ -249,6 +343,13 @@ def _eval_cost(sweep: Sweep, run: RunSpec) -> float:
     n = sweep.settings.attack_limit or sweep.limit or 10_000
     steps = sweep.settings.apgd_steps * (1 + 9) * len(sweep.settings.norms) if sweep.settings.attacks else 1
     return n * steps * 3 * config.width * (2.0 if config.hah else 1.0) / 40
+
+
+def _adaptive_cost(sweep: Sweep, run: RunSpec) -> float:
+    """About four APGD evaluations per norm (margin restarts, BPDA variants, transfer)."""
+    assert sweep.adaptive is not None
+    norms = len(sweep.adaptive.settings.norms) / max(1, len(sweep.settings.norms))
+    return 4 * norms * _eval_cost(replace(sweep, settings=replace(sweep.settings, attacks=True)), run)
 
 
 def check(sweep: Sweep, out: Path) -> None:
@@ -285,11 +386,20 @@ def plan(sweep: Sweep, out: Path, re_evaluate: bool = False) -> tuple[list[Task]
         for epoch in sweep.epochs_of(run):
             if re_evaluate or not _saved_eval_matches(sweep, out, run, epoch):
                 evals.append(Task("eval", run, epoch, _eval_cost(sweep, run)))
+        sources = transfer_sources(sweep, run)
+        for epoch in sweep.adaptive_epochs_of(run):
+            usable = tuple(s for s in sources if epoch in s.config.snapshots or epoch == s.config.epochs)
+            if re_evaluate or not _saved_eval_matches(sweep, out, run, epoch, usable):
+                evals.append(Task("adaptive", run, epoch, _adaptive_cost(sweep, run), usable))
     return trains, evals
 
 
-def _saved_eval_matches(sweep: Sweep, out: Path, run: RunSpec, epoch: int) -> bool:
-    path = eval_file(out, run, epoch)
+def _saved_eval_matches(sweep: Sweep, out: Path, run: RunSpec, epoch: int,
+                        sources: tuple[RunSpec, ...] | None = None) -> bool:
+    """Whether the saved evaluation (``sources`` given: the adaptive one, transferring
+    from exactly those runs) measured this checkpoint with the sweep's settings."""
+    adaptive = sources is not None
+    path = (adaptive_file if adaptive else eval_file)(out, run, epoch)
     if not path.exists():
         return False
     try:
@@ -299,7 +409,10 @@ def _saved_eval_matches(sweep: Sweep, out: Path, run: RunSpec, epoch: int) -> bo
     except (OSError, ValueError, KeyError, TypeError):
         return False
     same_split = saved.get("split") == sweep.split and saved.get("limit_seed") == sweep.limit_seed
-    return same_split and reusable(cached, info, sweep.settings, sweep.limit)
+    if adaptive and saved.get("transfer_from", []) != [s.key for s in sources]:
+        return False
+    settings = sweep.adaptive.settings if adaptive else sweep.settings
+    return same_split and reusable(cached, info, settings, sweep.limit)
 
 
 def read_eval(path: Path) -> EvalResult:
@@ -333,10 +446,11 @@ def train_task(directory: str, train: dict[str, Any], data: str, cache_dir: str 
 
 def eval_task(checkpoint_path: str, target: str, settings: dict[str, Any], split: str,
               limit: int | None, limit_seed: int, data: str, cache_dir: str | None,
-              threads: int, device: str) -> float:
+              threads: int, device: str, sources: Sequence[tuple[str, str]] = ()) -> float:
     """Evaluate one checkpoint on its run's held-out images (or the test set) and write
     the result JSON to ``target``; returns the seconds it took. Attack rows are kept in
-    ``target``'s ``.partial`` folder until then, so a stopped sweep resumes mid-evaluation."""
+    ``target``'s ``.partial`` folder until then, so a stopped sweep resumes mid-evaluation.
+    ``sources``: (name, checkpoint) of the transfer attack's source models."""
     from hahnet.data.datasets import load_dataset
     from hahnet.eval.runner import evaluate_model, evaluation_split
     from hahnet.training.device import cpu_threads, resolve_device
@@ -354,12 +468,16 @@ def eval_task(checkpoint_path: str, target: str, settings: dict[str, Any], split
         for key in ("noise_sigmas", "norms"):
             values[key] = tuple(values[key])
         journal = Journal(Path(target).with_suffix(".partial"))
+        models = [(name, checkpoint.load(path, device=dev)) for name, path in sources]
         result = evaluate_model(model, images.images, images.labels, EvalSettings(**values), dev,
-                                name=Path(target).stem, checkpoint=checkpoint_path, info=info,
-                                journal=journal)
+                                name=Path(target).stem.removesuffix(".adaptive"),
+                                checkpoint=checkpoint_path,
+                                info=info, sources=models, journal=journal)
         result.settings["limit"] = limit  # what eval.results.reusable compares
         record = {"split": split, "limit_seed": limit_seed,
                   "result": results_json([result])["models"][0]}
+        if sources:
+            record["transfer_from"] = [name for name, _ in sources]
         write_json(Path(target), record)
         journal.clear()
     return time.perf_counter() - started
@@ -380,7 +498,7 @@ def run(sweep: Sweep, out: str | Path, data: str, cache_dir: str | None = None,
     check(sweep, out)
     trains, evals = plan(sweep, out, re_evaluate)
     say = progress or (lambda message: None)
-    total = len(sweep.runs) + sum(len(sweep.epochs_of(r)) for r in sweep.runs)
+    total = sum(1 + len(sweep.epochs_of(r)) + len(sweep.adaptive_epochs_of(r)) for r in sweep.runs)
     say(f"{sweep.name}: {len(sweep.runs)} runs, {total - len(trains) - len(evals)} of {total} "
         f"tasks already done; {len(trains)} to train, {len(evals)} to evaluate "
         f"({jobs} x {threads} thread(s) on {device})")
@@ -392,6 +510,13 @@ def run(sweep: Sweep, out: str | Path, data: str, cache_dir: str | None = None,
             return pool.submit(train_task, str(directory), {**task.run.train, "seed": task.run.seed},
                                data, cache_dir, threads, device)
         path = str(checkpoint.resolve(f"{directory}@{task.epoch}"))
+        if task.kind == "adaptive":
+            assert sweep.adaptive is not None
+            sources = [(s.key, str(checkpoint.resolve(f"{run_dir(out, s)}@{task.epoch}")))
+                       for s in task.sources]
+            return pool.submit(eval_task, path, str(adaptive_file(out, task.run, task.epoch)),
+                               asdict(sweep.adaptive.settings), sweep.split, sweep.limit,
+                               sweep.limit_seed, data, cache_dir, threads, device, sources)
         return pool.submit(eval_task, path, str(eval_file(out, task.run, task.epoch)),
                            asdict(sweep.settings), sweep.split, sweep.limit, sweep.limit_seed,
                            data, cache_dir, threads, device)
@@ -421,8 +546,8 @@ class _Counter:
 
 def _run_tasks(tasks: list[Task], submit: Callable[[Any, Task], Future], jobs: int,
                counter: _Counter) -> None:
-    """Run ``tasks`` in order, ``jobs`` at a time; a run's evaluations wait until it is
-    trained, and meanwhile later tasks go first so that no process idles."""
+    """Run ``tasks`` in order, ``jobs`` at a time; an evaluation waits until the runs it
+    needs are trained, and meanwhile later tasks go first so that no process idles."""
     if not tasks:
         return
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
@@ -431,7 +556,7 @@ def _run_tasks(tasks: list[Task], submit: Callable[[Any, Task], Future], jobs: i
         while queue or pending:
             while len(pending) < jobs:
                 training = {t.run.key for t in [*queue, *pending.values()] if t.kind == "train"}
-                ready = [t for t in queue if t.kind == "train" or t.run.key not in training]
+                ready = [t for t in queue if not training & set(t.needs)]
                 if not ready:
                     break
                 queue.remove(ready[0])

@@ -1,5 +1,5 @@
-"""What a sweep measured, read back from its files: per run and epoch the metrics and
-training state; per setting and epoch every metric as mean +- sd over seeds; per HaH
+"""What a sweep measured, read back from its files: per run and epoch the metrics (with
+the worst case of the ``[adaptive]`` evaluation where it ran) and training state; per setting and epoch every metric as mean +- sd over seeds; per HaH
 setting its gain over its standard partner, paired by seed; the training curves. The
 result is the summary that :mod:`hahnet.reporting.sweep` turns into the report."""
 
@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hahnet.eval.results import EvalResult
-from hahnet.experiments.sweep import Sweep, eval_file, partner, read_eval, run_dir
+from hahnet.experiments.sweep import (Sweep, adaptive_file, eval_file, partner, read_eval,
+                                      run_dir)
 from hahnet.training.rundir import RunDir
 
 
@@ -31,6 +32,14 @@ def metrics_of(result: EvalResult) -> dict[str, float]:
     if early:
         values["nonzero_first6"] = sum(early) / len(early)
     return values
+
+
+def adaptive_metrics(path: Path) -> dict[str, float]:
+    """The worst case per norm of an ``[adaptive]`` evaluation (none if it has not run);
+    its other numbers repeat the ``[eval]`` evaluation's on the same images."""
+    if not path.exists():
+        return {}
+    return {k: v for k, v in metrics_of(read_eval(path)).items() if k.startswith("worst_")}
 
 
 def seed_stats(values: Sequence[float]) -> dict[str, Any]:
@@ -53,6 +62,7 @@ def summarise(sweep: Sweep, out: str | Path) -> dict[str, Any]:
             if not path.exists():
                 continue
             metrics = metrics_of(read_eval(path))
+            metrics.update(adaptive_metrics(adaptive_file(out, run, epoch)))
             h = history.get(epoch, {})
             metrics["train_acc"] = h.get("train_acc", float("nan"))
             entry = {"name": run.name, "seed": run.seed, "epoch": epoch, "metrics": metrics,
@@ -75,11 +85,14 @@ def summarise(sweep: Sweep, out: str | Path) -> dict[str, Any]:
                 continue
             paired = [s for s in seeds if (name, epoch, s) in per and (base, epoch, s) in per]
             if paired:
+                nan = float("nan")
+                shared = [k for k in keys if any(k in per[(base, epoch, s)] for s in paired)]
                 gains.append({"name": name, "baseline": base, "epoch": epoch, "seeds": paired,
-                              "metrics": {k: seed_stats([per[(name, epoch, s)][k] - per[(base, epoch, s)][k]
-                                                     for s in paired]) for k in keys
-                                          if k in per[(base, epoch, paired[0])]}})
+                              "metrics": {k: seed_stats([per[(name, epoch, s)].get(k, nan)
+                                                         - per[(base, epoch, s)].get(k, nan)
+                                                         for s in paired]) for k in shared}})
     return {"sweep": sweep.name, "settings": sweep.settings_dict(),
+            "adaptive": sweep.adaptive.to_dict() if sweep.adaptive else None,
             "runs_spec": [{"name": r.name, "seed": r.seed, "train": r.train} for r in sweep.runs],
             "runs": runs, "table": table, "gains": gains, "curves": _curves(sweep, out)}
 

@@ -26,18 +26,35 @@ def columns(rows: Sequence[dict[str, Any]]) -> list[str]:
     return [k for k in HEADLINE if k in present] + [k for k in present if k not in HEADLINE]
 
 
-def cell(stats: dict[str, Any] | None, signed: bool = False) -> str:
+def cell(stats: dict[str, Any] | None, signed: bool = False, seeds: int | None = None) -> str:
     """Mean ± sd in percent (points when ``signed``; bold where |mean| > sd over 2+ seeds);
-    the mean alone where sd is None."""
+    the mean alone from one seed or where sd is None; "(n=k)" where only k of the row's
+    ``seeds`` have the metric (e.g. the worst case, attacked on fewer seeds)."""
     if stats is None or stats["mean"] is None or not math.isfinite(stats["mean"]):
         return "-"
     sign = "+" if signed else ""
-    if stats["sd"] is None:
-        return f"{100 * stats['mean']:{sign}.1f}"
-    text = f"{100 * stats['mean']:{sign}.1f} ± {100 * stats['sd']:.1f}"
-    if signed and stats["n"] > 1 and abs(stats["mean"]) > stats["sd"]:
-        text = f"**{text}**"
-    return text
+    n = stats.get("n", 2)
+    if stats["sd"] is None or n < 2:
+        text = f"{100 * stats['mean']:{sign}.1f}"
+    else:
+        text = f"{100 * stats['mean']:{sign}.1f} ± {100 * stats['sd']:.1f}"
+        if signed and abs(stats["mean"]) > stats["sd"]:
+            text = f"**{text}**"
+    return text + (f" (n={n})" if seeds is not None and n < seeds else "")
+
+
+def adaptive_note(spec: dict[str, Any] | None) -> list[str]:
+    """The report's sentence on the ``[adaptive]`` evaluation behind ``worst_*``, if any."""
+    if not spec:
+        return []
+    settings = spec["settings"]
+    seeds = ", ".join(map(str, spec["seeds"])) or "every seed"
+    epochs = ", ".join(map(str, spec["epochs"])) or "the last evaluated"
+    return [f"`worst_*`: the worst case per image over every attack of the `{settings['suite']}` "
+            f"suite ({'/'.join(settings['norms'])}; APGD, margin, BPDA"
+            + (", transfer from the partner run" if spec["transfer"] else "")
+            + f"; {settings['adaptive_limit']} of the attacked images), from the sweep's "
+            f"`[adaptive]` evaluation: seeds {seeds}, epochs {epochs}. (n=k): k seeds measured.", ""]
 
 
 def metrics_table(summary: dict[str, Any]) -> str:
@@ -45,7 +62,7 @@ def metrics_table(summary: dict[str, Any]) -> str:
     keys = columns(rows)
     return _table(["setting", "epoch", "seeds", *keys],
                   [[r["name"], str(r["epoch"]), str(r["seeds"]),
-                    *(cell(r["metrics"].get(k)) for k in keys)] for r in rows])
+                    *(cell(r["metrics"].get(k), seeds=r["seeds"]) for k in keys)] for r in rows])
 
 
 def gains_table(summary: dict[str, Any]) -> str:
@@ -55,7 +72,8 @@ def gains_table(summary: dict[str, Any]) -> str:
     keys = columns(rows)
     return _table(["HaH setting", "vs", "epoch", "seeds", *keys],
                   [[r["name"], r["baseline"], str(r["epoch"]), str(len(r["seeds"])),
-                    *(cell(r["metrics"].get(k), signed=True) for k in keys)] for r in rows])
+                    *(cell(r["metrics"].get(k), signed=True, seeds=len(r["seeds"])) for k in keys)]
+                   for r in rows])
 
 
 def render_markdown(summary: dict[str, Any], command: str = "") -> str:
@@ -76,7 +94,7 @@ def render_markdown(summary: dict[str, Any], command: str = "") -> str:
               "Settings: " + "; ".join(f"`{name}`: " + (", ".join(f"{k}={v}" for k, v in diff.items()) or "-")
                                        for name, diff in _differences(runs, shared).items()) + ".",
               "", "## Every setting (accuracy in %, mean ± sd over seeds)", "",
-              metrics_table(summary), "",
+              metrics_table(summary), "", *adaptive_note(summary.get("adaptive")),
               "## HaH minus its standard partner, paired by seed (points, mean ± sd)", "",
               "Bold: the mean gain exceeds the seed-to-seed sd.", "", gains_table(summary), "",
               "## Plots", "", "![metrics vs epoch](metrics.png)", "", "![gains vs epoch](gains.png)",

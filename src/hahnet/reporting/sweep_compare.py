@@ -13,7 +13,7 @@ from typing import Any, Sequence
 from hahnet.eval.markdown import table
 from hahnet.io import atomic_write, write_json
 from hahnet.reporting.plots import figure
-from hahnet.reporting.sweep import cell, columns, finite
+from hahnet.reporting.sweep import adaptive_note, cell, columns, finite
 
 PANELS_PER_ROW = 5
 
@@ -30,7 +30,8 @@ def gains_table(comparison: dict[str, Any], snapshot: str) -> str:
     keys = columns(rows)
     return table([comparison["by"], "sweep", "HaH setting", "vs", "epoch", "n", *keys],
                  [[f"{r['value']}", r["sweep"], r["name"], r["baseline"], str(r["epoch"]),
-                   str(len(r["seeds"])), *(cell(r["metrics"].get(k), signed=True) for k in keys)]
+                   str(len(r["seeds"])),
+                   *(cell(r["metrics"].get(k), signed=True, seeds=len(r["seeds"])) for k in keys)]
                   for r in rows])
 
 
@@ -42,7 +43,7 @@ def settings_table(comparison: dict[str, Any], snapshot: str) -> str:
     keys = columns(rows)
     return table([comparison["by"], "setting", "epoch", "n", *keys],
                  [[f"{r['value']}", r["name"], str(r["epoch"]), str(r["seeds"]),
-                   *(cell(r["metrics"].get(k)) for k in keys)] for r in rows])
+                   *(cell(r["metrics"].get(k), seeds=r["seeds"]) for k in keys)] for r in rows])
 
 
 def _ratio(stats: dict[str, Any]) -> str:
@@ -75,7 +76,8 @@ def render_markdown(comparison: dict[str, Any], command: str = "") -> str:
                       ", ".join(map(str, s["evaluated"])) or "none yet"]
                      for s in comparison["sweeps"]]), "",
               "Gains: HaH minus its standard partner, paired by seed, in points; mean ± sd over "
-              "the n seeds both finished (n = 1: the mean alone). Bold: |mean| exceeds the sd.", ""]
+              "the n seeds both finished (n = 1: the mean alone). Bold: |mean| exceeds the sd.", "",
+              *adaptive_note(comparison["settings"].get("adaptive"))]
     for snapshot in comparison["snapshots"]:
         lines += [f"## {snapshot[0].upper() + snapshot[1:]}", "",
                   "### Gain (HaH − standard, points)", "", gains_table(comparison, snapshot), "",
