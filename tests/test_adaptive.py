@@ -281,3 +281,67 @@ def test_evaluate_model_all_suites_round_trip_through_json(trained):
                            settings(suite="adaptive", norms=("L2",), sweep_limit=0))
     notes = plain.attacks["L2"].adaptive.notes
     assert any("no HaH operations" in n for n in notes) and any("transfer" in n for n in notes)
+
+
+def test_cascade_attacks_only_what_is_left_and_finds_the_same_worst_case(trained):
+    """With ``cascade`` each row attacks only the images the rows before it left standing:
+    the worst case matches the full suite's (on the masked network too, where BPDA must
+    find what APGD misses), and where APGD breaks most images the model is called far
+    less often (the survivors of all batches are attacked together)."""
+    x, y = patterns(32, 2)
+    seen = []
+
+    def run(model: nn.Module, cascade: bool):
+        hook = model.register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
+        seen.clear()
+        try:
+            result = evaluate_model(model, x, y, settings(
+                suite="adaptive", norms=("Linf",), eps_linf=6 / 255, sweep_limit=0,
+                bpda=("identity",), cascade=cascade, attack_batch_size=8),
+                sources=[("plain", make_tiny_net(False, CLASSES))])
+        finally:
+            hook.remove()
+        return result.attacks["Linf"], len(seen)
+
+    for model in (trained, masked_copy(trained)):
+        (full, full_calls), (cascade, cascade_calls) = run(model, False), run(model, True)
+        assert full.apgd.robust == cascade.apgd.robust
+        assert abs(cascade.adaptive.worst.accuracy - full.adaptive.worst.accuracy) <= 2 / 32
+        assert cascade.adaptive.worst.accuracy <= 0.35
+        standing = list(cascade.apgd.robust)
+        for name, row in cascade.adaptive.rows.items():
+            for i, (before, now) in enumerate(zip(standing, row.robust)):
+                assert not now or before, (name, i)  # never robust where an earlier row broke it
+                assert before or row.broken_by[i] in ("earlier", "clean"), (name, i)
+            standing = row.robust
+        assert cascade.adaptive.worst.robust == standing
+        assert any("cascade" in note for note in cascade.adaptive.notes)
+        if model is trained:
+            assert full.apgd.accuracy <= 0.3 and cascade_calls < 0.5 * full_calls, \
+                (cascade_calls, full_calls)
+        else:
+            assert full.apgd.accuracy >= 0.9  # masked: APGD alone leaves it standing
+
+
+def test_cascade_attacks_the_survivors_of_all_batches_together():
+    """Survivors spread over four batches are attacked as one batch (one call of the
+    stage), reported in their places, the others as broken "earlier"."""
+    x = torch.full((32, 3, 2, 2), 0.5)
+    y = torch.zeros(32, dtype=torch.long)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([1.0, 0.0]))
+    start = [i in (0, 9, 17, 25) for i in range(32)]
+    for cascade, calls in ((False, [1, 1, 1, 1]), (True, [4])):
+        seen = []
+
+        def stage(xs, ys, seed):
+            seen.append(len(xs))
+            return xs
+
+        t = adaptive.Target(model, x, y, settings(attack_batch_size=8, cascade=cascade), 2)
+        r = t.run("Linf", 0.1, [("s", stage)], "t", {}, 32, start)
+        assert seen == calls
+        assert r.robust == start and r.accuracy == 4 / 32 and r.stages == {"s": 4 / 32}
+        assert [b for b, kept in zip(r.broken_by, start) if not kept] == ["earlier"] * 28

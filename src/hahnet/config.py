@@ -392,6 +392,10 @@ class EvalSettings:
     sweep_limit: int = 200           # eps sweeps on the first N attacked images; 0 = none
     sweep_eps_linf: tuple[float, ...] = SWEEP_EPS["Linf"]
     sweep_eps_l2: tuple[float, ...] = SWEEP_EPS["L2"]
+    # Adaptive suite: each attack only on the images the ones before it left standing
+    # (AutoAttack's way): the same worst case for a fraction of the cost, but a row no
+    # longer says what that attack alone reaches.
+    cascade: bool = False
 
     def __post_init__(self) -> None:
         self.noise_sigmas, self.norms = tuple(self.noise_sigmas), tuple(self.norms)

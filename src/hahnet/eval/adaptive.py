@@ -10,6 +10,11 @@ APGD-CE + APGD-T (docs/evaluation.md):
 * **eps sweeps** of APGD (and of BPDA);
 * the **worst case per image** over everything run: the headline robust accuracy.
 
+With ``cascade`` each of margin, BPDA and transfer attacks only the images that the paper
+suite and the rows before it left standing (as AutoAttack chains its attacks): the worst
+case is the same measurement at a fraction of the cost, and each row reads as the worst
+case so far rather than as that attack alone.
+
 Every attack goes through :func:`hahnet.eval.attacks.worst_case`, so budgets and pixel
 range are checked and the work is sharded under torchrun like the paper's attacks.
 """
@@ -28,7 +33,7 @@ from hahnet.eval.attacks import (Stage, StageRun, _attacks_module, _make, apgd_s
                                  apgdt_stage, fab_t_stage, square_stage, worst_case)
 from hahnet.eval.base import Progress
 from hahnet.eval.bpda import Surrogate, bpda, has_hah_ops, parse_surrogate
-from hahnet.eval.journal import Recall, model_digest, recaller
+from hahnet.eval.journal import Recall, model_digest, recaller, tensor_digest
 from hahnet.eval.results import AdaptiveResult, AttackResult, EpsSweep
 
 Source = tuple[str, nn.Module]  # a transfer source: (name, model on the same device)
@@ -56,8 +61,11 @@ class Target:
 
     def run(self, norm: str, eps: float, stages: Sequence[Stage], name: str,
             params: dict[str, Any], n: int, start: Sequence[bool] | None = None) -> AttackResult:
-        """The worst case over ``stages`` on the first ``n`` attacked images."""
+        """The worst case over ``stages`` on the first ``n`` attacked images (``start``:
+        only those marked True; with ``cascade`` gathered into full batches first)."""
         s = self.settings
+        if start is not None and s.cascade:
+            return self._gathered(norm, eps, stages, name, params, n, start)
         progress = None if self.progress is None else self.progress(f"{name} {norm}", n)
         return worst_case(self.model, self.images[:n], self.labels[:n], norm, eps, stages,
                           name, params, s.attack_batch_size, self.device, self.dtype,
@@ -66,6 +74,29 @@ class Target:
     @property
     def adaptive_n(self) -> int:
         return min(len(self.labels), self.settings.adaptive_limit)
+
+    def _gathered(self, norm: str, eps: float, stages: Sequence[Stage], name: str,
+                  params: dict[str, Any], n: int, start: Sequence[bool]) -> AttackResult:
+        """``run`` on only the images ``start`` marks, batched together: a few survivors
+        per batch would cost almost as many (overhead-bound) steps as full batches. The
+        rest count as broken "earlier"; stage shares stay fractions of all ``n``."""
+        keep = [i for i in range(n) if start[i]]
+        robust, broken_by = [False] * n, ["earlier"] * n
+        if not keep:
+            return AttackResult(name, norm, eps, n, 0.0 if n else float("nan"), robust,
+                                {stage: 0.0 for stage, _ in stages}, 0.0, 0.0, params, broken_by)
+        index = torch.tensor(keep)
+        sub = worst_case(
+            self.model, self.images[index], self.labels[index], norm, eps, stages, name, params,
+            self.settings.attack_batch_size, self.device, self.dtype, self.settings.attack_seed,
+            None if self.progress is None else self.progress(f"{name} {norm}", len(keep)),
+            self.env)
+        for j, i in enumerate(keep):
+            robust[i], broken_by[i] = sub.robust[j], sub.broken_by[j]
+        share = len(keep) / n
+        return AttackResult(name, norm, eps, n, sum(robust) / n, robust,
+                            {stage: alive * share for stage, alive in sub.stages.items()},
+                            sub.max_perturbation, sub.seconds, params, broken_by)
 
 
 def under_bpda(model: nn.Module, surrogate: Surrogate, run: StageRun) -> StageRun:
@@ -119,9 +150,10 @@ def autoattack(t: Target, norm: str, eps: float, paper: AttackResult) -> AttackR
     return _merge(paper, rest, "AutoAttack", params)
 
 
-def margin(t: Target, norm: str, eps: float) -> AttackResult:
+def margin(t: Target, norm: str, eps: float, start: Sequence[bool] | None = None
+           ) -> AttackResult:
     """APGD with the DLR (logit-margin) loss, untargeted, then targeted (APGD-T), each with
-    ``restarts`` restarts."""
+    ``restarts`` restarts (``start``: only on the images marked True, as in worst_case)."""
     s, r = t.settings, t.settings.restarts
     stages: list[Stage] = [("APGD-DLR", apgd_stage(t.model, t.device, norm, eps, s.apgd_steps,
                                                    "dlr", r))]
@@ -130,7 +162,7 @@ def margin(t: Target, norm: str, eps: float) -> AttackResult:
                                                  t.classes, r)))
     params = {"steps": s.apgd_steps, "n_restarts": r, "loss": "dlr",
               "n_target_classes": t.classes - 1 if t.classes >= 4 else 0, "seed": s.attack_seed}
-    return t.run(norm, eps, stages, "margin", params, t.adaptive_n)
+    return t.run(norm, eps, stages, "margin", params, t.adaptive_n, start)
 
 
 def surrogates(s: EvalSettings) -> list[Surrogate]:
@@ -138,7 +170,8 @@ def surrogates(s: EvalSettings) -> list[Surrogate]:
     return [parse_surrogate(name, s.bpda_temperature) for name in s.bpda]
 
 
-def bpda_attack(t: Target, norm: str, eps: float) -> AttackResult:
+def bpda_attack(t: Target, norm: str, eps: float, start: Sequence[bool] | None = None
+                ) -> AttackResult:
     """For each BPDA variant, APGD-CE then APGD-DLR (``restarts`` each) through its
     surrogate gradients; worst case per image over all of them."""
     s, r = t.settings, t.settings.restarts
@@ -150,10 +183,11 @@ def bpda_attack(t: Target, norm: str, eps: float) -> AttackResult:
                            under_bpda(t.model, surrogate, run)))
     params = {"steps": s.apgd_steps, "n_restarts": r, "variants": list(s.bpda),
               "temperature": s.bpda_temperature, "seed": s.attack_seed}
-    return t.run(norm, eps, stages, "BPDA", params, t.adaptive_n)
+    return t.run(norm, eps, stages, "BPDA", params, t.adaptive_n, start)
 
 
-def transfer(t: Target, norm: str, eps: float, sources: Sequence[Source]) -> AttackResult:
+def transfer(t: Target, norm: str, eps: float, sources: Sequence[Source],
+             start: Sequence[bool] | None = None) -> AttackResult:
     """Examples crafted on each source (PGD-CE, ``transfer_steps``; also through the first
     BPDA variant when the source has HaH operations), classified by the target."""
     s = t.settings
@@ -168,7 +202,7 @@ def transfer(t: Target, norm: str, eps: float, sources: Sequence[Source]) -> Att
     params = {"attack": "PGD-CE", "steps": s.transfer_steps, "random_start": True,
               "sources": [name for name, _ in sources], "bpda": first.name,
               "seed": s.attack_seed}
-    return t.run(norm, eps, stages, "transfer", params, t.adaptive_n)
+    return t.run(norm, eps, stages, "transfer", params, t.adaptive_n, start)
 
 
 def eps_sweep(t: Target, norm: str, surrogate: Surrogate | None = None) -> EpsSweep:
@@ -218,29 +252,48 @@ def run_adaptive(t: Target, norm: str, eps: float, paper: AttackResult,
                  sources: Sequence[Source] = ()) -> AdaptiveResult:
     """Every attack of the chosen suite beyond ``paper`` (the paper's result on the same
     attacked images) at one norm, and the worst case per image over all of them and the
-    ``checks`` (PGD, Square) that ran."""
-    s, rows, notes, sweeps, recall = t.settings, {}, [], [], t.recall
+    ``checks`` (PGD, Square) that ran. With ``cascade`` margin, BPDA and transfer attack
+    only what the rows before them left standing."""
+    s, rows, notes, sweeps = t.settings, {}, [], []
+    n = t.adaptive_n if s.runs("adaptive") else paper.n_images
+    standing = None
+    if s.cascade and s.runs("adaptive"):
+        standing = worst_over({"paper": paper, **{c.attack: c for c in checks}}, n).robust
+        notes.append("cascade: margin, BPDA and transfer each attacked only the images the "
+                     "attacks above them left standing, so each row is the worst case so far")
+
+    def recall(row: str, compute: Callable[[Sequence[bool] | None], AttackResult],
+               **extra: Any) -> AttackResult:
+        nonlocal standing
+        if standing is None:
+            return t.recall(row, lambda: compute(None), **extra)
+        start = list(standing)  # the images this row attacks are part of its key
+        result = t.recall(row, lambda: compute(start), **extra,
+                          standing=tensor_digest(torch.tensor(start)))
+        standing = [a and b for a, b in zip(standing, result.robust)]
+        return result
+
     if s.runs("standard"):
-        rows["AutoAttack"] = recall("AutoAttack", lambda: autoattack(t, norm, eps, paper))
+        rows["AutoAttack"] = recall("AutoAttack", lambda _: autoattack(t, norm, eps, paper))
     if s.runs("adaptive"):
-        rows["margin"] = recall("margin", lambda: margin(t, norm, eps))
+        rows["margin"] = recall("margin", lambda start: margin(t, norm, eps, start))
         hah = has_hah_ops(t.model)
         if hah and s.bpda:
-            rows["BPDA"] = recall("BPDA", lambda: bpda_attack(t, norm, eps))
+            rows["BPDA"] = recall("BPDA", lambda start: bpda_attack(t, norm, eps, start))
         else:
             notes.append("BPDA not run: " + ("the model has no HaH operations (threshold, "
                          "divisive normalization), so BPDA would be plain APGD" if not hah
                          else "no BPDA variant chosen"))
         if sources:
-            rows["transfer"] = recall("transfer", lambda: transfer(t, norm, eps, sources),
-                                      sources=[(name, model_digest(m)) for name, m in sources])
+            rows["transfer"] = recall(
+                "transfer", lambda start: transfer(t, norm, eps, sources, start),
+                sources=[(name, model_digest(m)) for name, m in sources])
         else:
             notes.append("transfer not run: no source checkpoint (--transfer-from)")
         if s.sweep_limit > 0:
-            sweeps.append(recall("sweep APGD", lambda: eps_sweep(t, norm)))
+            sweeps.append(t.recall("sweep APGD", lambda: eps_sweep(t, norm)))
             if hah and s.bpda:
-                sweeps.append(recall("sweep BPDA", lambda: eps_sweep(t, norm, surrogates(s)[0])))
-    n = t.adaptive_n if s.runs("adaptive") else paper.n_images
+                sweeps.append(t.recall("sweep BPDA", lambda: eps_sweep(t, norm, surrogates(s)[0])))
     everything = {"paper": paper, **rows, **{check.attack: check for check in checks}}
     return AdaptiveResult(s.suite, rows, worst_over(everything, n), sweeps, notes)
 
@@ -250,7 +303,7 @@ def estimate_seconds(s: EvalSettings, m: int, batch: int, forward: float, backwa
     """Rough seconds of the attacks beyond the paper's at one norm, from the seconds of
     one batch's ``forward`` and forward+backward (``backward``) on ``m`` attacked images:
     the first stage of a cascade on every image, later stages on SURVIVING of them, one
-    transfer source with BPDA."""
+    transfer source with BPDA; with ``cascade`` margin, BPDA and transfer on SURVIVING."""
     def batches(n: int) -> int:
         return -(-n // batch)
 
@@ -262,9 +315,10 @@ def estimate_seconds(s: EvalSettings, m: int, batch: int, forward: float, backwa
                                            + s.autoattack_queries * forward)
     if s.runs("adaptive"):
         k, variants = batches(min(m, s.adaptive_limit)), len(s.bpda)
-        total += k * apgd * (1 + SURVIVING * targets)                    # margin
-        total += k * apgd * (1 + SURVIVING * (2 * variants - 1))         # BPDA
-        total += k * 2 * (s.transfer_steps * backward + forward)         # transfer
+        rows = k * apgd * (1 + SURVIVING * targets)                      # margin
+        rows += k * apgd * (1 + SURVIVING * (2 * variants - 1))          # BPDA
+        rows += k * 2 * (s.transfer_steps * backward + forward)          # transfer
+        total += rows * (SURVIVING if s.cascade else 1.0)
         sweeps = max(len(s.sweep_eps_linf), len(s.sweep_eps_l2))
         total += batches(min(m, s.sweep_limit)) * sweeps * 2 * (s.apgd_steps + 1) \
             * backward * (1 + SURVIVING)                                 # APGD and BPDA

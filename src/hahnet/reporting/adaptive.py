@@ -121,10 +121,10 @@ def _found_rows(label: str, suite: AttackSuite, a: AdaptiveResult) -> list[list[
             everything[check.attack] = check
     out = []
     for name, row in everything.items():
-        broken = [b for b in (row.broken_by or []) if b not in (None, "clean")]
+        broken = [b for b in (row.broken_by or []) if b not in (None, "clean", "earlier")]
         stages = {s: broken.count(s) for s in dict.fromkeys(broken)}
         only = sum(1 for i in range(min(n, row.n_images)) if not row.robust[i]
-                   and row.broken_by is not None and row.broken_by[i] != "clean"
+                   and row.broken_by is not None and row.broken_by[i] not in ("clean", "earlier")
                    and all(other.robust[i] for key, other in everything.items()
                            if key != name and i < other.n_images))
         out.append([label, f"{NORM_NAMES[suite.norm]} {eps_text(suite.norm, suite.eps)}", name,
