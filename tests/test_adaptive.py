@@ -226,13 +226,18 @@ def test_autoattack_continues_the_paper_cascade_on_survivors(trained):
     assert aa.params["apgd_t"]["n_target_classes"] == CLASSES - 1
 
 
-def test_worst_case_start_skips_images_broken_earlier():
-    x = torch.full((4, 3, 2, 2), 0.5)
-    y = torch.zeros(4, dtype=torch.long)
+def always_class_0(n: int) -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
+    """``n`` grey 2x2 images of class 0 and a model that answers 0 whatever it sees: every
+    image survives any attack, so a test sees exactly which images a stage was given."""
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
     with torch.no_grad():
         model[1].weight.zero_()
         model[1].bias.copy_(torch.tensor([1.0, 0.0]))
+    return torch.full((n, 3, 2, 2), 0.5), torch.zeros(n, dtype=torch.long), model
+
+
+def test_worst_case_start_skips_images_broken_earlier():
+    x, y, model = always_class_0(4)
     seen = []
 
     def stage(xs, ys, seed):
@@ -326,12 +331,7 @@ def test_cascade_attacks_only_what_is_left_and_finds_the_same_worst_case(trained
 def test_cascade_attacks_the_survivors_of_all_batches_together():
     """Survivors spread over four batches are attacked as one batch (one call of the
     stage), reported in their places, the others as broken "earlier"."""
-    x = torch.full((32, 3, 2, 2), 0.5)
-    y = torch.zeros(32, dtype=torch.long)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
-    with torch.no_grad():
-        model[1].weight.zero_()
-        model[1].bias.copy_(torch.tensor([1.0, 0.0]))
+    x, y, model = always_class_0(32)
     start = [i in (0, 9, 17, 25) for i in range(32)]
     for cascade, calls in ((False, [1, 1, 1, 1]), (True, [4])):
         seen = []
