@@ -193,6 +193,7 @@ adaptive_limit = 2
 transfer_steps = 2
 bpda = ["identity"]
 sweep_limit = 0
+cascade = true
 """
 
 
@@ -244,6 +245,7 @@ def test_adaptive_evaluation_adds_the_worst_case_to_the_summary(finished, tmp_pa
         per[("hah", 1, 2)]["worst_linf"] - per[("std", 1, 2)]["worst_linf"])
     report = (copy / "report.md").read_text()
     assert "(n=1)" in report and "`[adaptive]` evaluation: seeds 1, epochs 2" in report
+    assert "cascaded" in report and result.settings["cascade"]
     before = sw.adaptive_file(copy, std, 2).stat().st_mtime_ns
     assert sw.plan(spec, copy) == ([], [])  # reused: same checkpoint, settings and sources
     assert sw.adaptive_file(copy, std, 2).stat().st_mtime_ns == before

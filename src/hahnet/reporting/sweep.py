@@ -53,7 +53,10 @@ def adaptive_note(spec: dict[str, Any] | None) -> list[str]:
     return [f"`worst_*`: the worst case per image over every attack of the `{settings['suite']}` "
             f"suite ({'/'.join(settings['norms'])}; APGD, margin, BPDA"
             + (", transfer from the partner run" if spec["transfer"] else "")
-            + f"; {settings['adaptive_limit']} of the attacked images), from the sweep's "
+            + f"; {settings['adaptive_limit']} of the attacked images"
+            + ("; cascaded: each attack on the images the ones before it left" if
+               settings.get("cascade") else "")
+            + "), from the sweep's "
             f"`[adaptive]` evaluation: seeds {seeds}, epochs {epochs}. (n=k): k seeds measured.", ""]
 
 
