@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +23,7 @@ from hahnet.eval.metrics import clean_accuracy
 from hahnet.eval.results import AttackResult, result_from_dict, results_json
 from hahnet.eval.runner import evaluate_model
 from hahnet.nn.models import ModelConfig, build_model
+from hahnet.reporting import adaptive as adaptive_report
 from hahnet.nn.layers import DivisiveNorm2d, TopFractionThreshold, threshold_rank
 
 CLASSES = 4
@@ -306,6 +309,9 @@ def test_cascade_attacks_only_what_is_left_and_finds_the_same_worst_case(trained
                 sources=[("plain", make_tiny_net(False, CLASSES))])
         finally:
             hook.remove()
+        section, _ = adaptive_report.write([result], Path(tempfile.mkdtemp()))
+        assert ("Cascaded:" in section) == cascade
+        assert ("Each row is that attack on its own" in section) != cascade
         return result.attacks["Linf"], len(seen)
 
     for model in (trained, masked_copy(trained)):

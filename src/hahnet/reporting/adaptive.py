@@ -210,7 +210,11 @@ def write(results: Sequence[EvalResult], out: Path) -> tuple[str, dict[str, Path
     parts = ["## Adaptive attacks: the worst case per image", "", settings_line(chosen[0][1]), "",
              headline_table(results), "",
              "The worst case counts an image as robust only if no attack run on it broke it; "
-             "it is the robust accuracy to quote. Each row is that attack on its own.", ""]
+             "it is the robust accuracy to quote. "
+             + ("Cascaded: margin, BPDA and transfer attacked only the images still standing, "
+                "so each of their rows is the worst case so far, not that attack alone."
+                if chosen[0][1].settings.get("cascade") else "Each row is that attack on its own."),
+             ""]
     parts += [f"- {line}" for label, r in chosen for s in r.attacks.values() if s.adaptive
               for line in lowered(label, s)] + [""]
     parts += ["### Each attack against the paper suite, on the same images", "",
