@@ -212,10 +212,7 @@ def _parse_adaptive(spec: dict[str, Any], base: EvalSettings, seeds: list[int],
         raise SweepError(f"{where}: transfer must be true or false, got {transfer!r}")
     if suite not in ("adaptive", "all"):
         raise SweepError(f"{where}: attacks must be \"adaptive\" or \"all\", got {suite!r}")
-    for key in ("noise_sigmas", "norms", "bpda"):
-        if key in spec:
-            spec[key] = tuple(spec[key])
-    try:
+    try:  # EvalSettings itself turns the lists of the file into tuples
         settings = replace(base, **spec, attacks=True, suite=suite)
     except (TypeError, ValueError) as error:
         raise SweepError(f"{where}: {error}") from None
