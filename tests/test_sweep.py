@@ -11,6 +11,7 @@ import pytest
 
 from hahnet.cli import commands as cli
 from hahnet.experiments import sweep as sw, sweep_summary
+from hahnet.reporting import sweep as sweep_report
 from conftest import TINY_SWEEP as BASE, TINY_SWEEP_EVAL as EVAL, make_cifar as write_cifar
 
 EXTRA_RUN = """
@@ -271,3 +272,89 @@ def test_half_trained_run_is_resumed_not_restarted(tmp_path):
     sw.run(spec, tmp_path, str(data), jobs=1)
     lines = [json.loads(l) for l in (sw.run_dir(tmp_path, run) / "metrics.jsonl").read_text().splitlines()]
     assert [l["epoch"] for l in lines] == [0, 1] and lines[0]["seconds"] == 1.0
+
+
+def test_status_says_what_is_left_and_estimates_it_from_the_closest_measurement(
+        finished, tmp_path, monkeypatch):
+    """``--status`` reads the directory alone: a finished sweep has nothing left; a cut
+    history, a missing run, a missing evaluation and one stopped after saving its attack
+    rows are each estimated from their own run, else the same setting's other seed."""
+    import shutil
+
+    from hahnet.eval.journal import Journal
+    from hahnet.experiments import sweep_status
+
+    file, out, data, _ = finished
+    spec = sw.load(file)
+    rows = sweep_status.status(spec, out)
+    assert len(rows) == 18 and {r.state for r in rows} == {"done"}
+    assert sweep_status.seconds_left(rows) == (0.0, 0)
+
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    runs = {r.key: r for r in spec.runs}
+    metrics = sw.run_dir(copy, runs["std-seed2"]) / "metrics.jsonl"
+    first = metrics.read_text().splitlines()[0]
+    metrics.write_text(first + "\n")  # a run stopped after its first epoch
+    shutil.rmtree(sw.run_dir(copy, runs["hah-alphas-x2-seed2"]))
+    for epoch in (1, 2):
+        sw.eval_file(copy, runs["hah-alphas-x2-seed2"], epoch).unlink()
+    hah = runs["hah-seed1"]
+    sw.eval_file(copy, hah, 1).unlink()
+
+    def seconds(path):
+        return sum(json.loads(path.read_text())["result"]["seconds"].values())
+
+    with monkeypatch.context() as m:  # evaluated, but stopped before the result was written
+        m.setattr(Journal, "clear", lambda self: None)
+        sw.eval_task(str(sw.run_dir(copy, hah)), str(sw.eval_file(copy, hah, 2)),
+                     spec.settings.to_dict(), spec.split, spec.limit, spec.limit_seed,
+                     str(data), str(tmp_path / "cache"), 1, "cpu")
+    journal = Journal(sw.eval_file(copy, hah, 2).with_suffix(".partial"))
+    saved = journal.saved_seconds()
+    assert journal.saved_rows() == 2 and saved > 0
+    sw.eval_file(copy, hah, 2).unlink()
+
+    by = {r.label: r for r in sweep_status.status(spec, copy)}
+    assert (by["std-seed2"].state, by["std-seed2"].progress) == ("partial", "epoch 1 of 2")
+    assert by["std-seed2"].seconds_left == pytest.approx(json.loads(first)["seconds"])
+    waiting = by["hah-alphas-x2-seed2@1"]
+    assert (waiting.state, waiting.progress) == ("to do", "after hah-alphas-x2-seed2")
+    other_seed = [json.loads(line)["seconds"] for line in
+                  (sw.run_dir(copy, runs["hah-alphas-x2-seed1"]) / "metrics.jsonl").read_text().splitlines()]
+    missing = by["hah-alphas-x2-seed2"]
+    assert (missing.state, missing.progress) == ("to do", "2 epochs")
+    assert missing.seconds_left == pytest.approx(sum(other_seed))  # 2 x the median of 2 epochs
+    assert by["hah-alphas-x2-seed2@2"].seconds_left == pytest.approx(
+        sum(seconds(sw.eval_file(copy, runs["hah-alphas-x2-seed1"], e)) for e in (1, 2)) / 2)
+    seed2 = (seconds(sw.eval_file(copy, runs["hah-seed2"], 1))
+             + seconds(sw.eval_file(copy, runs["hah-seed2"], 2))) / 2
+    assert (by["hah-seed1@1"].state, by["hah-seed1@1"].progress) == ("to do", "")
+    assert by["hah-seed1@1"].seconds_left == pytest.approx(seed2)
+    assert (by["hah-seed1@2"].state, by["hah-seed1@2"].progress) == ("partial", "2 attack row(s) saved")
+    assert by["hah-seed1@2"].seconds_left == pytest.approx(max(seed2 - saved, 0.0))
+    left, unknown = sweep_status.seconds_left(list(by.values()))
+    assert unknown == 0 and left == pytest.approx(sum(r.seconds_left for r in by.values()))
+    line = sweep_report.status_summary(list(by.values()), 7200.0, 1, 2)
+    assert line == ("12 of 18 tasks done; about 2.0 h of compute left (about 60 min with 2 "
+                    "processes, if it splits evenly), plus 1 task(s) not estimated yet "
+                    "(nothing comparable measured)")
+
+
+def test_cli_status_prints_the_tasks_and_writes_nothing(finished, tmp_path, capsys):
+    file, out, _, _ = finished
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert cli.main(["sweep", str(file), "--out", str(out), "--status"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "| task | kind | state | progress | left |"
+    assert "| hah-seed2@1 | eval | done | saved | - |" in printed
+    assert printed[-1] == "18 of 18 tasks done: nothing left"
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    for argv, message in [(["--status", "--report-only"], "drop --report-only"),
+                          (["--status", "--compare", "width"], "drop --re-evaluate and --status")]:
+        assert cli.main(["sweep", str(file), "--out", str(out), *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0]
+    assert cli.main(["sweep", str(file), "--out", str(tmp_path / "none"), "--status"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no sweep directory at" in err[0] and not (tmp_path / "none").exists()

@@ -292,6 +292,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                         "(e.g. --compare width)")
     spec = build(sw.load, args.file[0])
     out = Path(args.out or f"runs/sweeps/{spec.name}")
+    if args.status:
+        return cmd_sweep_status(args, spec, out)
     check_out(out, "sweep")
     data = args.data or spec.data or DEFAULT_DATA
     if not args.report_only and not Path(data).exists():
@@ -309,13 +311,34 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep_status(args: argparse.Namespace, spec: Any, out: Path) -> int:
+    """``hahnet sweep FILE --status``: every task's state and the compute left."""
+    from hahnet.experiments import sweep as sw, sweep_status
+    from hahnet.reporting import sweep as sweep_report
+
+    if args.report_only or args.re_evaluate:
+        raise UserError("--status only reads the sweep directory; drop --report-only and "
+                        "--re-evaluate")
+    if not out.is_dir():
+        raise UserError(f"no sweep directory at {out}: nothing started yet; pass --out DIR "
+                        f"for a sweep run elsewhere")
+    try:
+        sw.check(spec, out)
+        rows = sweep_status.status(spec, out)
+    except sw.SweepError as error:
+        raise UserError(str(error)) from None
+    print(sweep_report.status_table(rows))
+    print(sweep_report.status_summary(rows, *sweep_status.seconds_left(rows), args.jobs))
+    return 0
+
+
 def cmd_sweep_compare(args: argparse.Namespace) -> int:
     """``hahnet sweep --compare SETTING FILE[=DIR] ...``: finished sweeps side by side."""
     from hahnet.experiments import sweep as sw, sweep_compare, sweep_summary
     from hahnet.reporting import sweep_compare as compare_report
 
-    if args.re_evaluate:
-        raise UserError("--compare only reads finished sweeps; drop --re-evaluate")
+    if args.re_evaluate or args.status:
+        raise UserError("--compare only reads finished sweeps; drop --re-evaluate and --status")
     build(sweep_compare.check_setting, args.compare)
     entries = []
     for entry in args.file:

@@ -359,4 +359,7 @@ def add_sweep(subparsers, commands: dict[str, Any]) -> None:
     parser.add_argument("--re-evaluate", action="store_true", help="evaluate again even when saved")
     parser.add_argument("--report-only", action="store_true",
                         help="only summarise what is finished (no training or evaluation)")
+    parser.add_argument("--status", action="store_true",
+                        help="only print every task's state and the compute left at the rates "
+                             "measured so far (nothing is trained, evaluated or written)")
     parser.set_defaults(func=commands["sweep"])

@@ -117,24 +117,42 @@ def check(sweep: Sweep, out: Path) -> None:
                              f"training settings (e.g. holdout = 0.05)")
 
 
-def plan(sweep: Sweep, out: Path, re_evaluate: bool = False) -> tuple[list[Task], list[Task]]:
-    """(training tasks, evaluation tasks) still to do; finished work is skipped."""
-    out = Path(out)
-    trains, evals = [], []
+def tasks(sweep: Sweep) -> list[Task]:
+    """Every task of the sweep, finished or not: each run's training, its ``[eval]``
+    epochs and its ``[adaptive]`` epochs (with the partners it transfers from)."""
+    every = []
     for run in sweep.runs:
         config = run.config
-        directory = run_dir(out, run)
-        if not _trained(directory, config.epochs):
-            done = len(RunDir(directory).history())
-            trains.append(Task("train", run, cost=_train_cost(config, done)))
-        for epoch in sweep.epochs_of(run):
-            if re_evaluate or not _saved_eval_matches(sweep, out, run, epoch):
-                evals.append(Task("eval", run, epoch, _eval_cost(sweep, run)))
+        every.append(Task("train", run, cost=_train_cost(config)))
+        every += [Task("eval", run, epoch, _eval_cost(sweep, run)) for epoch in sweep.epochs_of(run)]
         sources = transfer_sources(sweep, run)
         for epoch in sweep.adaptive_epochs_of(run):
             usable = tuple(s for s in sources if epoch in s.config.snapshots or epoch == s.config.epochs)
-            if re_evaluate or not _saved_eval_matches(sweep, out, run, epoch, usable):
-                evals.append(Task("adaptive", run, epoch, _adaptive_cost(sweep, run), usable))
+            every.append(Task("adaptive", run, epoch, _adaptive_cost(sweep, run), usable))
+    return every
+
+
+def is_done(sweep: Sweep, out: Path, task: Task) -> bool:
+    """Whether ``task``'s output is in ``out``: a run trained to its last epoch, or an
+    evaluation saved for this checkpoint with the sweep's settings (and sources)."""
+    if task.kind == "train":
+        return _trained(run_dir(out, task.run), task.run.config.epochs)
+    sources = task.sources if task.kind == "adaptive" else None
+    return _saved_eval_matches(sweep, out, task.run, task.epoch, sources)
+
+
+def plan(sweep: Sweep, out: Path, re_evaluate: bool = False) -> tuple[list[Task], list[Task]]:
+    """(training tasks, evaluation tasks) still to do; finished work is skipped. A
+    half-trained run's cost counts only the epochs it still needs."""
+    out = Path(out)
+    trains, evals = [], []
+    for task in tasks(sweep):
+        if task.kind == "train":
+            if not is_done(sweep, out, task):
+                done = len(RunDir(run_dir(out, task.run)).history())
+                trains.append(replace(task, cost=_train_cost(task.run.config, done)))
+        elif re_evaluate or not is_done(sweep, out, task):
+            evals.append(task)
     return trains, evals
 
 

@@ -79,6 +79,34 @@ def gains_table(summary: dict[str, Any]) -> str:
                    for r in rows])
 
 
+def duration(seconds: float | None) -> str:
+    """Seconds as minutes below two hours, else hours; "?" when unknown."""
+    if seconds is None:
+        return "?"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def status_table(rows: Sequence[Any]) -> str:
+    """Where a sweep stands, one line per task: rows with ``label``, ``kind``, ``state``,
+    ``progress`` and ``seconds_left`` (:class:`hahnet.experiments.sweep_status.TaskStatus`)."""
+    return _table(["task", "kind", "state", "progress", "left"],
+                  [[r.label, r.kind, r.state, r.progress or "-",
+                    "-" if r.state == "done" else duration(r.seconds_left)] for r in rows])
+
+
+def status_summary(rows: Sequence[Any], seconds: float, unknown: int, jobs: int) -> str:
+    """One line: tasks done, and the compute left (for one process, and split over ``jobs``)."""
+    done = sum(1 for r in rows if r.state == "done")
+    if done == len(rows):
+        return f"{done} of {len(rows)} tasks done: nothing left"
+    text = f"{done} of {len(rows)} tasks done; about {duration(seconds)} of compute left"
+    if jobs > 1:
+        text += f" (about {duration(seconds / jobs)} with {jobs} processes, if it splits evenly)"
+    if unknown:
+        text += f", plus {unknown} task(s) not estimated yet (nothing comparable measured)"
+    return text
+
+
 def render_markdown(summary: dict[str, Any], command: str = "") -> str:
     """The sweep's report: settings, the per-setting table, the paired gains, the plots."""
     settings = summary["settings"]

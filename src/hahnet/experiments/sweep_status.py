@@ -1,0 +1,126 @@
+"""Where a sweep stands, read from its directory alone (nothing is trained or evaluated):
+each task done, partly done or still to do, and the compute time it still needs at the
+rates this sweep has measured so far. For sweeps that take days: what is left, and
+whether it fits the time there is."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from hahnet.eval.journal import Journal
+from hahnet.experiments.sweep import (Sweep, Task, adaptive_file, eval_file, is_done, run_dir,
+                                      tasks)
+from hahnet.training.rundir import RunDir
+
+
+@dataclass(frozen=True)
+class TaskStatus:
+    """One task's state ("done", "partial" or "to do"), what of it is done, and the
+    seconds of one process's compute it still needs (None: nothing comparable measured)."""
+
+    label: str
+    kind: str
+    state: str
+    progress: str
+    seconds_left: float | None
+
+
+def status(sweep: Sweep, out: str | Path) -> list[TaskStatus]:
+    """Every task of ``sweep`` in ``out``, in the sweep's order. Estimates come from the
+    closest measurement: the run's own (its median epoch; its finished evaluation of the
+    same kind), else the same setting's other seeds, else the sweep's seconds per unit
+    of planned cost; an evaluation's estimate excludes the attack rows it already saved."""
+    out = Path(out)
+    every = tasks(sweep)
+    finished = {id(t): is_done(sweep, out, t) for t in every}
+    measured = {id(t): _epoch_seconds(out, t) if t.kind == "train" else _eval_seconds(out, t)
+                for t in every}
+    trained = {t.run.key for t in every if t.kind == "train" and finished[id(t)]}
+    return [_train_status(t, out, finished[id(t)], _estimate(t, every, measured))
+            if t.kind == "train" else
+            _eval_status(t, out, finished[id(t)], _estimate(t, every, measured), trained)
+            for t in every]
+
+
+def seconds_left(rows: list[TaskStatus]) -> tuple[float, int]:
+    """(the estimated seconds left over all tasks, how many unfinished tasks have no
+    estimate yet)."""
+    known = [r.seconds_left for r in rows if r.seconds_left is not None]
+    unknown = sum(1 for r in rows if r.state != "done" and r.seconds_left is None)
+    return sum(known), unknown
+
+
+def _estimate(task: Task, every: list[Task], measured: dict[int, float | None]) -> float | None:
+    """Seconds per unit of ``task`` (a training epoch, a whole evaluation): its own
+    measurement, else the mean over the same setting's other seeds, else the sweep's
+    measured seconds per unit of planned cost, scaled to this task's cost."""
+    same_kind = [t for t in every if t.kind == task.kind and measured[id(t)]]
+    for group in ([t for t in same_kind if t.run.key == task.run.key and t.epoch == task.epoch],
+                  [t for t in same_kind if t.run.key == task.run.key],
+                  [t for t in same_kind if t.run.name == task.run.name]):
+        if group:
+            return statistics.mean(measured[id(t)] for t in group)
+    if not same_kind:
+        return None
+    return statistics.mean(measured[id(t)] / _unit_cost(t) for t in same_kind) * _unit_cost(task)
+
+
+def _unit_cost(task: Task) -> float:
+    return task.cost / task.run.config.epochs if task.kind == "train" else task.cost
+
+
+def _train_status(task: Task, out: Path, done: bool, epoch_seconds: float | None) -> TaskStatus:
+    epochs = task.run.config.epochs
+    directory = RunDir(run_dir(out, task.run))
+    history = directory.history()
+    if done:
+        return TaskStatus(task.label, task.kind, "done", f"{epochs} epochs", 0.0)
+    left = epochs - len(history)
+    if history and not directory.has_checkpoint():
+        progress, left = f"{len(history)} epochs logged, no checkpoint: trained again", epochs
+    elif history:
+        progress = f"epoch {len(history)} of {epochs}"
+    else:
+        progress = f"{epochs} epochs"
+    return TaskStatus(task.label, task.kind, "partial" if history and left < epochs else "to do",
+                      progress, None if epoch_seconds is None else left * epoch_seconds)
+
+
+def _epoch_seconds(out: Path, task: Task) -> float | None:
+    """The median epoch of a run's history (steadier than the mean on a shared machine)."""
+    history = RunDir(run_dir(out, task.run)).history()
+    if not history:
+        return None
+    return statistics.median(float(h.get("seconds", 0.0)) for h in history) or None
+
+
+def _eval_status(task: Task, out: Path, done: bool, estimate: float | None,
+                 trained: set[str]) -> TaskStatus:
+    if done:
+        return TaskStatus(task.label, task.kind, "done", "saved", 0.0)
+    journal = Journal(_target(out, task).with_suffix(".partial"))
+    rows = journal.saved_rows()
+    left = None if estimate is None else max(estimate - journal.saved_seconds(), 0.0)
+    if rows:
+        return TaskStatus(task.label, task.kind, "partial", f"{rows} attack row(s) saved", left)
+    waiting = [key for key in task.needs if key not in trained]
+    progress = f"after {', '.join(waiting)}" if waiting else (
+        "the saved one does not match (settings or checkpoint): evaluated again"
+        if _target(out, task).exists() else "")
+    return TaskStatus(task.label, task.kind, "to do", progress, left)
+
+
+def _eval_seconds(out: Path, task: Task) -> float | None:
+    """The compute seconds a saved evaluation took (the sum of its phases)."""
+    try:
+        saved = json.loads(_target(out, task).read_text(encoding="utf-8"))
+        return float(sum(saved["result"]["seconds"].values())) or None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _target(out: Path, task: Task) -> Path:
+    return (adaptive_file if task.kind == "adaptive" else eval_file)(out, task.run, task.epoch)
