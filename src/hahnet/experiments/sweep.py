@@ -71,6 +71,11 @@ def adaptive_file(out: Path, run: RunSpec, epoch: int) -> Path:
     return Path(out) / EVALS_DIR / f"{run.key}@{epoch}.adaptive.json"
 
 
+def task_file(out: Path, task: Task) -> Path:
+    """Where an evaluation task's result is saved (``[eval]`` or ``[adaptive]``)."""
+    return (adaptive_file if task.kind == "adaptive" else eval_file)(out, task.run, task.epoch)
+
+
 def _trained(directory: Path, epochs: int) -> bool:
     history = RunDir(directory).history()
     return bool(history) and history[-1]["epoch"] + 1 >= epochs \
@@ -137,8 +142,7 @@ def is_done(sweep: Sweep, out: Path, task: Task) -> bool:
     evaluation saved for this checkpoint with the sweep's settings (and sources)."""
     if task.kind == "train":
         return _trained(run_dir(out, task.run), task.run.config.epochs)
-    sources = task.sources if task.kind == "adaptive" else None
-    return _saved_eval_matches(sweep, out, task.run, task.epoch, sources)
+    return _saved_eval_matches(sweep, out, task)
 
 
 def plan(sweep: Sweep, out: Path, re_evaluate: bool = False) -> tuple[list[Task], list[Task]]:
@@ -156,22 +160,21 @@ def plan(sweep: Sweep, out: Path, re_evaluate: bool = False) -> tuple[list[Task]
     return trains, evals
 
 
-def _saved_eval_matches(sweep: Sweep, out: Path, run: RunSpec, epoch: int,
-                        sources: tuple[RunSpec, ...] | None = None) -> bool:
-    """Whether the saved evaluation (``sources`` given: the adaptive one, transferring
-    from exactly those runs) measured this checkpoint with the sweep's settings."""
-    adaptive = sources is not None
-    path = (adaptive_file if adaptive else eval_file)(out, run, epoch)
+def _saved_eval_matches(sweep: Sweep, out: Path, task: Task) -> bool:
+    """Whether the saved evaluation of ``task`` (adaptive: transferring from exactly its
+    sources) measured this checkpoint with the sweep's settings."""
+    adaptive = task.kind == "adaptive"
+    path = task_file(out, task)
     if not path.exists():
         return False
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
         cached = _result(saved)
-        info = checkpoint.read_info(checkpoint.resolve(f"{run_dir(out, run)}@{epoch}"))
+        info = checkpoint.read_info(checkpoint.resolve(f"{run_dir(out, task.run)}@{task.epoch}"))
     except (OSError, ValueError, KeyError, TypeError):
         return False
     same_split = saved.get("split") == sweep.split and saved.get("limit_seed") == sweep.limit_seed
-    if adaptive and saved.get("transfer_from", []) != [s.key for s in sources]:
+    if adaptive and saved.get("transfer_from", []) != [s.key for s in task.sources]:
         return False
     settings = sweep.adaptive.settings if adaptive else sweep.settings
     return same_split and reusable(cached, info, settings, sweep.limit)
@@ -276,10 +279,10 @@ def run(sweep: Sweep, out: str | Path, data: str, cache_dir: str | None = None,
             assert sweep.adaptive is not None
             sources = [(s.key, str(checkpoint.resolve(f"{run_dir(out, s)}@{task.epoch}")))
                        for s in task.sources]
-            return pool.submit(eval_task, path, str(adaptive_file(out, task.run, task.epoch)),
+            return pool.submit(eval_task, path, str(task_file(out, task)),
                                asdict(sweep.adaptive.settings), sweep.split, sweep.limit,
                                sweep.limit_seed, data, cache_dir, threads, device, sources)
-        return pool.submit(eval_task, path, str(eval_file(out, task.run, task.epoch)),
+        return pool.submit(eval_task, path, str(task_file(out, task)),
                            asdict(sweep.settings), sweep.split, sweep.limit, sweep.limit_seed,
                            data, cache_dir, threads, device)
 

@@ -9,10 +9,10 @@ import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from hahnet.eval.journal import Journal
-from hahnet.experiments.sweep import (Sweep, Task, adaptive_file, eval_file, is_done, run_dir,
-                                      tasks)
+from hahnet.experiments.sweep import Sweep, Task, is_done, run_dir, task_file, tasks
 from hahnet.training.rundir import RunDir
 
 
@@ -36,10 +36,12 @@ def status(sweep: Sweep, out: str | Path) -> list[TaskStatus]:
     out = Path(out)
     every = tasks(sweep)
     finished = {id(t): is_done(sweep, out, t) for t in every}
-    measured = {id(t): _epoch_seconds(out, t) if t.kind == "train" else _eval_seconds(out, t)
-                for t in every}
+    histories = {t.run.key: RunDir(run_dir(out, t.run)).history() for t in every if t.kind == "train"}
+    measured = {id(t): _epoch_seconds(histories[t.run.key]) if t.kind == "train"
+                else _eval_seconds(out, t) for t in every}
     trained = {t.run.key for t in every if t.kind == "train" and finished[id(t)]}
-    return [_train_status(t, out, finished[id(t)], _estimate(t, every, measured))
+    return [_train_status(t, out, histories[t.run.key], finished[id(t)],
+                          _estimate(t, every, measured))
             if t.kind == "train" else
             _eval_status(t, out, finished[id(t)], _estimate(t, every, measured), trained)
             for t in every]
@@ -72,14 +74,13 @@ def _unit_cost(task: Task) -> float:
     return task.cost / task.run.config.epochs if task.kind == "train" else task.cost
 
 
-def _train_status(task: Task, out: Path, done: bool, epoch_seconds: float | None) -> TaskStatus:
+def _train_status(task: Task, out: Path, history: list[dict[str, Any]], done: bool,
+                  epoch_seconds: float | None) -> TaskStatus:
     epochs = task.run.config.epochs
-    directory = RunDir(run_dir(out, task.run))
-    history = directory.history()
     if done:
         return TaskStatus(task.label, task.kind, "done", f"{epochs} epochs", 0.0)
     left = epochs - len(history)
-    if history and not directory.has_checkpoint():
+    if history and not RunDir(run_dir(out, task.run)).has_checkpoint():
         progress, left = f"{len(history)} epochs logged, no checkpoint: trained again", epochs
     elif history:
         progress = f"epoch {len(history)} of {epochs}"
@@ -89,9 +90,8 @@ def _train_status(task: Task, out: Path, done: bool, epoch_seconds: float | None
                       progress, None if epoch_seconds is None else left * epoch_seconds)
 
 
-def _epoch_seconds(out: Path, task: Task) -> float | None:
+def _epoch_seconds(history: list[dict[str, Any]]) -> float | None:
     """The median epoch of a run's history (steadier than the mean on a shared machine)."""
-    history = RunDir(run_dir(out, task.run)).history()
     if not history:
         return None
     return statistics.median(float(h.get("seconds", 0.0)) for h in history) or None
@@ -101,7 +101,7 @@ def _eval_status(task: Task, out: Path, done: bool, estimate: float | None,
                  trained: set[str]) -> TaskStatus:
     if done:
         return TaskStatus(task.label, task.kind, "done", "saved", 0.0)
-    journal = Journal(_target(out, task).with_suffix(".partial"))
+    journal = Journal(task_file(out, task).with_suffix(".partial"))
     rows = journal.saved_rows()
     left = None if estimate is None else max(estimate - journal.saved_seconds(), 0.0)
     if rows:
@@ -109,18 +109,14 @@ def _eval_status(task: Task, out: Path, done: bool, estimate: float | None,
     waiting = [key for key in task.needs if key not in trained]
     progress = f"after {', '.join(waiting)}" if waiting else (
         "the saved one does not match (settings or checkpoint): evaluated again"
-        if _target(out, task).exists() else "")
+        if task_file(out, task).exists() else "")
     return TaskStatus(task.label, task.kind, "to do", progress, left)
 
 
 def _eval_seconds(out: Path, task: Task) -> float | None:
     """The compute seconds a saved evaluation took (the sum of its phases)."""
     try:
-        saved = json.loads(_target(out, task).read_text(encoding="utf-8"))
+        saved = json.loads(task_file(out, task).read_text(encoding="utf-8"))
         return float(sum(saved["result"]["seconds"].values())) or None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-
-
-def _target(out: Path, task: Task) -> Path:
-    return (adaptive_file if task.kind == "adaptive" else eval_file)(out, task.run, task.epoch)
