@@ -1,6 +1,7 @@
 """Resumable evaluations (hahnet.eval.journal): an evaluation stopped mid-way reuses the
-attack rows it finished and ends with the numbers of one that never stopped; a row is
-reused only for the same model, images, settings and inputs; a damaged row is ignored;
+attack rows and batches it finished and ends with the numbers of one that never stopped;
+a row is reused only for the same model, images, settings and inputs, a batch only within
+such a row; a damaged row is ignored;
 `hahnet eval` and a sweep keep the rows until their report is written."""
 
 from __future__ import annotations
@@ -37,13 +38,20 @@ def data(n: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
 
 def evaluate(journal: Journal | None = None, stop_at: str | None = None,
              opened: list[str] | None = None, settings: EvalSettings = SETTINGS,
-             model: torch.nn.Module | None = None):
+             model: torch.nn.Module | None = None, stop_after: int = 0):
+    """``stop_at``: stop when that phase opens, or after its first ``stop_after`` batches."""
     def progress(phase: str, total: int):
         if opened is not None:
             opened.append(phase)
-        if phase == stop_at:
+        if phase == stop_at and not stop_after:
             raise Stop
-        return lambda n: None
+        done = []
+
+        def batch(n: int) -> None:
+            done.append(n)
+            if phase == stop_at and len(done) == stop_after:
+                raise Stop
+        return batch
 
     x, y = data()
     return evaluate_model(model or make_tiny_net(True, CLASSES), x, y, settings,
@@ -84,6 +92,41 @@ def test_a_stopped_evaluation_resumes_and_equals_one_that_never_stopped(whole, t
     assert journal.saved_rows() == 8  # + BPDA, transfer, two sweeps
     journal.clear()
     assert not (tmp_path / "partial").exists()
+
+
+def test_a_row_stopped_midway_resumes_from_its_last_finished_batch(whole, tmp_path):
+    journal = Journal(tmp_path / "partial")
+    with pytest.raises(Stop):  # 12 attacked images in batches of 8: stopped after the first
+        evaluate(journal, stop_at="APGD Linf", stop_after=1)
+    assert (journal.saved_rows(), journal.saved_batches()) == (0, 1)
+    assert journal.saved_summary() == "1 batch(es) of an unfinished row"
+    assert journal.saved_seconds() > 0  # what `hahnet sweep --status` subtracts
+    again = evaluate(Journal(tmp_path / "partial"))
+    assert attacks_json(again) == attacks_json(whole)
+    assert journal.saved_batches() == 0  # each row's batches go once the row is saved
+    assert journal.saved_rows() == 8
+
+
+@pytest.mark.parametrize("same_model", [True, False])
+def test_a_saved_batch_is_reused_only_within_the_same_row(whole, tmp_path, same_model):
+    journal = Journal(tmp_path)
+    with pytest.raises(Stop):
+        evaluate(journal, stop_at="APGD Linf", stop_after=1)
+    (path,) = tmp_path.glob("batches/*/*.json")
+    document = json.loads(path.read_text())
+    assert len(document["value"]["codes"]) == 8
+    document["value"]["codes"] = [2] * 8  # marked misclassified clean: visible if reused
+    path.write_text(json.dumps(document))
+    model = make_tiny_net(True, CLASSES)
+    if not same_model:  # the attack call is the same; only the row's key sees the weights
+        with torch.no_grad():
+            model.classifier.bias[0] += 1e-6
+    apgd = evaluate(Journal(tmp_path), model=model).attacks["Linf"].apgd
+    if same_model:
+        assert apgd.broken_by[:8] == ["clean"] * 8 and not any(apgd.robust[:8])
+    else:  # computed afresh: some of the 8 are broken by APGD, as in the whole evaluation
+        assert "APGD-CE" in whole.attacks["Linf"].apgd.broken_by[:8]
+        assert apgd.broken_by[:8] != ["clean"] * 8
 
 
 @pytest.mark.parametrize("change", ["settings", "weights", "images", "source"])
@@ -139,19 +182,19 @@ def test_journal_round_trips_rows_exactly_and_a_reader_writes_nothing(tmp_path):
     sweep = EpsSweep("Linf", "APGD", 3, [0.01, 0.02], [float("nan"), 0.0], 2.0, {})
     calls = []
     reader = Journal(tmp_path, write=False)
-    assert reader.recall("APGD", {"norm": "Linf"}, lambda: calls.append(1) or row) == row
+    assert reader.recall("APGD", {"norm": "Linf"}, lambda _: calls.append(1) or row) == row
     assert reader.saved_rows() == 0
     writer = Journal(tmp_path)
-    writer.recall("APGD", {"norm": "Linf"}, lambda: row)
-    writer.recall("sweep", {"norm": "Linf"}, lambda: sweep)
+    writer.recall("APGD", {"norm": "Linf"}, lambda _: row)
+    writer.recall("sweep", {"norm": "Linf"}, lambda _: sweep)
 
-    def never():
+    def never(_):
         raise AssertionError("recomputed a saved row")
 
     assert Journal(tmp_path).recall("APGD", {"norm": "Linf"}, never) == row
     back = Journal(tmp_path).recall("sweep", {"norm": "Linf"}, never)
     assert math.isnan(back.accuracy[0]) and back.accuracy[1:] == [0.0] and back.eps == sweep.eps
-    assert Journal(None).recall("APGD", {}, lambda: row) is row
+    assert Journal(None).recall("APGD", {}, lambda _: row) is row
 
 
 def test_digests_see_every_bit():

@@ -82,8 +82,9 @@ def evaluate_and_report(args: argparse.Namespace, settings: EvalSettings, env) -
 
 
 def _journal(out: str, is_main: bool):
-    """The attack rows of an unfinished evaluation into ``out`` (OUT/partial), reused by
-    the next run with the same checkpoints, images and settings; rank 0 alone writes."""
+    """The attack rows (and batches) of an unfinished evaluation into ``out``
+    (OUT/partial), reused by the next run with the same checkpoints, images and settings;
+    rank 0 alone writes rows, every rank its own batches."""
     from pathlib import Path
 
     from hahnet.eval.journal import Journal
@@ -91,10 +92,10 @@ def _journal(out: str, is_main: bool):
     journal = Journal(Path(out) / "partial", write=is_main,
                       on_resume=lambda row: console.say(f"resumed: {row}, saved by an "
                                                         f"unfinished run"))
-    saved = journal.saved_rows()
+    saved = journal.saved_summary()
     if saved:
-        console.say(f"{journal.directory}: {saved} attack row(s) of an unfinished evaluation; "
-                    f"those made the same way are reused (delete the folder to start afresh)")
+        console.say(f"{journal.directory}: {saved} of an unfinished evaluation; those made "
+                    f"the same way are reused (delete the folder to start afresh)")
     return journal
 
 

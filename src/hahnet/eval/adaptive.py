@@ -22,7 +22,7 @@ range are checked and the work is sharded under torchrun like the paper's attack
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from hahnet.config import EvalSettings
 from hahnet.eval.attacks import (Stage, StageRun, _attacks_module, _make, apgd_stage,
                                  apgdt_stage, fab_t_stage, square_stage, worst_case)
-from hahnet.eval.base import Progress
+from hahnet.eval.base import BatchStore, Progress
 from hahnet.eval.bpda import Surrogate, bpda, has_hah_ops, parse_surrogate
 from hahnet.eval.journal import Recall, model_digest, recaller, tensor_digest
 from hahnet.eval.results import AdaptiveResult, AttackResult, EpsSweep
@@ -46,7 +46,8 @@ SURVIVING = 0.3
 class Target:
     """The model under attack, its attacked images (in the seeded attack order) and how
     to attack them; ``progress(phase, total)`` opens a progress callback per phase;
-    ``recall`` reuses rows a stopped evaluation saved (:mod:`hahnet.eval.journal`)."""
+    ``recall`` reuses rows a stopped evaluation saved and ``batches`` the finished batches
+    of the row being computed (:mod:`hahnet.eval.journal`)."""
 
     model: nn.Module
     images: Tensor
@@ -58,6 +59,7 @@ class Target:
     progress: Callable[[str, int], Progress] | None = None
     env: Any = None
     recall: Recall = recaller(None, {})
+    batches: BatchStore | None = None
 
     def run(self, norm: str, eps: float, stages: Sequence[Stage], name: str,
             params: dict[str, Any], n: int, start: Sequence[bool] | None = None) -> AttackResult:
@@ -69,7 +71,7 @@ class Target:
         progress = None if self.progress is None else self.progress(f"{name} {norm}", n)
         return worst_case(self.model, self.images[:n], self.labels[:n], norm, eps, stages,
                           name, params, s.attack_batch_size, self.device, self.dtype,
-                          s.attack_seed, progress, self.env, start)
+                          s.attack_seed, progress, self.env, start, self.batches)
 
     @property
     def adaptive_n(self) -> int:
@@ -90,7 +92,7 @@ class Target:
             self.model, self.images[index], self.labels[index], norm, eps, stages, name, params,
             self.settings.attack_batch_size, self.device, self.dtype, self.settings.attack_seed,
             None if self.progress is None else self.progress(f"{name} {norm}", len(keep)),
-            self.env)
+            self.env, batches=self.batches)
         for j, i in enumerate(keep):
             robust[i], broken_by[i] = sub.robust[j], sub.broken_by[j]
         share = len(keep) / n
@@ -262,38 +264,39 @@ def run_adaptive(t: Target, norm: str, eps: float, paper: AttackResult,
         notes.append("cascade: margin, BPDA and transfer each attacked only the images the "
                      "attacks above them left standing, so each row is the worst case so far")
 
-    def recall(row: str, compute: Callable[[Sequence[bool] | None], AttackResult],
+    def recall(row: str, compute: Callable[[Target, Sequence[bool] | None], AttackResult],
                **extra: Any) -> AttackResult:
         nonlocal standing
         if standing is None:
-            return t.recall(row, lambda: compute(None), **extra)
+            return t.recall(row, lambda b: compute(replace(t, batches=b), None), **extra)
         start = list(standing)  # the images this row attacks are part of its key
-        result = t.recall(row, lambda: compute(start), **extra,
+        result = t.recall(row, lambda b: compute(replace(t, batches=b), start), **extra,
                           standing=tensor_digest(torch.tensor(start)))
         standing = [a and b for a, b in zip(standing, result.robust)]
         return result
 
     if s.runs("standard"):
-        rows["AutoAttack"] = recall("AutoAttack", lambda _: autoattack(t, norm, eps, paper))
+        rows["AutoAttack"] = recall("AutoAttack", lambda rt, _: autoattack(rt, norm, eps, paper))
     if s.runs("adaptive"):
-        rows["margin"] = recall("margin", lambda start: margin(t, norm, eps, start))
+        rows["margin"] = recall("margin", lambda rt, start: margin(rt, norm, eps, start))
         hah = has_hah_ops(t.model)
         if hah and s.bpda:
-            rows["BPDA"] = recall("BPDA", lambda start: bpda_attack(t, norm, eps, start))
+            rows["BPDA"] = recall("BPDA", lambda rt, start: bpda_attack(rt, norm, eps, start))
         else:
             notes.append("BPDA not run: " + ("the model has no HaH operations (threshold, "
                          "divisive normalization), so BPDA would be plain APGD" if not hah
                          else "no BPDA variant chosen"))
         if sources:
             rows["transfer"] = recall(
-                "transfer", lambda start: transfer(t, norm, eps, sources, start),
+                "transfer", lambda rt, start: transfer(rt, norm, eps, sources, start),
                 sources=[(name, model_digest(m)) for name, m in sources])
         else:
             notes.append("transfer not run: no source checkpoint (--transfer-from)")
         if s.sweep_limit > 0:
-            sweeps.append(t.recall("sweep APGD", lambda: eps_sweep(t, norm)))
+            sweeps.append(t.recall("sweep APGD", lambda b: eps_sweep(replace(t, batches=b), norm)))
             if hah and s.bpda:
-                sweeps.append(t.recall("sweep BPDA", lambda: eps_sweep(t, norm, surrogates(s)[0])))
+                sweeps.append(t.recall("sweep BPDA", lambda b: eps_sweep(
+                    replace(t, batches=b), norm, surrogates(s)[0])))
     everything = {"paper": paper, **rows, **{check.attack: check for check in checks}}
     return AdaptiveResult(s.suite, rows, worst_over(everything, n), sweeps, notes)
 

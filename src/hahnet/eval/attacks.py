@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import time
+from functools import partial
 from typing import Any, Callable, Sequence
 
 import torch
@@ -14,8 +15,8 @@ from torch import Tensor, nn
 
 from hahnet.config import PAPER_EPS
 from hahnet.training.device import rng_kept
-from hahnet.eval.base import (EvalError, Progress, _batches, _check_data, _eval_mode, _prepare,
-                              _to_unit, predict)
+from hahnet.eval.base import (BatchStore, EvalError, Progress, _batches, _check_data,
+                              _eval_mode, _prepare, _to_unit, predict, tensor_digest)
 from hahnet.eval.results import AttackComparison, AttackResult
 
 
@@ -91,14 +92,17 @@ def worst_case(model: nn.Module, images: Tensor, labels: Tensor, norm: str, eps:
                batch_size: int = 128, device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32, seed: int = 0,
                progress: Progress | None = None, env: Any = None,
-               start: Sequence[bool] | None = None) -> AttackResult:
+               start: Sequence[bool] | None = None,
+               batches: BatchStore | None = None) -> AttackResult:
     """Run attack stages in order, each only on images no earlier stage broke; an image
     counts robust only if the model still classifies every returned example correctly
     (re-checked here, with the eps and [0, 1] bounds verified). Batch i is attacked with
     seed ``seed + i``; with ``env`` (torchrun) each rank attacks its shard of whole
     batches and the outcomes are summed over ranks: the same result as one process.
     ``start``: per image, False = broken by an earlier attack, not attacked again (as
-    AutoAttack's cascade); ``broken_by`` names the stage that broke each image."""
+    AutoAttack's cascade); ``broken_by`` names the stage that broke each image.
+    ``batches``: each finished batch's outcome is saved there and a saved one reused (a
+    stopped row resumes at its first unfinished batch with the same result)."""
     _check_data(images, labels)
     model = _prepare(model, device, dtype)
     n, begin, width = len(labels), time.perf_counter(), len(stages)
@@ -106,32 +110,29 @@ def worst_case(model: nn.Module, images: Tensor, labels: Tensor, norm: str, eps:
     if start is not None and len(start) != n:
         raise EvalError(f"start has {len(start)} entries for {n} images")
     todo_mask = None if start is None else torch.tensor(list(start), dtype=torch.bool)
+    call = None if batches is None else {
+        "name": name, "params": params, "norm": norm, "eps": eps, "seed": seed,
+        "stages": [stage for stage, _ in stages], "batch_size": batch_size, "dtype": str(dtype),
+        "images": tensor_digest(images, labels, *(() if todo_mask is None else (todo_mask,)))}
+    reused = 0.0
 
     def attack(part: slice) -> Tensor:
         # [outcome code per image | images alive after each stage | largest perturbation per rank]
+        nonlocal reused
         out = torch.zeros(n + width + ranks, dtype=torch.float64)
         with _eval_mode(model), rng_kept(device):  # torchattacks reseeds the global RNGs
             for index, sl in enumerate(_batches(n, batch_size)):
                 if not part.start <= sl.start < part.stop:
                     continue
-                x, y = _to_unit(images[sl], device, dtype), labels[sl].to(device)
-                correct = predict(model, x) == y
-                code = torch.where(correct, _ROBUST, _CLEAN_ERROR).double().cpu()
-                alive = correct.clone()
-                if todo_mask is not None:
-                    skipped = todo_mask[sl].to(device)
-                    code[(~skipped & correct).cpu()] = _SKIPPED
-                    alive &= skipped
-                for k, (_, run) in enumerate(stages):
-                    todo = alive.nonzero().flatten()
-                    if len(todo):
-                        adv = run(x[todo], y[todo], seed + index).detach().to(dtype)
-                        out[n + width + rank] = max(float(out[n + width + rank]),
-                                                    check_adversarial(x[todo], adv, norm, eps))
-                        alive[todo] = predict(model, adv) == y[todo]
-                        code[todo[~alive[todo]].cpu()] = _FIRST_STAGE + k
-                    out[n + k] += int(alive.sum())
-                out[sl] = code
+                mask = None if todo_mask is None else todo_mask[sl]
+                compute = partial(_attack_batch, model, images[sl], labels[sl], mask, stages,
+                                  norm, eps, seed + index, device, dtype)
+                done, saved = ((compute(), False) if batches is None
+                               else batches.recall(call, index, compute))
+                reused += float(done["seconds"]) if saved else 0.0
+                out[sl] = torch.tensor(done["codes"], dtype=torch.float64)
+                out[n:n + width] += torch.tensor(done["survivors"], dtype=torch.float64)
+                out[n + width + rank] = max(float(out[n + width + rank]), float(done["largest"]))
                 if progress:
                     progress(sl.stop - sl.start)
         return out
@@ -145,7 +146,33 @@ def worst_case(model: nn.Module, images: Tensor, labels: Tensor, norm: str, eps:
     robust, broken_by, survivors = _outcomes(total, n, [stage for stage, _ in stages])
     return AttackResult(name, norm, eps, n, sum(robust) / n if n else float("nan"), robust,
                         survivors, float(total[n + width:].max()),
-                        time.perf_counter() - begin, params, broken_by)
+                        time.perf_counter() - begin + reused, params, broken_by)
+
+
+def _attack_batch(model: nn.Module, images: Tensor, labels: Tensor, todo_mask: Tensor | None,
+                  stages: Sequence[Stage], norm: str, eps: float, seed: int,
+                  device: torch.device | str, dtype: torch.dtype) -> dict[str, Any]:
+    """One batch of worst_case: per image its outcome code, the images alive after each
+    stage, the largest perturbation and the seconds it took (a JSON object)."""
+    tic = time.perf_counter()
+    x, y = _to_unit(images, device, dtype), labels.to(device)
+    correct = predict(model, x) == y
+    code = torch.where(correct, _ROBUST, _CLEAN_ERROR).cpu()
+    alive, survivors, largest = correct.clone(), [], 0.0
+    if todo_mask is not None:
+        skipped = todo_mask.to(device)
+        code[(~skipped & correct).cpu()] = _SKIPPED
+        alive &= skipped
+    for k, (_, run) in enumerate(stages):
+        todo = alive.nonzero().flatten()
+        if len(todo):
+            adv = run(x[todo], y[todo], seed).detach().to(dtype)
+            largest = max(largest, check_adversarial(x[todo], adv, norm, eps))
+            alive[todo] = predict(model, adv) == y[todo]
+            code[todo[~alive[todo]].cpu()] = _FIRST_STAGE + k
+        survivors.append(int(alive.sum()))
+    return {"codes": code.tolist(), "survivors": survivors, "largest": largest,
+            "seconds": time.perf_counter() - tic}
 
 
 def _outcomes(total: Tensor, n: int, stages: list[str]
@@ -200,9 +227,11 @@ def adversarial_accuracy(model: nn.Module, images: Tensor, labels: Tensor,
                          seed: int = 0, num_classes: int | None = None,
                          batch_size: int = 128, device: torch.device | str = "cpu",
                          dtype: torch.dtype = torch.float32,
-                         progress: Progress | None = None, env: Any = None) -> AttackResult:
+                         progress: Progress | None = None, env: Any = None,
+                         batches: BatchStore | None = None) -> AttackResult:
     """The paper's attack: AutoAttack's APGD-CE then APGD-T (targeted DLR, every other
-    class as target), one restart each, worst case per image. APGD-T needs >= 4 classes."""
+    class as target), one restart each, worst case per image. APGD-T needs >= 4 classes.
+    ``batches``: where finished batches are kept (see worst_case)."""
     eps = _norm_eps(norm, eps)
     classes = num_classes or _num_classes(model, images, device, dtype)
     stages: list[Stage] = [("APGD-CE", apgd_stage(model, device, norm, eps, steps))]
@@ -211,14 +240,15 @@ def adversarial_accuracy(model: nn.Module, images: Tensor, labels: Tensor,
     params = {"steps": steps, "n_restarts": 1, "seed": seed, "n_classes": classes,
               "apgd_t": classes >= 4}
     return worst_case(model, images, labels, norm, eps, stages, "APGD-CE+APGD-T", params,
-                      batch_size, device, dtype, seed, progress, env)
+                      batch_size, device, dtype, seed, progress, env, batches=batches)
 
 
 def pgd_accuracy(model: nn.Module, images: Tensor, labels: Tensor, norm: str = "Linf",
                  eps: float | None = None, steps: int = 50, restarts: int = 5, seed: int = 0,
                  batch_size: int = 128, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32,
-                 progress: Progress | None = None, env: Any = None) -> AttackResult:
+                 progress: Progress | None = None, env: Any = None,
+                 batches: BatchStore | None = None) -> AttackResult:
     """PGD (l_inf) or PGD-L2 with CE loss, step 2.5 eps / steps, random starts; worst case
     over ``restarts`` runs: a check that more steps and restarts find little more."""
     ta, eps = _attacks_module(), _norm_eps(norm, eps)
@@ -234,14 +264,15 @@ def pgd_accuracy(model: nn.Module, images: Tensor, labels: Tensor, norm: str = "
     params = {"steps": steps, "restarts": restarts, "alpha": alpha, "seed": seed}
     return worst_case(model, images, labels, norm, eps, [restart(r) for r in range(restarts)],
                       f"PGD-{steps}x{restarts}", params, batch_size, device, dtype, seed,
-                      progress, env)
+                      progress, env, batches=batches)
 
 
 def square_accuracy(model: nn.Module, images: Tensor, labels: Tensor, norm: str = "Linf",
                     eps: float | None = None, queries: int = 1000, seed: int = 0,
                     batch_size: int = 128, device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32,
-                    progress: Progress | None = None, env: Any = None) -> AttackResult:
+                    progress: Progress | None = None, env: Any = None,
+                    batches: BatchStore | None = None) -> AttackResult:
     """The black-box Square attack (margin loss, one restart): uses no gradients, so
     thresholding or divisive normalization cannot mask anything from it."""
     eps = _norm_eps(norm, eps)
@@ -250,7 +281,7 @@ def square_accuracy(model: nn.Module, images: Tensor, labels: Tensor, norm: str 
     square = square_stage(model, device, norm, eps, queries)
     return worst_case(model, images, labels, norm, eps, [("Square", square)],
                       f"Square-{queries}", {"queries": queries, "seed": seed}, batch_size,
-                      device, dtype, seed, progress, env)
+                      device, dtype, seed, progress, env, batches=batches)
 
 
 def compare_attacks(apgd: AttackResult, pgd: AttackResult | None = None,

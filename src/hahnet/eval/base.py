@@ -5,12 +5,32 @@ finished (an increment, so ``tqdm.update`` fits)."""
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+import hashlib
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from torch import Tensor, nn
 
 Progress = Callable[[int], None]
+
+
+class BatchStore(Protocol):
+    """Where an attack keeps its finished batches so that a stopped one resumes
+    (:class:`hahnet.eval.journal.BatchJournal`): batch ``index`` of the attack ``call``
+    and whether it was saved before, else ``compute()``d (and saved) and False."""
+
+    def recall(self, call: dict[str, Any], index: int,
+               compute: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], bool]: ...
+
+
+def tensor_digest(*tensors: Tensor) -> str:
+    """A hex digest of the tensors' shapes, dtypes and exact bytes."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)} {t.dtype};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 class EvalError(ValueError):

@@ -1,22 +1,25 @@
-"""Attack rows saved as they finish, so that a long evaluation that is stopped resumes
-where it stopped instead of starting again (training resumes from its last epoch the
-same way). A row is reused only when everything that made it is the same: the model's
-weights, the attacked images, the settings, the norm and the row's own inputs (each
-folded into a digest); anything else is computed afresh."""
+"""Attack rows saved as they finish, and the batches of the row in progress as each
+finishes, so that a long evaluation that is stopped resumes where it stopped instead of
+starting again (training resumes from its last epoch the same way). A row is reused only
+when everything that made it is the same: the model's weights, the attacked images, the
+settings, the norm and the row's own inputs (each folded into a digest); a batch, only
+within the same row and the same attack call (its images, stages, budget and batch
+index); anything else is computed afresh."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from hahnet.config import same_json
 from hahnet.io import write_text  # atomic: a row cut off mid-write is never read back
+from hahnet.eval.base import tensor_digest
 from hahnet.eval.results import (AttackResult, EpsSweep, attack_from_dict, jsonable,
                                  sweep_from_dict)
 
@@ -24,16 +27,6 @@ FORMAT = "hahnet-journal-1"
 T = TypeVar("T", AttackResult, EpsSweep)
 _DECODE: dict[str, Callable[[dict[str, Any]], Any]] = {"attack": attack_from_dict,
                                                        "sweep": sweep_from_dict}
-
-
-def tensor_digest(*tensors: Tensor) -> str:
-    """A hex digest of the tensors' shapes, dtypes and exact bytes."""
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(f"{tuple(t.shape)} {t.dtype};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def model_digest(model: nn.Module) -> str:
@@ -45,11 +38,47 @@ def model_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+class BatchJournal:
+    """The finished batches of one attack row (a BatchStore: ``worst_case`` saves each
+    batch's outcome here), kept in ``directory`` until the row itself is saved;
+    ``BatchJournal()`` keeps nothing. Every process writes its own batches (under torchrun
+    each attacks its own), so a row stopped midway loses at most the batches in flight."""
+
+    def __init__(self, directory: Path | None = None, key: dict[str, Any] | None = None) -> None:
+        self.directory = directory
+        self.key = key or {}
+
+    def recall(self, call: dict[str, Any], index: int,
+               compute: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+        """Batch ``index`` of the attack ``call`` (what identifies it within the row), a
+        JSON object, and True if it was saved before; else computed, saved and False."""
+        if self.directory is None:
+            return compute(), False
+        key = json.loads(json.dumps(jsonable({**self.key, "call": call, "batch": index})))
+        path = self.directory / f"{_digest(key)}.json"
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+            if (document.get("format") == FORMAT and document.get("kind") == "batch"
+                    and same_json(document.get("key"), key)):
+                return document["value"], True
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
+        value = compute()
+        write_text(path, json.dumps({"format": FORMAT, "kind": "batch", "key": key,
+                                     "value": value}, allow_nan=False))
+        return value, False
+
+    def clear(self) -> None:
+        """Remove the saved batches (their row is saved)."""
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
 class Journal:
-    """Rows of one evaluation kept in ``directory`` (one JSON file each). ``Journal(None)``
-    keeps nothing; ``write=False`` reads saved rows but adds none (the other processes
-    under torchrun: rank 0 writes). ``on_resume(label)`` hears of each row reused ("APGD
-    Linf")."""
+    """Rows of one evaluation kept in ``directory`` (one JSON file each; the batches of
+    unfinished rows under ``batches/``). ``Journal(None)`` keeps nothing; ``write=False``
+    reads saved rows but adds none (the other processes under torchrun: rank 0 writes).
+    ``on_resume(label)`` hears of each row reused ("APGD Linf")."""
 
     def __init__(self, directory: str | Path | None, write: bool = True,
                  on_resume: Callable[[str], None] | None = None) -> None:
@@ -57,22 +86,26 @@ class Journal:
         self.write = write
         self.on_resume = on_resume
 
-    def recall(self, row: str, key: dict[str, Any], compute: Callable[[], T]) -> T:
-        """The saved ``row`` made with ``key`` if there is one, else ``compute()``, saved."""
+    def recall(self, row: str, key: dict[str, Any], compute: Callable[[BatchJournal], T]) -> T:
+        """The saved ``row`` made with ``key`` if there is one, else ``compute(batches)``,
+        saved; ``batches`` keeps the row's finished batches meanwhile."""
         if self.directory is None:
-            return compute()
+            return compute(BatchJournal())
         key = json.loads(json.dumps(jsonable({**key, "row": row})))
-        path = self.directory / f"{_digest(key)}.json"
+        digest = _digest(key)
+        path = self.directory / f"{digest}.json"
         saved = _read(path, key)
         if saved is not None:
             if self.on_resume is not None:
                 self.on_resume(" ".join(str(v) for v in (row, key.get("norm")) if v))
             return saved
-        value = compute()
+        batches = BatchJournal(self.directory / "batches" / digest, key)
+        value = compute(batches)
         if self.write:
             kind = "attack" if isinstance(value, AttackResult) else "sweep"
             write_text(path, json.dumps({"format": FORMAT, "kind": kind, "key": key,
                                          "value": jsonable(asdict(value))}, allow_nan=False))
+            batches.clear()
         return value
 
     def clear(self) -> None:
@@ -83,6 +116,7 @@ class Journal:
             path.unlink(missing_ok=True)
         for path in self.directory.glob("*.tmp"):
             path.unlink(missing_ok=True)
+        shutil.rmtree(self.directory / "batches", ignore_errors=True)
         try:
             self.directory.rmdir()
         except OSError:  # something else lives there: leave it
@@ -94,13 +128,26 @@ class Journal:
             return 0
         return sum(1 for _ in self.directory.glob("*.json"))
 
+    def saved_batches(self) -> int:
+        """How many batches of unfinished rows are saved."""
+        if self.directory is None or not self.directory.is_dir():
+            return 0
+        return sum(1 for _ in self.directory.glob("batches/*/*.json"))
+
+    def saved_summary(self) -> str:
+        """What is saved, in words ("2 attack row(s) + 3 batch(es)"); "" when nothing."""
+        rows, batches = self.saved_rows(), self.saved_batches()
+        parts = ([f"{rows} attack row(s)"] if rows else []) + (
+            [f"{batches} batch(es) of an unfinished row"] if batches else [])
+        return " + ".join(parts)
+
     def saved_seconds(self) -> float:
-        """The compute time the saved rows took (what resuming saves); unreadable rows
-        count zero."""
+        """The compute time the saved rows and batches took (what resuming saves);
+        unreadable ones count zero."""
         if self.directory is None or not self.directory.is_dir():
             return 0.0
         total = 0.0
-        for path in self.directory.glob("*.json"):
+        for path in [*self.directory.glob("*.json"), *self.directory.glob("batches/*/*.json")]:
             try:
                 total += float(json.loads(path.read_text(encoding="utf-8"))["value"]["seconds"])
             except (OSError, ValueError, KeyError, TypeError):
@@ -128,10 +175,10 @@ Recall = Callable[..., Any]  # recall(row, compute, **extra): a row, saved or co
 
 def recaller(journal: Journal | None, key: dict[str, Any]) -> Recall:
     """``recall(row, compute, **extra)`` for the rows of one model, image set and settings
-    (``key``); ``extra`` adds a row's own inputs (e.g. its transfer sources) to the key.
-    Without a journal it simply computes."""
-    def recall(row: str, compute: Callable[[], T], **extra: Any) -> T:
+    (``key``); ``extra`` adds a row's own inputs (e.g. its transfer sources) to the key;
+    ``compute(batches)`` gets the row's BatchJournal. Without a journal it simply computes."""
+    def recall(row: str, compute: Callable[[BatchJournal], T], **extra: Any) -> T:
         if journal is None:
-            return compute()
+            return compute(BatchJournal())
         return journal.recall(row, {**key, **extra}, compute)
     return recall

@@ -102,20 +102,20 @@ def _suite(model: nn.Module, all_images: Tensor, all_labels: Tensor, order: Tens
            sources: Sequence[Source] = (), recall: Recall = recaller(None, {})) -> AttackSuite:
     images, labels = all_images[order], all_labels[order]
     eps, m, bs, seed = s.eps(norm), len(labels), s.attack_batch_size, s.attack_seed
-    apgd = recall("APGD", lambda: adversarial_accuracy(
+    apgd = recall("APGD", lambda batches: adversarial_accuracy(
         model, images, labels, norm, eps, s.apgd_steps, seed, None, bs, device, dtype,
-        _phase(progress, f"APGD {norm}", m), env))
+        _phase(progress, f"APGD {norm}", m), env, batches))
     pgd = None
     if s.pgd_steps > 0 and s.pgd_restarts > 0:
-        pgd = recall("PGD", lambda: pgd_accuracy(
+        pgd = recall("PGD", lambda batches: pgd_accuracy(
             model, images, labels, norm, eps, s.pgd_steps, s.pgd_restarts, seed, bs, device,
-            dtype, _phase(progress, f"PGD {norm}", m), env))
+            dtype, _phase(progress, f"PGD {norm}", m), env, batches))
     square = None
     k = min(m, s.square_limit)
     if k > 0 and s.square_queries > 0:
-        square = recall("Square", lambda: square_accuracy(
+        square = recall("Square", lambda batches: square_accuracy(
             model, images[:k], labels[:k], norm, eps, s.square_queries, seed, bs, device,
-            dtype, _phase(progress, f"Square {norm}", k), env))
+            dtype, _phase(progress, f"Square {norm}", k), env, batches))
     adaptive = None
     if s.attacks and s.suite != "paper":
         target = Target(model, images, labels, s, apgd.params["n_classes"], device, dtype,

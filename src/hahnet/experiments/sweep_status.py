@@ -102,10 +102,10 @@ def _eval_status(task: Task, out: Path, done: bool, estimate: float | None,
     if done:
         return TaskStatus(task.label, task.kind, "done", "saved", 0.0)
     journal = Journal(task_file(out, task).with_suffix(".partial"))
-    rows = journal.saved_rows()
+    saved = journal.saved_summary()
     left = None if estimate is None else max(estimate - journal.saved_seconds(), 0.0)
-    if rows:
-        return TaskStatus(task.label, task.kind, "partial", f"{rows} attack row(s) saved", left)
+    if saved:
+        return TaskStatus(task.label, task.kind, "partial", f"{saved} saved", left)
     waiting = [key for key in task.needs if key not in trained]
     progress = f"after {', '.join(waiting)}" if waiting else (
         "the saved one does not match (settings or checkpoint): evaluated again"

@@ -5,7 +5,6 @@ one eps-sweep plot per model (``sweep-NAME.png``)."""
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any, Sequence

@@ -9,10 +9,9 @@ replayed exactly after a crash, and several processes can draw the same global b
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
