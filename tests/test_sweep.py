@@ -358,3 +358,26 @@ def test_cli_status_prints_the_tasks_and_writes_nothing(finished, tmp_path, caps
     assert cli.main(["sweep", str(file), "--out", str(tmp_path / "none"), "--status"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no sweep directory at" in err[0] and not (tmp_path / "none").exists()
+
+
+def test_plots_keep_each_settings_colour_and_one_epoch_range(tmp_path, monkeypatch):
+    """A metric measured for one setting at one epoch only (the worst case of HaH at the
+    end) is drawn in that setting's colour, on the epoch range of the other panels."""
+    from matplotlib.colors import to_hex
+    from matplotlib.figure import Figure
+
+    def row(name, epoch, keys):
+        return {"name": name, "epoch": epoch,
+                "metrics": {k: {"mean": 0.5, "sd": None} for k in keys}}
+
+    table = [row("std", 13, ["clean"]), row("std", 40, ["clean"]),
+             row("hah", 13, ["clean"]), row("hah", 40, ["clean", "worst_linf"])]
+    drawn = Figure()
+    monkeypatch.setattr(sweep_report, "figure", lambda path, draw, size: draw(drawn))
+    sweep_report.plot_metrics({"table": table}, tmp_path / "metrics.png")
+    panels = {ax.get_title(): ax for ax in drawn.axes}
+    colours = {title: [to_hex(line.get_color()) for line in ax.get_lines()
+                       if line.get_marker() == "o"] for title, ax in panels.items()}
+    assert len(set(colours["clean"])) == 2
+    assert colours["worst_linf"] == colours["clean"][1:]
+    assert panels["worst_linf"].get_xlim() == panels["clean"].get_xlim()

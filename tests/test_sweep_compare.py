@@ -128,3 +128,25 @@ def test_cli_report_has_one_row_per_width_and_the_plots(ladder, tmp_path, capsys
         assert " | 1 | " in rows[1] and " ± " not in rows[1] and " ± " in rows[0]
     for plot in ("gains.png", "grad_ratios.png"):
         assert (out / plot).stat().st_size > 10_000
+
+
+def test_a_line_keeps_its_colour_in_every_panel(tmp_path, monkeypatch):
+    """A metric measured at one snapshot only (the worst case, at the last epoch) is drawn
+    in that snapshot's colour, not in the first colour of its panel."""
+    from matplotlib.colors import to_hex
+    from matplotlib.figure import Figure
+
+    def row(snapshot, keys):
+        return {"name": "hah", "snapshot": snapshot, "sweep": "s",
+                "metrics": {k: {"mean": -0.1, "sd": None} for k in keys}}
+
+    comparison = {"by": "width", "sweeps": [{"sweep": "s", "value": 0.25}],
+                  "gains": [row("before the first lr drop", ["clean"]),
+                            row("last evaluated", ["clean", "worst_linf"])]}
+    drawn = Figure()
+    monkeypatch.setattr(compare_report, "figure", lambda path, draw, size: draw(drawn))
+    compare_report.plot_gains(comparison, tmp_path / "gains.png")
+    colours = {ax.get_title(): [to_hex(line.get_color()) for line in ax.get_lines()
+                                if line.get_marker() == "o"] for ax in drawn.axes}
+    assert len(set(colours["clean"])) == 2
+    assert colours["worst_linf"] == colours["clean"][1:]

@@ -156,13 +156,18 @@ def _panels(path: Path, panels: int, draw) -> None:
 
 
 def _errorbars(axes, rows: Sequence[dict[str, Any]], keys: Sequence[str], zero_line: bool) -> None:
+    """One panel per metric; each setting keeps its colour and every panel the same epoch
+    range, also where a metric was measured for some settings or epochs only."""
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    epochs = [r["epoch"] for r in rows]
     for ax, key in zip(axes, keys):
-        for name in dict.fromkeys(r["name"] for r in rows):
+        for colour, name in enumerate(names):
             mine = [r for r in rows if r["name"] == name and key in r["metrics"]]
             if mine:
                 ax.errorbar([r["epoch"] for r in mine], [100 * r["metrics"][key]["mean"] for r in mine],
-                            yerr=[100 * r["metrics"][key]["sd"] for r in mine], marker="o",
-                            capsize=3, label=name)
+                            yerr=[100 * (r["metrics"][key]["sd"] or 0.0) for r in mine], marker="o",
+                            capsize=3, color=f"C{colour}", label=name)
+        ax.set_xlim(min(epochs) - 2, max(epochs) + 2)
         if zero_line:
             ax.axhline(0, color="grey", lw=0.8)
         ax.set_title(key)

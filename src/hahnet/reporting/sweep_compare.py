@@ -111,26 +111,34 @@ def _lines(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return lines
 
 
+def line_styles(rows: Sequence[dict[str, Any]]) -> dict[str, tuple[str, float]]:
+    """(colour, x shift) per line of ``rows``, the same in every panel, so that a metric
+    measured at one snapshot only (worst case) keeps that snapshot's colour; the shifts
+    keep error bars apart."""
+    labels = list(_lines(rows))
+    return {label: (f"C{j}", 0.06 * (j - (len(labels) - 1) / 2))
+            for j, label in enumerate(labels)}
+
+
 def plot_gains(comparison: dict[str, Any], path: Path) -> None:
     """Gain against the compared setting, one panel per metric, error bars: sd over seeds."""
     rows = comparison["gains"]
     keys = columns(rows)
     if not keys:
         return
-    where = _positions(comparison)
+    where, styles = _positions(comparison), line_styles(rows)
     across = min(len(keys), PANELS_PER_ROW)
     down = math.ceil(len(keys) / across)
 
     def draw(fig) -> None:
         axes = fig.subplots(down, across, squeeze=False).ravel()
         for ax, key in zip(axes, keys):
-            lines = _lines([r for r in rows if key in r["metrics"]])
-            for j, (label, mine) in enumerate(lines.items()):
-                shift = 0.06 * (j - (len(lines) - 1) / 2)  # keep error bars apart
+            for label, mine in _lines([r for r in rows if key in r["metrics"]]).items():
+                colour, shift = styles[label]
                 stats = [r["metrics"][key] for r in mine]
                 ax.errorbar([where[r["sweep"]] + shift for r in mine], [100 * s["mean"] for s in stats],
                             yerr=[100 * (s["sd"] or 0.0) for s in stats], marker="o", capsize=3,
-                            label=label)
+                            color=colour, label=label)
             ax.axhline(0, color="grey", lw=0.8)
             ax.set_title(key)
             ax.set_ylabel("HaH − standard (points)")
