@@ -107,6 +107,21 @@ def test_a_row_stopped_midway_resumes_from_its_last_finished_batch(whole, tmp_pa
     assert journal.saved_rows() == 8
 
 
+def test_a_cascaded_row_stopped_midway_resumes_from_its_last_finished_batch(tmp_path):
+    """With ``cascade`` the adaptive rows attack the survivors gathered into batches; a
+    stop inside BPDA keeps its first batch, and the resumed evaluation equals a whole one."""
+    settings = EvalSettings(**{**SETTINGS.__dict__, "cascade": True, "eps_linf": 1 / 255,
+                               "attack_batch_size": 2, "adaptive_limit": 12, "sweep_limit": 0})
+    whole_cascade = evaluate(settings=settings)
+    assert sum(whole_cascade.attacks["Linf"].adaptive.rows["margin"].robust) >= 3  # 2+ batches
+    journal = Journal(tmp_path)
+    with pytest.raises(Stop):
+        evaluate(journal, settings=settings, stop_at="BPDA Linf", stop_after=1)
+    assert (journal.saved_rows(), journal.saved_batches()) == (4, 1)
+    again = evaluate(Journal(tmp_path), settings=settings)
+    assert attacks_json(again) == attacks_json(whole_cascade)
+
+
 @pytest.mark.parametrize("same_model", [True, False])
 def test_a_saved_batch_is_reused_only_within_the_same_row(whole, tmp_path, same_model):
     journal = Journal(tmp_path)
