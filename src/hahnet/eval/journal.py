@@ -26,7 +26,8 @@ from hahnet.eval.results import (AttackResult, EpsSweep, attack_from_dict, jsona
 FORMAT = "hahnet-journal-1"
 T = TypeVar("T", AttackResult, EpsSweep)
 _DECODE: dict[str, Callable[[dict[str, Any]], Any]] = {"attack": attack_from_dict,
-                                                       "sweep": sweep_from_dict}
+                                                       "sweep": sweep_from_dict,
+                                                       "batch": dict}
 
 
 def model_digest(model: nn.Module) -> str:
@@ -40,38 +41,30 @@ def model_digest(model: nn.Module) -> str:
 
 class BatchJournal:
     """The finished batches of one attack row (a BatchStore: ``worst_case`` saves each
-    batch's outcome here), kept in ``directory`` until the row itself is saved;
-    ``BatchJournal()`` keeps nothing. Every process writes its own batches (under torchrun
-    each attacks its own), so a row stopped midway loses at most the batches in flight."""
+    batch's outcome here), kept in ``directory`` until the row itself is saved. Every
+    process writes its own batches (under torchrun each attacks its own), so a row
+    stopped midway loses at most the batches in flight."""
 
-    def __init__(self, directory: Path | None = None, key: dict[str, Any] | None = None) -> None:
+    def __init__(self, directory: Path, key: dict[str, Any]) -> None:
         self.directory = directory
-        self.key = key or {}
+        self.key = key
 
     def recall(self, call: dict[str, Any], index: int,
                compute: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
         """Batch ``index`` of the attack ``call`` (what identifies it within the row), a
         JSON object, and True if it was saved before; else computed, saved and False."""
-        if self.directory is None:
-            return compute(), False
         key = json.loads(json.dumps(jsonable({**self.key, "call": call, "batch": index})))
         path = self.directory / f"{_digest(key)}.json"
-        try:
-            document = json.loads(path.read_text(encoding="utf-8"))
-            if (document.get("format") == FORMAT and document.get("kind") == "batch"
-                    and same_json(document.get("key"), key)):
-                return document["value"], True
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass
+        saved = _read(path, key)
+        if saved is not None:
+            return saved, True
         value = compute()
-        write_text(path, json.dumps({"format": FORMAT, "kind": "batch", "key": key,
-                                     "value": value}, allow_nan=False))
+        _write(path, "batch", key, value)
         return value, False
 
     def clear(self) -> None:
         """Remove the saved batches (their row is saved)."""
-        if self.directory is not None:
-            shutil.rmtree(self.directory, ignore_errors=True)
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 class Journal:
@@ -86,11 +79,12 @@ class Journal:
         self.write = write
         self.on_resume = on_resume
 
-    def recall(self, row: str, key: dict[str, Any], compute: Callable[[BatchJournal], T]) -> T:
+    def recall(self, row: str, key: dict[str, Any],
+               compute: Callable[[BatchJournal | None], T]) -> T:
         """The saved ``row`` made with ``key`` if there is one, else ``compute(batches)``,
-        saved; ``batches`` keeps the row's finished batches meanwhile."""
+        saved; ``batches`` keeps the row's finished batches meanwhile (None: no journal)."""
         if self.directory is None:
-            return compute(BatchJournal())
+            return compute(None)
         key = json.loads(json.dumps(jsonable({**key, "row": row})))
         digest = _digest(key)
         path = self.directory / f"{digest}.json"
@@ -102,9 +96,8 @@ class Journal:
         batches = BatchJournal(self.directory / "batches" / digest, key)
         value = compute(batches)
         if self.write:
-            kind = "attack" if isinstance(value, AttackResult) else "sweep"
-            write_text(path, json.dumps({"format": FORMAT, "kind": kind, "key": key,
-                                         "value": jsonable(asdict(value))}, allow_nan=False))
+            _write(path, "attack" if isinstance(value, AttackResult) else "sweep", key,
+                   jsonable(asdict(value)))
             batches.clear()
         return value
 
@@ -159,8 +152,14 @@ def _digest(key: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def _write(path: Path, kind: str, key: dict[str, Any], value: Any) -> None:
+    write_text(path, json.dumps({"format": FORMAT, "kind": kind, "key": key, "value": value},
+                                allow_nan=False))
+
+
 def _read(path: Path, key: dict[str, Any]) -> Any:
-    """The row saved at ``path`` for ``key``; None when absent, unreadable or another key's."""
+    """The row (or batch) saved at ``path`` for ``key``; None when absent, unreadable or
+    another key's."""
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
         if document.get("format") != FORMAT or not same_json(document.get("key"), key):
@@ -176,9 +175,10 @@ Recall = Callable[..., Any]  # recall(row, compute, **extra): a row, saved or co
 def recaller(journal: Journal | None, key: dict[str, Any]) -> Recall:
     """``recall(row, compute, **extra)`` for the rows of one model, image set and settings
     (``key``); ``extra`` adds a row's own inputs (e.g. its transfer sources) to the key;
-    ``compute(batches)`` gets the row's BatchJournal. Without a journal it simply computes."""
-    def recall(row: str, compute: Callable[[BatchJournal], T], **extra: Any) -> T:
+    ``compute(batches)`` gets the row's BatchJournal. Without a journal it simply computes
+    (``batches`` None)."""
+    def recall(row: str, compute: Callable[[BatchJournal | None], T], **extra: Any) -> T:
         if journal is None:
-            return compute(BatchJournal())
+            return compute(None)
         return journal.recall(row, {**key, **extra}, compute)
     return recall
