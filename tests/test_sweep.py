@@ -339,6 +339,8 @@ def test_status_says_what_is_left_and_estimates_it_from_the_closest_measurement(
     assert line == ("12 of 18 tasks done; about 2.0 h of compute left (about 60 min with 2 "
                     "processes, if it splits evenly), plus 1 task(s) not estimated yet "
                     "(nothing comparable measured)")
+    assert sweep_report.status_summary(list(by.values()), 0.0, 6, 2) == (
+        "12 of 18 tasks done; 6 left, none estimated yet (nothing comparable measured)")
 
 
 def test_cli_status_prints_the_tasks_and_writes_nothing(finished, tmp_path, capsys):

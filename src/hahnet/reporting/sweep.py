@@ -95,10 +95,14 @@ def status_table(rows: Sequence[Any]) -> str:
 
 
 def status_summary(rows: Sequence[Any], seconds: float, unknown: int, jobs: int) -> str:
-    """One line: tasks done, and the compute left (for one process, and split over ``jobs``)."""
+    """One line: tasks done, and the compute left (for one process, and split over ``jobs``);
+    ``unknown`` of the tasks left have no estimate."""
     done = sum(1 for r in rows if r.state == "done")
     if done == len(rows):
         return f"{done} of {len(rows)} tasks done: nothing left"
+    if unknown == len(rows) - done:
+        return (f"{done} of {len(rows)} tasks done; {unknown} left, none estimated yet "
+                "(nothing comparable measured)")
     text = f"{done} of {len(rows)} tasks done; about {duration(seconds)} of compute left"
     if jobs > 1:
         text += f" (about {duration(seconds / jobs)} with {jobs} processes, if it splits evenly)"
