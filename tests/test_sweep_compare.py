@@ -130,6 +130,21 @@ def test_cli_report_has_one_row_per_width_and_the_plots(ladder, tmp_path, capsys
         assert (out / plot).stat().st_size > 10_000
 
 
+def test_a_sweep_still_running_shows_which_seeds_are_evaluated(ladder):
+    """The sweep file asks for seeds the output does not have yet: the report's sweep table
+    names the evaluated ones beside the planned ones, and only those enter the gains."""
+    (narrow, narrow_out), (wide, wide_out) = ladder
+    growing = sw.loads(narrow.read_text().replace("seeds = [1, 2]", "seeds = [1, 2, 3]"))
+    comparison = sweep_compare.compare([sweep_summary.summarise(growing, narrow_out),
+                                        *_summaries([(wide, wide_out)])], by="width")
+    narrow_row, wide_row = comparison["sweeps"]
+    assert narrow_row["seeds"] == [1, 2, 3] and narrow_row["evaluated_seeds"] == [1, 2]
+    assert all(g["seeds"] == [1, 2] for g in comparison["gains"] if g["value"] == 0.0625)
+    report = compare_report.render_markdown(comparison)
+    assert "| 0.0625 | narrow | 1, 2 of 1, 2, 3 |" in report
+    assert "| 0.125 | wide | 1 |" in report
+
+
 def test_a_line_keeps_its_colour_in_every_panel(tmp_path, monkeypatch):
     """A metric measured at one snapshot only (the worst case, at the last epoch) is drawn
     in that snapshot's colour, not in the first colour of its panel."""

@@ -155,6 +155,7 @@ def compare(summaries: Sequence[dict[str, Any]], by: str = "width",
         "by": by, "snapshots": [label for label, _ in chosen],
         "sweeps": [{"sweep": summaries[i]["sweep"], "value": values[i],
                     "seeds": sorted({r["seed"] for r in summaries[i]["runs_spec"]}),
+                    "evaluated_seeds": sorted({r["seed"] for r in summaries[i]["runs"]}),
                     "evaluated": _evaluated(summaries[i])} for i in order],
         "settings": summaries[0]["settings"], "gains": [], "table": [], "grad_ratios": []}
     for label, pick in chosen:

@@ -62,6 +62,16 @@ def grad_ratio_table(comparison: dict[str, Any], snapshot: str) -> str:
                    *(_ratio(s) for s in r["layers"])] for r in rows])
 
 
+def _seeds(sweep: dict[str, Any]) -> str:
+    """The sweep's seeds, and which of them have an evaluation yet where not all do
+    ("1 of 1, 2, 3"), so that a sweep still running is not read as finished."""
+    planned = ", ".join(map(str, sweep["seeds"]))
+    done = sweep["evaluated_seeds"]
+    if done == sweep["seeds"]:
+        return planned
+    return f"{', '.join(map(str, done)) or 'none'} of {planned}"
+
+
 def render_markdown(comparison: dict[str, Any], command: str = "") -> str:
     """The comparison's report: which sweeps, then per snapshot the three tables."""
     by = comparison["by"]
@@ -72,7 +82,7 @@ def render_markdown(comparison: dict[str, Any], command: str = "") -> str:
               "differ); the evaluation split is "
               f"**{comparison['settings']['split']}**.", "",
               table([by, "sweep", "seeds", "evaluated epochs"],
-                    [[f"{s['value']}", s["sweep"], ", ".join(map(str, s["seeds"])),
+                    [[f"{s['value']}", s["sweep"], _seeds(s),
                       ", ".join(map(str, s["evaluated"])) or "none yet"]
                      for s in comparison["sweeps"]]), "",
               "Gains: HaH minus its standard partner, paired by seed, in points; mean ± sd over "
