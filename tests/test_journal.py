@@ -16,7 +16,7 @@ from conftest import make_cifar, make_random_uint8, make_tiny_net
 from hahnet.config import EvalSettings
 from hahnet.eval.journal import Journal, model_digest, tensor_digest
 from hahnet.eval.results import AttackResult, EpsSweep, jsonable
-from hahnet.eval.runner import evaluate_model
+from hahnet.eval.runner import SHARED_ROWS, evaluate_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -173,6 +173,27 @@ def test_rows_are_reused_only_when_made_the_same_way(tmp_path, change):
                        sources=[("plain", other)])
         assert "transfer Linf" not in resumed and "BPDA Linf" in resumed
         assert len(resumed) == 7
+
+
+def test_the_apgd_row_is_shared_by_evaluations_that_differ_only_elsewhere(tmp_path):
+    """Every suite runs the paper's APGD first on the same attacked images: the paper suite's
+    row, saved, is the adaptive suite's (a sweep's [eval] and [adaptive] of one checkpoint
+    share their journal); the rows keyed by every setting are not, nor is APGD run with
+    another batch size."""
+    journal = Journal(tmp_path)
+    adaptive = evaluate(journal).attacks["Linf"]
+    journal.keep_only(SHARED_ROWS)  # what a sweep leaves for the [eval] still to run
+    assert journal.saved_rows() == 1
+    paper = EvalSettings(**{**SETTINGS.__dict__, "suite": "paper", "noise_sigmas": (0.1,)})
+    resumed = []
+    first = evaluate(Journal(tmp_path, on_resume=resumed.append), settings=paper).attacks["Linf"]
+    assert resumed == ["APGD Linf"]
+    assert first.apgd == adaptive.apgd  # the saved row, its wall time included
+    assert first.adaptive is None and first.pgd.seconds != adaptive.pgd.seconds
+    resumed.clear()
+    evaluate(Journal(tmp_path, on_resume=resumed.append),
+             settings=EvalSettings(**{**paper.__dict__, "attack_batch_size": 4}))
+    assert resumed == []
 
 
 def test_damaged_or_foreign_rows_are_ignored_not_fatal(whole, tmp_path):

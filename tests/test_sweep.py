@@ -254,6 +254,31 @@ def test_adaptive_evaluation_adds_the_worst_case_to_the_summary(finished, tmp_pa
     assert len(sw.plan(other, copy)[1]) == 3
 
 
+def test_eval_and_adaptive_of_one_checkpoint_share_the_apgd_row(finished, tmp_path):
+    """Run one after the other, a checkpoint's [adaptive] and [eval] evaluations compute the
+    paper's APGD row once (the second reads the first's, wall time and all) and remove
+    their shared journal once both are written."""
+    import shutil
+
+    _, out, data, _ = finished
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    spec = sw.loads(SWEEP + ADAPTIVE)
+    chosen = [r for r in spec.runs if r.seed == 1]
+    for run in chosen:
+        sw.eval_file(copy, run, 2).unlink()
+    sw.run(spec, copy, str(data), cache_dir=str(tmp_path / "cache"), jobs=1)
+    for run in chosen:
+        paper = sw.read_eval(sw.eval_file(copy, run, 2)).attacks["Linf"]
+        adaptive = sw.read_eval(sw.adaptive_file(copy, run, 2)).attacks["Linf"]
+        assert paper.apgd == adaptive.apgd and paper.adaptive is None
+        assert adaptive.adaptive.worst.accuracy <= adaptive.apgd.accuracy
+        assert not sw.journal_dir(copy, run, 2).exists()
+    assert sw.siblings(spec, copy, sw.Task("eval", chosen[0], 1)) == []
+    assert sw.siblings(spec, copy, sw.Task("eval", chosen[0], 2)) == [
+        sw.adaptive_file(copy, chosen[0], 2)]
+
+
 def test_half_trained_run_is_resumed_not_restarted(tmp_path):
     import torch
 

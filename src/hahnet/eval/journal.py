@@ -13,7 +13,7 @@ import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Collection, TypeVar
 
 from torch import nn
 
@@ -114,6 +114,19 @@ class Journal:
             self.directory.rmdir()
         except OSError:  # something else lives there: leave it
             pass
+
+    def keep_only(self, rows: Collection[str]) -> None:
+        """Remove the saved rows but those named in ``rows`` (what another evaluation sharing
+        this folder can reuse); batches of unfinished rows stay (their row may be running)."""
+        if self.directory is None or not self.write or not self.directory.is_dir():
+            return
+        for path in self.directory.glob("*.json"):
+            try:
+                row = json.loads(path.read_text(encoding="utf-8"))["key"]["row"]
+            except (OSError, ValueError, KeyError, TypeError):
+                row = None
+            if row not in rows:
+                path.unlink(missing_ok=True)
 
     def saved_rows(self) -> int:
         """How many rows are saved (of any evaluation)."""

@@ -96,6 +96,19 @@ def _config_dict(model: nn.Module) -> dict[str, Any]:
     return config.to_dict() if hasattr(config, "to_dict") else {"class": type(model).__name__}
 
 
+# The rows whose journal key holds only the settings they depend on, so that evaluations
+# with other settings can share them (the rest are keyed by every setting).
+SHARED_ROWS = ("APGD",)
+
+
+def apgd_settings(s: EvalSettings, norm: str) -> dict[str, Any]:
+    """The settings the paper's APGD row depends on, its journal key's: evaluations that
+    differ elsewhere (noise, suite, adaptive budgets) share the row, which every suite runs
+    first on the same attacked images."""
+    return {"eps": s.eps(norm), "apgd_steps": s.apgd_steps, "attack_seed": s.attack_seed,
+            "attack_batch_size": s.attack_batch_size}
+
+
 def _suite(model: nn.Module, all_images: Tensor, all_labels: Tensor, order: Tensor, norm: str,
            s: EvalSettings, device: torch.device | str, dtype: torch.dtype,
            progress: PhaseProgress | None, env: Any = None,
@@ -104,7 +117,7 @@ def _suite(model: nn.Module, all_images: Tensor, all_labels: Tensor, order: Tens
     eps, m, bs, seed = s.eps(norm), len(labels), s.attack_batch_size, s.attack_seed
     apgd = recall("APGD", lambda batches: adversarial_accuracy(
         model, images, labels, norm, eps, s.apgd_steps, seed, None, bs, device, dtype,
-        _phase(progress, f"APGD {norm}", m), env, batches))
+        _phase(progress, f"APGD {norm}", m), env, batches), settings=apgd_settings(s, norm))
     pgd = None
     if s.pgd_steps > 0 and s.pgd_restarts > 0:
         pgd = recall("PGD", lambda batches: pgd_accuracy(

@@ -71,6 +71,22 @@ def adaptive_file(out: Path, run: RunSpec, epoch: int) -> Path:
     return Path(out) / EVALS_DIR / f"{run.key}@{epoch}.adaptive.json"
 
 
+def journal_dir(out: Path, run: RunSpec, epoch: int) -> Path:
+    """Where the unfinished evaluations of one checkpoint keep their attack rows: shared by
+    its ``[eval]`` and ``[adaptive]`` evaluations, so the second reuses the paper's APGD row
+    that both run first on the same images."""
+    return eval_file(out, run, epoch).with_suffix(".partial")
+
+
+def siblings(sweep: Sweep, out: Path, task: Task) -> list[Path]:
+    """The result files of the other evaluations of ``task``'s checkpoint (they share its
+    journal, which is kept until every one of them is written)."""
+    kinds = {"eval": task.epoch in sweep.epochs_of(task.run),
+             "adaptive": task.epoch in sweep.adaptive_epochs_of(task.run)}
+    return [task_file(out, replace(task, kind=kind)) for kind, planned in kinds.items()
+            if planned and kind != task.kind]
+
+
 def task_file(out: Path, task: Task) -> Path:
     """Where an evaluation task's result is saved (``[eval]`` or ``[adaptive]``)."""
     return (adaptive_file if task.kind == "adaptive" else eval_file)(out, task.run, task.epoch)
@@ -211,13 +227,16 @@ def train_task(directory: str, train: dict[str, Any], data: str, cache_dir: str 
 
 def eval_task(checkpoint_path: str, target: str, settings: dict[str, Any], split: str,
               limit: int | None, limit_seed: int, data: str, cache_dir: str | None,
-              threads: int, device: str, sources: Sequence[tuple[str, str]] = ()) -> float:
+              threads: int, device: str, sources: Sequence[tuple[str, str]] = (),
+              journal: str | None = None, siblings: Sequence[str] = ()) -> float:
     """Evaluate one checkpoint on its run's held-out images (or the test set) and write
     the result JSON to ``target``; returns the seconds it took. Attack rows are kept in
-    ``target``'s ``.partial`` folder until then, so a stopped sweep resumes mid-evaluation.
-    ``sources``: (name, checkpoint) of the transfer attack's source models."""
+    ``journal`` (default: ``target``'s ``.partial`` folder) until then, so a stopped sweep
+    resumes mid-evaluation; after it, while a ``siblings`` file (another evaluation sharing
+    the journal) is still to be written, the rows it can reuse stay. ``sources``: (name,
+    checkpoint) of the transfer attack's source models."""
     from hahnet.data.datasets import load_dataset
-    from hahnet.eval.runner import evaluate_model, evaluation_split
+    from hahnet.eval.runner import SHARED_ROWS, evaluate_model, evaluation_split
     from hahnet.training.device import cpu_threads, resolve_device
 
     started = time.perf_counter()
@@ -232,19 +251,22 @@ def eval_task(checkpoint_path: str, target: str, settings: dict[str, Any], split
         values = dict(settings)
         for key in ("noise_sigmas", "norms"):
             values[key] = tuple(values[key])
-        journal = Journal(Path(target).with_suffix(".partial"))
+        rows = Journal(Path(journal) if journal else Path(target).with_suffix(".partial"))
         models = [(name, checkpoint.load(path, device=dev)) for name, path in sources]
         result = evaluate_model(model, images.images, images.labels, EvalSettings(**values), dev,
                                 name=Path(target).stem.removesuffix(".adaptive"),
                                 checkpoint=checkpoint_path,
-                                info=info, sources=models, journal=journal)
+                                info=info, sources=models, journal=rows)
         result.settings["limit"] = limit  # what eval.results.reusable compares
         record = {"split": split, "limit_seed": limit_seed,
                   "result": results_json([result])["models"][0]}
         if sources:
             record["transfer_from"] = [name for name, _ in sources]
         write_json(Path(target), record)
-        journal.clear()
+        if all(Path(path).exists() for path in siblings):
+            rows.clear()
+        else:
+            rows.keep_only(SHARED_ROWS)
     return time.perf_counter() - started
 
 
@@ -275,16 +297,19 @@ def run(sweep: Sweep, out: str | Path, data: str, cache_dir: str | None = None,
             return pool.submit(train_task, str(directory), {**task.run.train, "seed": task.run.seed},
                                data, cache_dir, threads, device)
         path = str(checkpoint.resolve(f"{directory}@{task.epoch}"))
+        shared = {"journal": str(journal_dir(out, task.run, task.epoch)),
+                  "siblings": [str(p) for p in siblings(sweep, out, task)]}
         if task.kind == "adaptive":
             assert sweep.adaptive is not None
             sources = [(s.key, str(checkpoint.resolve(f"{run_dir(out, s)}@{task.epoch}")))
                        for s in task.sources]
             return pool.submit(eval_task, path, str(task_file(out, task)),
                                asdict(sweep.adaptive.settings), sweep.split, sweep.limit,
-                               sweep.limit_seed, data, cache_dir, threads, device, sources)
+                               sweep.limit_seed, data, cache_dir, threads, device, sources,
+                               **shared)
         return pool.submit(eval_task, path, str(task_file(out, task)),
                            asdict(sweep.settings), sweep.split, sweep.limit, sweep.limit_seed,
-                           data, cache_dir, threads, device)
+                           data, cache_dir, threads, device, **shared)
 
     _run_tasks(sorted(trains, key=lambda t: -t.cost) + sorted(evals, key=lambda t: -t.cost),
                submit, jobs, counter)

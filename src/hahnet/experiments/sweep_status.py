@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hahnet.eval.journal import Journal
-from hahnet.experiments.sweep import Sweep, Task, is_done, run_dir, task_file, tasks
+from hahnet.experiments.sweep import Sweep, Task, is_done, journal_dir, run_dir, task_file, tasks
 from hahnet.training.rundir import RunDir
 
 
@@ -101,7 +101,7 @@ def _eval_status(task: Task, out: Path, done: bool, estimate: float | None,
                  trained: set[str]) -> TaskStatus:
     if done:
         return TaskStatus(task.label, task.kind, "done", "saved", 0.0)
-    journal = Journal(task_file(out, task).with_suffix(".partial"))
+    journal = Journal(journal_dir(out, task.run, task.epoch))
     saved = journal.saved_summary()
     left = None if estimate is None else max(estimate - journal.saved_seconds(), 0.0)
     if saved:
