@@ -279,6 +279,22 @@ def test_eval_and_adaptive_of_one_checkpoint_share_the_apgd_row(finished, tmp_pa
         sw.adaptive_file(copy, chosen[0], 2)]
 
 
+def test_an_evaluation_waits_for_its_running_sibling_while_other_work_can_start():
+    """Beside a running [adaptive] evaluation of a checkpoint, the scheduler starts other
+    work before that checkpoint's [eval] (which would otherwise attack the APGD row again),
+    but starts it rather than leave a process idle; training still gates evaluations."""
+    spec = sw.loads(SWEEP + ADAPTIVE)
+    std, hah = spec.runs[0], spec.runs[2]
+    adaptive, paper = sw.Task("adaptive", hah, 2, sources=(std,)), sw.Task("eval", hah, 2)
+    other = sw.Task("eval", std, 2)
+    assert sw.next_task([paper, other], [adaptive]) is other
+    assert sw.next_task([paper], [adaptive]) is paper
+    assert sw.next_task([paper, other], [sw.Task("adaptive", hah, 1)]) is paper
+    assert sw.next_task([paper, other], []) is paper
+    assert sw.next_task([paper, other], [sw.Task("train", hah)]) is other
+    assert sw.next_task([paper], [sw.Task("train", hah)]) is None
+
+
 def test_half_trained_run_is_resumed_not_restarted(tmp_path):
     import torch
 

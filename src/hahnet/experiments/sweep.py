@@ -334,6 +334,18 @@ class _Counter:
                  f"ETA {eta / 60:.0f} min")
 
 
+def next_task(queue: Sequence[Task], running: Sequence[Task]) -> Task | None:
+    """The first task of ``queue`` that can start beside ``running``: its runs are trained;
+    an evaluation whose checkpoint another running evaluation is already attacking waits
+    while anything else can start, so that the second reads their shared APGD row instead
+    of computing it too (with nothing else to start, it runs: duplicate work beats idling)."""
+    training = {t.run.key for t in [*queue, *running] if t.kind == "train"}
+    ready = [t for t in queue if not training & set(t.needs)]
+    busy = {(t.run.key, t.epoch) for t in running if t.kind != "train"}
+    apart = [t for t in ready if t.kind == "train" or (t.run.key, t.epoch) not in busy]
+    return (apart or ready or [None])[0]
+
+
 def _run_tasks(tasks: list[Task], submit: Callable[[Any, Task], Future], jobs: int,
                counter: _Counter) -> None:
     """Run ``tasks`` in order, ``jobs`` at a time; an evaluation waits until the runs it
@@ -345,12 +357,11 @@ def _run_tasks(tasks: list[Task], submit: Callable[[Any, Task], Future], jobs: i
         queue = list(tasks)
         while queue or pending:
             while len(pending) < jobs:
-                training = {t.run.key for t in [*queue, *pending.values()] if t.kind == "train"}
-                ready = [t for t in queue if not training & set(t.needs)]
-                if not ready:
+                task = next_task(queue, list(pending.values()))
+                if task is None:
                     break
-                queue.remove(ready[0])
-                pending[submit(pool, ready[0])] = ready[0]
+                queue.remove(task)
+                pending[submit(pool, task)] = task
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 task = pending.pop(future)
