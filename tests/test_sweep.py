@@ -274,8 +274,8 @@ def test_eval_and_adaptive_of_one_checkpoint_share_the_apgd_row(finished, tmp_pa
         assert paper.apgd == adaptive.apgd and paper.adaptive is None
         assert adaptive.adaptive.worst.accuracy <= adaptive.apgd.accuracy
         assert not sw.journal_dir(copy, run, 2).exists()
-    assert sw.siblings(spec, copy, sw.Task("eval", chosen[0], 1)) == []
-    assert sw.siblings(spec, copy, sw.Task("eval", chosen[0], 2)) == [
+    assert sw.sibling_results(spec, copy, sw.Task("eval", chosen[0], 1)) == []
+    assert sw.sibling_results(spec, copy, sw.Task("eval", chosen[0], 2)) == [
         sw.adaptive_file(copy, chosen[0], 2)]
 
 

@@ -78,7 +78,7 @@ def journal_dir(out: Path, run: RunSpec, epoch: int) -> Path:
     return eval_file(out, run, epoch).with_suffix(".partial")
 
 
-def siblings(sweep: Sweep, out: Path, task: Task) -> list[Path]:
+def sibling_results(sweep: Sweep, out: Path, task: Task) -> list[Path]:
     """The result files of the other evaluations of ``task``'s checkpoint (they share its
     journal, which is kept until every one of them is written)."""
     kinds = {"eval": task.epoch in sweep.epochs_of(task.run),
@@ -298,7 +298,7 @@ def run(sweep: Sweep, out: str | Path, data: str, cache_dir: str | None = None,
                                data, cache_dir, threads, device)
         path = str(checkpoint.resolve(f"{directory}@{task.epoch}"))
         shared = {"journal": str(journal_dir(out, task.run, task.epoch)),
-                  "siblings": [str(p) for p in siblings(sweep, out, task)]}
+                  "siblings": [str(p) for p in sibling_results(sweep, out, task)]}
         if task.kind == "adaptive":
             assert sweep.adaptive is not None
             sources = [(s.key, str(checkpoint.resolve(f"{run_dir(out, s)}@{task.epoch}")))
