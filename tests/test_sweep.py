@@ -384,6 +384,42 @@ def test_status_says_what_is_left_and_estimates_it_from_the_closest_measurement(
         "12 of 18 tasks done; 6 left, none estimated yet (nothing comparable measured)")
 
 
+def test_status_counts_a_resumed_evaluation_at_what_its_rows_cost(finished, tmp_path,
+                                                                   monkeypatch):
+    """An evaluation finished from its journal restores its attack rows in no time; as a
+    measurement for ``--status`` it still counts what those rows cost when they ran (else
+    it would promise the next checkpoint's evaluation in minutes)."""
+    import shutil
+
+    from hahnet.eval.journal import Journal
+    from hahnet.experiments import sweep_status
+
+    file, out, data, _ = finished
+    spec = sw.load(file)
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    hah = {r.key: r for r in spec.runs}["hah-seed1"]
+    task = next(t for t in sw.tasks(spec) if t.kind == "eval" and t.run.key == hah.key
+                and t.epoch == 2)
+    target = sw.eval_file(copy, hah, 2)
+    args = (str(sw.run_dir(copy, hah)), str(target), spec.settings.to_dict(), spec.split,
+            spec.limit, spec.limit_seed, str(data), str(tmp_path / "cache"), 1, "cpu")
+    target.unlink()
+    with monkeypatch.context() as m:  # the first sitting: rows saved, result lost
+        m.setattr(Journal, "clear", lambda self: None)
+        sw.eval_task(*args)
+    first = sw.read_eval(target)
+    target.unlink()
+    sw.eval_task(*args)  # the second sitting: every attack row from the journal
+    resumed = sw.read_eval(target)
+    rows = {norm: sweep_status._rows_seconds(suite) for norm, suite in first.attacks.items()}
+    assert rows and min(rows.values()) > 0
+    assert rows == {norm: sweep_status._rows_seconds(suite)
+                    for norm, suite in resumed.attacks.items()}
+    others = sum(v for k, v in resumed.seconds.items() if not k.startswith("attacks_"))
+    assert sweep_status._eval_seconds(copy, task) >= others + sum(rows.values())
+
+
 def test_cli_status_prints_the_tasks_and_writes_nothing(finished, tmp_path, capsys):
     file, out, _, _ = finished
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}

@@ -5,14 +5,15 @@ whether it fits the time there is."""
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hahnet.eval.journal import Journal
-from hahnet.experiments.sweep import Sweep, Task, is_done, journal_dir, run_dir, task_file, tasks
+from hahnet.eval.results import AttackSuite
+from hahnet.experiments.sweep import (Sweep, Task, is_done, journal_dir, read_eval, run_dir,
+                                      task_file, tasks)
 from hahnet.training.rundir import RunDir
 
 
@@ -114,9 +115,26 @@ def _eval_status(task: Task, out: Path, done: bool, estimate: float | None,
 
 
 def _eval_seconds(out: Path, task: Task) -> float | None:
-    """The compute seconds a saved evaluation took (the sum of its phases)."""
+    """The compute seconds a saved evaluation took: its phases' wall time, where an attack
+    phase counts at least its rows' own seconds (a resumed evaluation restores rows and
+    batches from its journal in no time, but they cost their first sitting's)."""
     try:
-        saved = json.loads(task_file(out, task).read_text(encoding="utf-8"))
-        return float(sum(saved["result"]["seconds"].values())) or None
+        result = read_eval(task_file(out, task))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+    phases = dict(result.seconds)
+    for norm, suite in result.attacks.items():
+        key = f"attacks_{norm}"
+        phases[key] = max(phases.get(key, 0.0), _rows_seconds(suite))
+    return float(sum(phases.values())) or None
+
+
+def _rows_seconds(suite: AttackSuite) -> float:
+    """The seconds of every attack row of one norm, each counted once (the worst case
+    only combines rows already counted)."""
+    rows = [suite.apgd, suite.pgd, suite.square]
+    sweeps = []
+    if suite.adaptive is not None:
+        rows += list(suite.adaptive.rows.values())
+        sweeps = suite.adaptive.sweeps
+    return sum(r.seconds for r in rows if r is not None) + sum(w.seconds for w in sweeps)
