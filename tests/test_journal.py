@@ -122,6 +122,31 @@ def test_a_cascaded_row_stopped_midway_resumes_from_its_last_finished_batch(tmp_
     assert attacks_json(again) == attacks_json(whole_cascade)
 
 
+def test_adaptive_rows_are_saved_in_their_own_smaller_batches(tmp_path):
+    """``adaptive_batch_size`` splits the rows beyond the paper suite into smaller batches,
+    each saved as it finishes (a wide network's margin row loses less when stopped), while
+    the paper's APGD row keeps ``attack_batch_size``; a stop resumes to the whole result."""
+    settings = EvalSettings(**{**SETTINGS.__dict__, "cascade": True, "eps_linf": 1 / 255,
+                               "adaptive_limit": 12, "sweep_limit": 0, "adaptive_batch_size": 2})
+    sizes: dict[str, list[int]] = {}
+
+    def progress(phase: str, total: int):
+        sizes[phase] = []
+        return sizes[phase].append
+
+    x, y = data()
+    whole_small = evaluate_model(make_tiny_net(True, CLASSES), x, y, settings, progress=progress,
+                                 sources=[("plain", make_tiny_net(False, CLASSES))])
+    assert sizes["APGD Linf"] == [8, 4]
+    assert len(sizes["margin Linf"]) >= 2 and max(sizes["margin Linf"]) == 2
+    journal = Journal(tmp_path)
+    with pytest.raises(Stop):
+        evaluate(journal, settings=settings, stop_at="margin Linf", stop_after=1)
+    assert (journal.saved_rows(), journal.saved_batches()) == (3, 1)
+    again = evaluate(Journal(tmp_path), settings=settings)
+    assert attacks_json(again) == attacks_json(whole_small)
+
+
 @pytest.mark.parametrize("same_model", [True, False])
 def test_a_saved_batch_is_reused_only_within_the_same_row(whole, tmp_path, same_model):
     journal = Journal(tmp_path)

@@ -375,6 +375,10 @@ class EvalSettings:
     square_queries: int = 1000
     attack_seed: int = 0
     attack_batch_size: int = 128
+    # Batch size of the rows beyond the paper suite (AutoAttack's extra stages, margin,
+    # BPDA, transfer, eps sweeps); None = attack_batch_size. Each batch is saved as it finishes, so
+    # smaller ones bound what a stopped evaluation of a wide network loses.
+    adaptive_batch_size: int | None = None
     snr_sigma: float = PAPER_NOISE_SIGMA
     snr_seed: int = 0
     layer_stats: bool = True         # sparsity and SNR
@@ -419,6 +423,9 @@ class EvalSettings:
              "numbers >= 0"),
             ("attack_limit", self.attack_limit,
              self.attack_limit is None or self.attack_limit >= 1, ">= 1 or all"),
+            ("adaptive_batch_size", self.adaptive_batch_size,
+             self.adaptive_batch_size is None or self.adaptive_batch_size >= 1,
+             ">= 1 or unset (attack_batch_size)"),
             ("norms", self.norms, all(n in PAPER_EPS for n in self.norms), "Linf and/or L2"),
         ])
 

@@ -124,6 +124,7 @@ def eval_settings(args: argparse.Namespace) -> cfg.EvalSettings:
                  snr_seed=args.seed, batch_size=args.batch_size, suite=suite,
                  restarts=args.restarts, fab_steps=args.fab_steps,
                  autoattack_queries=args.autoattack_queries, adaptive_limit=args.adaptive_limit,
+                 adaptive_batch_size=args.adaptive_batch_size,
                  cascade=args.cascade,
                  transfer_steps=args.transfer_steps, bpda=args.bpda,
                  bpda_temperature=args.bpda_temperature, sweep_limit=args.sweep_limit,
@@ -206,7 +207,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     preset = build(get_preset, args.preset)
     evaluate = {k: getattr(args, k) for k in ("limit", "attack_limit", "noise_draws",
                                               "apgd_steps", "square_limit", "suite",
-                                              "restarts", "adaptive_limit", "cascade")
+                                              "restarts", "adaptive_limit", "cascade",
+                                              "adaptive_batch_size")
                 if hasattr(args, k)}  # SUPPRESS: absent unless given
     if args.noise is not None:
         evaluate["noise_sigmas"] = tuple(args.noise)

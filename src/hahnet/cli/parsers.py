@@ -202,6 +202,10 @@ def add_attack_suite(parser: argparse.ArgumentParser) -> None:
                    help="AutoAttack Square queries (5000)")
     g.add_argument("--adaptive-limit", type=POSITIVE, default=500, metavar="N",
                    help="margin, BPDA and transfer on the first N attacked images (500)")
+    g.add_argument("--adaptive-batch-size", type=POSITIVE, default=None, metavar="B",
+                   help="batch size of the attacks beyond the paper's (default: --batch-size); "
+                        "each batch is saved as it finishes, so smaller ones lose less when "
+                        "an evaluation of a wide network is stopped")
     g.add_argument("--cascade", action="store_true",
                    help="margin, BPDA and transfer each only on the images the attacks before "
                         "it left standing: the same worst case, several times faster, no "
@@ -261,6 +265,8 @@ def add_reproduce(subparsers, commands: dict[str, Any]) -> None:
                        help="restarts of the margin and BPDA attacks (3)")
     group.add_argument("--adaptive-limit", type=POSITIVE, default=hidden, metavar="N",
                        help="margin, BPDA and transfer on N of the attacked images (500)")
+    group.add_argument("--adaptive-batch-size", type=POSITIVE, default=hidden, metavar="B",
+                       help="batch size of the attacks beyond the paper's (--eval-batch-size)")
     group.add_argument("--cascade", action="store_true", default=hidden,
                        help="each adaptive attack only on the images the ones before it left")
     group.add_argument("--eval-batch-size", type=POSITIVE, default=128,

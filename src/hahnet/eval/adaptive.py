@@ -70,8 +70,13 @@ class Target:
             return self._gathered(norm, eps, stages, name, params, n, start)
         progress = None if self.progress is None else self.progress(f"{name} {norm}", n)
         return worst_case(self.model, self.images[:n], self.labels[:n], norm, eps, stages,
-                          name, params, s.attack_batch_size, self.device, self.dtype,
+                          name, params, self.batch_size, self.device, self.dtype,
                           s.attack_seed, progress, self.env, start, self.batches)
+
+    @property
+    def batch_size(self) -> int:
+        """The attack batch size of the rows run here (beyond the paper suite)."""
+        return self.settings.adaptive_batch_size or self.settings.attack_batch_size
 
     @property
     def adaptive_n(self) -> int:
@@ -90,7 +95,7 @@ class Target:
         index = torch.tensor(keep)
         sub = worst_case(
             self.model, self.images[index], self.labels[index], norm, eps, stages, name, params,
-            self.settings.attack_batch_size, self.device, self.dtype, self.settings.attack_seed,
+            self.batch_size, self.device, self.dtype, self.settings.attack_seed,
             None if self.progress is None else self.progress(f"{name} {norm}", len(keep)),
             self.env, batches=self.batches)
         for j, i in enumerate(keep):
