@@ -70,6 +70,16 @@ def attacks_json(result) -> dict:
     return without_seconds(json.loads(json.dumps(jsonable(result.attacks))))
 
 
+def stopped_in_and_resumed(tmp_path, settings: EvalSettings, phase: str):
+    """Stop an evaluation after the first batch of ``phase``; what its journal then held
+    (rows, batches) and the evaluation resumed from it."""
+    journal = Journal(tmp_path)
+    with pytest.raises(Stop):
+        evaluate(journal, settings=settings, stop_at=phase, stop_after=1)
+    saved = (journal.saved_rows(), journal.saved_batches())
+    return saved, evaluate(Journal(tmp_path), settings=settings)
+
+
 @pytest.fixture(scope="module")
 def whole():
     """The evaluation run from start to end without a journal."""
@@ -114,11 +124,8 @@ def test_a_cascaded_row_stopped_midway_resumes_from_its_last_finished_batch(tmp_
                                "attack_batch_size": 2, "adaptive_limit": 12, "sweep_limit": 0})
     whole_cascade = evaluate(settings=settings)
     assert sum(whole_cascade.attacks["Linf"].adaptive.rows["margin"].robust) >= 3  # 2+ batches
-    journal = Journal(tmp_path)
-    with pytest.raises(Stop):
-        evaluate(journal, settings=settings, stop_at="BPDA Linf", stop_after=1)
-    assert (journal.saved_rows(), journal.saved_batches()) == (4, 1)
-    again = evaluate(Journal(tmp_path), settings=settings)
+    saved, again = stopped_in_and_resumed(tmp_path, settings, "BPDA Linf")
+    assert saved == (4, 1)
     assert attacks_json(again) == attacks_json(whole_cascade)
 
 
@@ -139,11 +146,8 @@ def test_adaptive_rows_are_saved_in_their_own_smaller_batches(tmp_path):
                                  sources=[("plain", make_tiny_net(False, CLASSES))])
     assert sizes["APGD Linf"] == [8, 4]
     assert len(sizes["margin Linf"]) >= 2 and max(sizes["margin Linf"]) == 2
-    journal = Journal(tmp_path)
-    with pytest.raises(Stop):
-        evaluate(journal, settings=settings, stop_at="margin Linf", stop_after=1)
-    assert (journal.saved_rows(), journal.saved_batches()) == (3, 1)
-    again = evaluate(Journal(tmp_path), settings=settings)
+    saved, again = stopped_in_and_resumed(tmp_path, settings, "margin Linf")
+    assert saved == (3, 1)
     assert attacks_json(again) == attacks_json(whole_small)
 
 
