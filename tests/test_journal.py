@@ -38,14 +38,18 @@ def data(n: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
 
 def evaluate(journal: Journal | None = None, stop_at: str | None = None,
              opened: list[str] | None = None, settings: EvalSettings = SETTINGS,
-             model: torch.nn.Module | None = None, stop_after: int = 0):
-    """``stop_at``: stop when that phase opens, or after its first ``stop_after`` batches."""
+             model: torch.nn.Module | None = None, stop_after: int = 0,
+             sizes: dict[str, list[int]] | None = None):
+    """``stop_at``: stop when that phase opens, or after its first ``stop_after`` batches;
+    ``sizes`` gets each phase's batch sizes."""
     def progress(phase: str, total: int):
         if opened is not None:
             opened.append(phase)
         if phase == stop_at and not stop_after:
             raise Stop
         done = []
+        if sizes is not None:
+            sizes[phase] = done
 
         def batch(n: int) -> None:
             done.append(n)
@@ -136,14 +140,7 @@ def test_adaptive_rows_are_saved_in_their_own_smaller_batches(tmp_path):
     settings = EvalSettings(**{**SETTINGS.__dict__, "cascade": True, "eps_linf": 1 / 255,
                                "adaptive_limit": 12, "sweep_limit": 0, "adaptive_batch_size": 2})
     sizes: dict[str, list[int]] = {}
-
-    def progress(phase: str, total: int):
-        sizes[phase] = []
-        return sizes[phase].append
-
-    x, y = data()
-    whole_small = evaluate_model(make_tiny_net(True, CLASSES), x, y, settings, progress=progress,
-                                 sources=[("plain", make_tiny_net(False, CLASSES))])
+    whole_small = evaluate(settings=settings, sizes=sizes)
     assert sizes["APGD Linf"] == [8, 4]
     assert len(sizes["margin Linf"]) >= 2 and max(sizes["margin Linf"]) == 2
     saved, again = stopped_in_and_resumed(tmp_path, settings, "margin Linf")

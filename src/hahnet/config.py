@@ -376,8 +376,8 @@ class EvalSettings:
     attack_seed: int = 0
     attack_batch_size: int = 128
     # Batch size of the rows beyond the paper suite (AutoAttack's extra stages, margin,
-    # BPDA, transfer, eps sweeps); None = attack_batch_size. Each batch is saved as it finishes, so
-    # smaller ones bound what a stopped evaluation of a wide network loses.
+    # BPDA, transfer, eps sweeps); None = attack_batch_size. Each batch is saved as it
+    # finishes, so smaller ones bound what a stopped evaluation of a wide network loses.
     adaptive_batch_size: int | None = None
     snr_sigma: float = PAPER_NOISE_SIGMA
     snr_seed: int = 0
