@@ -114,7 +114,8 @@ def test_a_row_stopped_midway_resumes_from_its_last_finished_batch(whole, tmp_pa
         evaluate(journal, stop_at="APGD Linf", stop_after=1)
     assert (journal.saved_rows(), journal.saved_batches()) == (0, 1)
     assert journal.saved_summary() == "1 batch(es) of an unfinished row"
-    assert journal.saved_seconds() > 0  # what `hahnet sweep --status` subtracts
+    seconds = journal.saved_seconds()  # what `hahnet sweep --status` subtracts, per norm
+    assert set(seconds) == {"Linf"} and seconds["Linf"] > 0
     again = evaluate(Journal(tmp_path / "partial"))
     assert attacks_json(again) == attacks_json(whole)
     assert journal.saved_batches() == 0  # each row's batches go once the row is saved

@@ -353,7 +353,7 @@ def test_status_says_what_is_left_and_estimates_it_from_the_closest_measurement(
                      str(data), str(tmp_path / "cache"), 1, "cpu")
     journal = Journal(sw.eval_file(copy, hah, 2).with_suffix(".partial"))
     saved = journal.saved_seconds()
-    assert journal.saved_rows() == 2 and saved > 0
+    assert journal.saved_rows() == 2 and set(saved) == {"Linf", "L2"} and min(saved.values()) > 0
     sw.eval_file(copy, hah, 2).unlink()
 
     by = {r.label: r for r in sweep_status.status(spec, copy)}
@@ -373,7 +373,13 @@ def test_status_says_what_is_left_and_estimates_it_from_the_closest_measurement(
     assert (by["hah-seed1@1"].state, by["hah-seed1@1"].progress) == ("to do", "")
     assert by["hah-seed1@1"].seconds_left == pytest.approx(seed2)
     assert (by["hah-seed1@2"].state, by["hah-seed1@2"].progress) == ("partial", "2 attack row(s) saved")
-    assert by["hah-seed1@2"].seconds_left == pytest.approx(max(seed2 - saved, 0.0))
+    phases = [sweep_status._eval_seconds(copy, t) for t in sw.tasks(spec)
+              if t.kind == "eval" and t.run.key == "hah-seed2"]
+    attacks = {norm: sum(p[f"attacks_{norm}"] for p in phases) / 2 for norm in saved}
+    rest = sum(v for p in phases for k, v in p.items() if not k.startswith("attacks_")) / 2
+    assert by["hah-seed1@2"].seconds_left == pytest.approx(
+        rest + sum(max(attacks[norm] - saved[norm], 0.0) for norm in saved))
+    assert rest <= by["hah-seed1@2"].seconds_left < seed2  # what resuming measures again
     left, unknown = sweep_status.seconds_left(list(by.values()))
     assert unknown == 0 and left == pytest.approx(sum(r.seconds_left for r in by.values()))
     line = sweep_report.status_summary(list(by.values()), 7200.0, 1, 2)
@@ -382,6 +388,50 @@ def test_status_says_what_is_left_and_estimates_it_from_the_closest_measurement(
                     "(nothing comparable measured)")
     assert sweep_report.status_summary(list(by.values()), 0.0, 6, 2) == (
         "12 of 18 tasks done; 6 left, none estimated yet (nothing comparable measured)")
+
+
+def test_status_gives_each_evaluation_of_a_shared_folder_only_its_own_rows(
+        finished, tmp_path, monkeypatch):
+    """A checkpoint's [eval] and [adaptive] evaluations keep their rows in one folder; an
+    [adaptive] evaluation stopped after its rows were saved leaves the [eval] one (still to
+    run) only the APGD row they share, and nothing of it in the other norm."""
+    import shutil
+    from dataclasses import asdict
+    from functools import partial
+
+    from hahnet.eval.journal import Journal
+    from hahnet.eval.runner import makes_row
+    from hahnet.training import checkpoint
+    from hahnet.experiments import sweep_status
+
+    _, out, data, _ = finished
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    spec = sw.loads(SWEEP + ADAPTIVE)
+    hah, std = spec.runs[2], spec.runs[0]
+    adaptive = next(t for t in sw.tasks(spec) if t.kind == "adaptive" and t.run.key == hah.key)
+    journal = sw.journal_dir(copy, hah, 2)
+    with monkeypatch.context() as m:  # the rows are saved, the result is not
+        m.setattr(Journal, "clear", lambda self: None)
+        m.setattr(Journal, "keep_only", lambda self, rows: None)
+        sw.eval_task(str(checkpoint.resolve(f"{sw.run_dir(copy, hah)}@2")),
+                     str(sw.task_file(copy, adaptive)), asdict(spec.adaptive.settings),
+                     spec.split, spec.limit, spec.limit_seed, str(data),
+                     str(tmp_path / "cache"), 1, "cpu",
+                     [(std.key, str(checkpoint.resolve(f"{sw.run_dir(copy, std)}@2")))],
+                     journal=str(journal))
+    sw.task_file(copy, adaptive).unlink()
+    sw.eval_file(copy, hah, 2).unlink()
+    rows = Journal(journal)
+    everything = rows.saved_rows()
+    assert everything >= 4  # APGD, margin, BPDA, transfer
+    paper = partial(makes_row, spec.settings)
+    assert rows.saved_rows(paper) == 1 and set(rows.saved_seconds(paper)) == {"Linf"}
+    assert rows.saved_rows(partial(makes_row, spec.adaptive.settings)) == everything
+    by = {r.label: r for r in sweep_status.status(spec, copy)}
+    assert by["hah-seed1@2"].progress == "1 attack row(s) saved"
+    assert by["hah-seed1@2 (adaptive)"].progress == f"{everything} attack row(s) saved"
+    assert by["hah-seed1@2"].seconds_left > 0  # the l_2 row and the rest are still to run
 
 
 def test_status_counts_a_resumed_evaluation_at_what_its_rows_cost(finished, tmp_path,
@@ -417,7 +467,9 @@ def test_status_counts_a_resumed_evaluation_at_what_its_rows_cost(finished, tmp_
     assert rows == {norm: sweep_status._rows_seconds(suite)
                     for norm, suite in resumed.attacks.items()}
     others = sum(v for k, v in resumed.seconds.items() if not k.startswith("attacks_"))
-    assert sweep_status._eval_seconds(copy, task) >= others + sum(rows.values())
+    phases = sweep_status._eval_seconds(copy, task)
+    assert all(phases[f"attacks_{norm}"] >= seconds for norm, seconds in rows.items())
+    assert sum(phases.values()) >= others + sum(rows.values())
 
 
 def test_cli_status_prints_the_tasks_and_writes_nothing(finished, tmp_path, capsys):

@@ -128,37 +128,53 @@ class Journal:
             if row not in rows:
                 path.unlink(missing_ok=True)
 
-    def saved_rows(self) -> int:
-        """How many rows are saved (of any evaluation)."""
-        if self.directory is None or not self.directory.is_dir():
-            return 0
-        return sum(1 for _ in self.directory.glob("*.json"))
+    def saved_rows(self, owns: Owns | None = None) -> int:
+        """How many rows are saved (of any evaluation, or of those ``owns`` accepts)."""
+        return sum(1 for key, _, batch in self._saved() if not batch and _accepts(owns, key))
 
-    def saved_batches(self) -> int:
-        """How many batches of unfinished rows are saved."""
-        if self.directory is None or not self.directory.is_dir():
-            return 0
-        return sum(1 for _ in self.directory.glob("batches/*/*.json"))
+    def saved_batches(self, owns: Owns | None = None) -> int:
+        """How many batches of unfinished rows are saved (``owns``: as ``saved_rows``)."""
+        return sum(1 for key, _, batch in self._saved() if batch and _accepts(owns, key))
 
-    def saved_summary(self) -> str:
-        """What is saved, in words ("2 attack row(s) + 3 batch(es)"); "" when nothing."""
-        rows, batches = self.saved_rows(), self.saved_batches()
+    def saved_summary(self, owns: Owns | None = None) -> str:
+        """What is saved, in words ("2 attack row(s) + 3 batch(es)"); "" when nothing.
+        ``owns(key)`` picks one evaluation's rows out of a folder that several share."""
+        rows, batches = self.saved_rows(owns), self.saved_batches(owns)
         parts = ([f"{rows} attack row(s)"] if rows else []) + (
             [f"{batches} batch(es) of an unfinished row"] if batches else [])
         return " + ".join(parts)
 
-    def saved_seconds(self) -> float:
-        """The compute time the saved rows and batches took (what resuming saves);
-        unreadable ones count zero."""
-        if self.directory is None or not self.directory.is_dir():
-            return 0.0
-        total = 0.0
-        for path in [*self.directory.glob("*.json"), *self.directory.glob("batches/*/*.json")]:
-            try:
-                total += float(json.loads(path.read_text(encoding="utf-8"))["value"]["seconds"])
-            except (OSError, ValueError, KeyError, TypeError):
-                pass
+    def saved_seconds(self, owns: Owns | None = None) -> dict[str, float]:
+        """The compute time the saved rows and batches took (what resuming saves), per
+        norm (rows without one under ""); ``owns``: as ``saved_summary``."""
+        total: dict[str, float] = {}
+        for key, seconds, _ in self._saved():
+            if _accepts(owns, key):
+                norm = str(key.get("norm") or "")
+                total[norm] = total.get(norm, 0.0) + seconds
         return total
+
+    def _saved(self) -> list[tuple[dict[str, Any], float, bool]]:
+        """(key, seconds, is a batch) of every readable saved row and batch."""
+        if self.directory is None or not self.directory.is_dir():
+            return []
+        out = []
+        for batch, pattern in ((False, "*.json"), (True, "batches/*/*.json")):
+            for path in self.directory.glob(pattern):
+                try:
+                    document = json.loads(path.read_text(encoding="utf-8"))
+                    value = document["value"]
+                    out.append((dict(document["key"]), float(value.get("seconds", 0.0)), batch))
+                except (OSError, ValueError, KeyError, TypeError):
+                    pass
+        return out
+
+
+Owns = Callable[[dict[str, Any]], bool]  # owns(key): whether a saved row is one's own
+
+
+def _accepts(owns: Owns | None, key: dict[str, Any]) -> bool:
+    return owns is None or owns(key)
 
 
 def _digest(key: dict[str, Any]) -> str:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from hahnet.config import EvalSettings
+from hahnet.config import EvalSettings, same_json
 from hahnet.eval.adaptive import Source, Target, run_adaptive
 from hahnet.eval.adaptive import estimate_seconds as adaptive_seconds
 from hahnet.eval.attacks import adversarial_accuracy, compare_attacks, pgd_accuracy, square_accuracy
@@ -22,7 +22,7 @@ from hahnet.eval.base import (EvalError, Progress, _check_data, _eval_mode, _pre
 from hahnet.eval.journal import Journal, Recall, model_digest, recaller, tensor_digest
 from hahnet.eval.metrics import (clean_accuracy, first_layer_filters, measurable, noise_accuracy,
                                  snr_db, sparsity)
-from hahnet.eval.results import AttackSuite, EvalResult
+from hahnet.eval.results import AttackSuite, EvalResult, jsonable
 
 PhaseProgress = Callable[[str, int], Progress]  # (phase, images) -> per-batch callback
 
@@ -107,6 +107,17 @@ def apgd_settings(s: EvalSettings, norm: str) -> dict[str, Any]:
     first on the same attacked images."""
     return {"eps": s.eps(norm), "apgd_steps": s.apgd_steps, "attack_seed": s.attack_seed,
             "attack_batch_size": s.attack_batch_size}
+
+
+def makes_row(s: EvalSettings, key: dict[str, Any]) -> bool:
+    """Whether an evaluation with settings ``s`` makes the journal row (or batch) saved
+    under ``key``: which rows of a folder that several evaluations share are its own (the
+    image set and model are the folder's)."""
+    norm = key.get("norm")
+    if norm not in s.norms:
+        return False
+    made = apgd_settings(s, norm) if key.get("row") in SHARED_ROWS else asdict(s)
+    return same_json(key.get("settings"), jsonable(made))
 
 
 def _suite(model: nn.Module, all_images: Tensor, all_labels: Tensor, order: Tensor, norm: str,

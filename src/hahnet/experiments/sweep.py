@@ -92,6 +92,14 @@ def task_file(out: Path, task: Task) -> Path:
     return (adaptive_file if task.kind == "adaptive" else eval_file)(out, task.run, task.epoch)
 
 
+def task_settings(sweep: Sweep, task: Task) -> EvalSettings:
+    """The settings an evaluation task runs with (``[eval]``'s or ``[adaptive]``'s)."""
+    if task.kind == "adaptive":
+        assert sweep.adaptive is not None
+        return sweep.adaptive.settings
+    return sweep.settings
+
+
 def _trained(directory: Path, epochs: int) -> bool:
     history = RunDir(directory).history()
     return bool(history) and history[-1]["epoch"] + 1 >= epochs \
@@ -192,8 +200,7 @@ def _saved_eval_matches(sweep: Sweep, out: Path, task: Task) -> bool:
     same_split = saved.get("split") == sweep.split and saved.get("limit_seed") == sweep.limit_seed
     if adaptive and saved.get("transfer_from", []) != [s.key for s in task.sources]:
         return False
-    settings = sweep.adaptive.settings if adaptive else sweep.settings
-    return same_split and reusable(cached, info, settings, sweep.limit)
+    return same_split and reusable(cached, info, task_settings(sweep, task), sweep.limit)
 
 
 def read_eval(path: Path) -> EvalResult:
@@ -299,17 +306,11 @@ def run(sweep: Sweep, out: str | Path, data: str, cache_dir: str | None = None,
         path = str(checkpoint.resolve(f"{directory}@{task.epoch}"))
         shared = {"journal": str(journal_dir(out, task.run, task.epoch)),
                   "siblings": [str(p) for p in sibling_results(sweep, out, task)]}
-        if task.kind == "adaptive":
-            assert sweep.adaptive is not None
-            sources = [(s.key, str(checkpoint.resolve(f"{run_dir(out, s)}@{task.epoch}")))
-                       for s in task.sources]
-            return pool.submit(eval_task, path, str(task_file(out, task)),
-                               asdict(sweep.adaptive.settings), sweep.split, sweep.limit,
-                               sweep.limit_seed, data, cache_dir, threads, device, sources,
-                               **shared)
+        sources = [(s.key, str(checkpoint.resolve(f"{run_dir(out, s)}@{task.epoch}")))
+                   for s in task.sources]
         return pool.submit(eval_task, path, str(task_file(out, task)),
-                           asdict(sweep.settings), sweep.split, sweep.limit, sweep.limit_seed,
-                           data, cache_dir, threads, device, **shared)
+                           asdict(task_settings(sweep, task)), sweep.split, sweep.limit,
+                           sweep.limit_seed, data, cache_dir, threads, device, sources, **shared)
 
     _run_tasks(sorted(trains, key=lambda t: -t.cost) + sorted(evals, key=lambda t: -t.cost),
                submit, jobs, counter)
