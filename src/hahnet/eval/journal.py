@@ -130,16 +130,18 @@ class Journal:
 
     def saved_rows(self, owns: Owns | None = None) -> int:
         """How many rows are saved (of any evaluation, or of those ``owns`` accepts)."""
-        return sum(1 for key, _, batch in self._saved() if not batch and _accepts(owns, key))
+        return sum(1 for _, _, batch in self._saved(owns) if not batch)
 
     def saved_batches(self, owns: Owns | None = None) -> int:
         """How many batches of unfinished rows are saved (``owns``: as ``saved_rows``)."""
-        return sum(1 for key, _, batch in self._saved() if batch and _accepts(owns, key))
+        return sum(1 for _, _, batch in self._saved(owns) if batch)
 
     def saved_summary(self, owns: Owns | None = None) -> str:
         """What is saved, in words ("2 attack row(s) + 3 batch(es)"); "" when nothing.
         ``owns(key)`` picks one evaluation's rows out of a folder that several share."""
-        rows, batches = self.saved_rows(owns), self.saved_batches(owns)
+        saved = self._saved(owns)
+        batches = sum(1 for _, _, batch in saved if batch)
+        rows = len(saved) - batches
         parts = ([f"{rows} attack row(s)"] if rows else []) + (
             [f"{batches} batch(es) of an unfinished row"] if batches else [])
         return " + ".join(parts)
@@ -148,14 +150,14 @@ class Journal:
         """The compute time the saved rows and batches took (what resuming saves), per
         norm (rows without one under ""); ``owns``: as ``saved_summary``."""
         total: dict[str, float] = {}
-        for key, seconds, _ in self._saved():
-            if _accepts(owns, key):
-                norm = str(key.get("norm") or "")
-                total[norm] = total.get(norm, 0.0) + seconds
+        for key, seconds, _ in self._saved(owns):
+            norm = str(key.get("norm") or "")
+            total[norm] = total.get(norm, 0.0) + seconds
         return total
 
-    def _saved(self) -> list[tuple[dict[str, Any], float, bool]]:
-        """(key, seconds, is a batch) of every readable saved row and batch."""
+    def _saved(self, owns: Owns | None) -> list[tuple[dict[str, Any], float, bool]]:
+        """(key, seconds, is a batch) of every readable saved row and batch that ``owns``
+        accepts (None: all), each file read once."""
         if self.directory is None or not self.directory.is_dir():
             return []
         out = []
@@ -163,18 +165,15 @@ class Journal:
             for path in self.directory.glob(pattern):
                 try:
                     document = json.loads(path.read_text(encoding="utf-8"))
-                    value = document["value"]
-                    out.append((dict(document["key"]), float(value.get("seconds", 0.0)), batch))
+                    key, value = dict(document["key"]), document["value"]
+                    if owns is None or owns(key):
+                        out.append((key, float(value.get("seconds", 0.0)), batch))
                 except (OSError, ValueError, KeyError, TypeError):
                     pass
         return out
 
 
 Owns = Callable[[dict[str, Any]], bool]  # owns(key): whether a saved row is one's own
-
-
-def _accepts(owns: Owns | None, key: dict[str, Any]) -> bool:
-    return owns is None or owns(key)
 
 
 def _digest(key: dict[str, Any]) -> str:
