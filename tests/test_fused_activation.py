@@ -54,6 +54,21 @@ def test_fused_activation_matches_plain_autograd(kind, channels_last, chunking):
         torch.testing.assert_close(ga / scale, gb / scale)
 
 
+@pytest.mark.parametrize("channels", [3, 64, 65, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_plain_channel_mean_sums_as_the_fused_paths(channels, dtype):
+    """The plain formula's channel mean has the fused paths' bits in either layout and on
+    both sides of the matrix-vector cut-off (kernels' reduction orders differ by CPU)."""
+    torch.manual_seed(channels)
+    pooled = torch.rand(3, channels, 9, 7, dtype=dtype)
+    fused_mean = torch.empty(3, 1, 9, 7, dtype=dtype)
+    fused._channel_mean(pooled.contiguous(memory_format=torch.channels_last), fused_mean)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        plain = fused.channel_mean(pooled.contiguous(memory_format=layout))
+        assert torch.equal(plain, fused_mean)
+    torch.testing.assert_close(fused_mean, pooled.mean(dim=1, keepdim=True))
+
+
 @pytest.mark.parametrize("narrow", [False, True])
 def test_fused_activation_fp32_large_maps_and_index_widths(narrow, monkeypatch):
     """fp32 at a VGG layer's size (several chunks), and maps with more positions than

@@ -30,7 +30,19 @@ def eager_mode() -> bool:
 def divisive_divisor(x: Tensor, sigma: float, pool: int) -> Tensor:
     """DivisiveNorm2d's denominator ``sigma * peak + (1 - sigma) * field + eps`` (N1HW)."""
     field = F.max_pool2d(x.abs(), pool, stride=1, padding=pool // 2)
-    return _divisor(field.mean(dim=1, keepdim=True), sigma)
+    return _divisor(channel_mean(field), sigma)
+
+
+def channel_mean(pooled: Tensor) -> Tensor:
+    """``pooled.mean(dim=1, keepdim=True)`` summed as the fused paths sum it (channels-last
+    rows; see :func:`_channel_mean`): reduction order differs between CPUs' kernels, and
+    this keeps the plain formula bit-identical to the fused one on every CPU."""
+    rows = pooled.contiguous(memory_format=torch.channels_last)
+    n, c, h, w = rows.shape
+    if c > MV_CHANNELS_MAX or rows.dtype not in (torch.float32, torch.float64):
+        return rows.mean(dim=1, keepdim=True)
+    ones = torch.ones(c, dtype=rows.dtype, device=rows.device)
+    return (torch.mv(rows.permute(0, 2, 3, 1).reshape(n * h * w, c), ones) / c).view(n, 1, h, w)
 
 
 def divisive_norm_reference(x: Tensor, sigma: float, pool: int) -> Tensor:
