@@ -39,7 +39,7 @@ def channel_mean(pooled: Tensor) -> Tensor:
     this keeps the plain formula bit-identical to the fused one on every CPU."""
     rows = pooled.contiguous(memory_format=torch.channels_last)
     n, c, h, w = rows.shape
-    if c > MV_CHANNELS_MAX or rows.dtype not in (torch.float32, torch.float64):
+    if not _sums_by_mv(c, rows.dtype):
         return rows.mean(dim=1, keepdim=True)
     ones = torch.ones(c, dtype=rows.dtype, device=rows.device)
     return (torch.mv(rows.permute(0, 2, 3, 1).reshape(n * h * w, c), ones) / c).view(n, 1, h, w)
@@ -274,11 +274,16 @@ def _index_dtype(positions: int, elements: int) -> torch.dtype:
     return torch.int16 if narrow else torch.int64
 
 
+def _sums_by_mv(channels: int, dtype: torch.dtype) -> bool:
+    """Whether the channel mean is taken as a matrix-vector product (few channels)."""
+    return channels <= MV_CHANNELS_MAX and dtype in (torch.float32, torch.float64)
+
+
 def _channel_mean(pooled: Tensor, out: Tensor) -> None:
     """``out = pooled.mean(dim=1, keepdim=True)`` for a channels-last ``pooled`` into a
     contiguous (N,1,H,W) ``out``; a matrix-vector product over few channels."""
     n, c, h, w = pooled.shape
-    if c > MV_CHANNELS_MAX or pooled.dtype not in (torch.float32, torch.float64):
+    if not _sums_by_mv(c, pooled.dtype):
         torch.mean(pooled, dim=1, keepdim=True, out=out)
         return
     rows = pooled.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view: channels-last
