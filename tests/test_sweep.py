@@ -161,6 +161,28 @@ def test_summary_gain_is_paired_by_seed(finished):
     assert summary["curves"]["std"][0]["grad_ratios"] == []
 
 
+def test_summary_takes_training_state_from_the_evaluated_checkpoint(finished, tmp_path):
+    """A run folder whose log is another training of that run (retrained elsewhere) does
+    not lend its training accuracy or gradient ratios to an evaluation it did not make."""
+    import shutil
+    file, out, _, _ = finished
+    spec = sw.load(file)
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    run = next(r for r in spec.runs if r.key == "hah-seed1")
+    log = sw.run_dir(copy, run) / "metrics.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    log.write_text("".join(json.dumps({**r, "train_acc": 0.0, "grad_ratios": [9.0] * 6}) + "\n"
+                           for r in rows))
+    summary = sweep_summary.summarise(spec, copy)
+    for epoch in (1, 2):
+        own = sw.read_eval(sw.eval_file(copy, run, epoch)).info["metrics"]
+        entry = next(r for r in summary["runs"]
+                     if (r["name"], r["seed"], r["epoch"]) == ("hah", 1, epoch))
+        assert entry["metrics"]["train_acc"] == own["train_acc"] > 0
+        assert entry["grad_ratios"] == own["grad_ratios"] != [9.0] * 6
+
+
 def test_second_run_reuses_everything_and_cli_writes_the_report(finished, capsys):
     file, out, data, _ = finished
     before = {p: p.stat().st_mtime_ns for p in (out / "evals").iterdir()}

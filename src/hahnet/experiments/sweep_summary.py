@@ -61,9 +61,12 @@ def summarise(sweep: Sweep, out: str | Path) -> dict[str, Any]:
             path = eval_file(out, run, epoch)
             if not path.exists():
                 continue
-            metrics = metrics_of(read_eval(path))
+            result = read_eval(path)
+            metrics = metrics_of(result)
             metrics.update(adaptive_metrics(adaptive_file(out, run, epoch)))
-            h = history.get(epoch, {})
+            # the evaluated checkpoint's own training record: the run folder's log may be
+            # another training of the same run (retrained on another CPU, or resumed)
+            h = result.info.get("metrics") or history.get(epoch, {})
             metrics["train_acc"] = h.get("train_acc", float("nan"))
             entry = {"name": run.name, "seed": run.seed, "epoch": epoch, "metrics": metrics,
                      "grad_ratios": h.get("grad_ratios", []), "train_seconds": sum(
