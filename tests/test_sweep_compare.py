@@ -97,6 +97,22 @@ def test_a_second_difference_or_a_non_training_setting_is_refused(ladder, tmp_pa
         sweep_compare.compare([narrow], by="hah")
 
 
+def test_sweeps_may_differ_in_how_evaluations_are_batched_only(ladder):
+    """Batch sizes move an attack's random draws, not what is measured: comparable; any
+    other evaluation setting, [adaptive]'s included, is not."""
+    narrow, wide = _summaries(ladder)
+    adaptive = {"settings": {"restarts": 3, "adaptive_batch_size": None}, "epochs": [2]}
+    narrow = {**narrow, "settings": {**narrow["settings"], "adaptive": adaptive}}
+    batched = {**wide, "settings": {**wide["settings"], "attack_batch_size": 7, "batch_size": 5,
+                                    "adaptive": {**adaptive, "settings": {
+                                        "restarts": 3, "adaptive_batch_size": 16}}}}
+    assert [s["value"] for s in sweep_compare.compare([narrow, batched])["sweeps"]] == [0.0625, 0.125]
+    restarted = {**batched, "settings": {**batched["settings"], "adaptive": {
+        **adaptive, "settings": {"restarts": 1, "adaptive_batch_size": 16}}}}
+    with pytest.raises(sw.SweepError, match=r"differ in evaluation adaptive .* besides width"):
+        sweep_compare.compare([narrow, restarted])
+
+
 def test_cli_refuses_with_one_line(ladder, tmp_path, capsys):
     (narrow, narrow_out), (wide, wide_out) = ladder
     changed = tmp_path / "wide.toml"

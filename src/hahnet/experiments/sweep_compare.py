@@ -14,6 +14,9 @@ from hahnet.experiments.sweep import SweepError
 from hahnet.experiments.sweep_summary import seed_stats
 
 PRE_DROP = "before the first lr drop"
+# How an evaluation splits its images into batches: it moves the random draws inside an
+# attack (each batch has its own seed), not what is measured, so sweeps may differ in it.
+BATCHING = ("batch_size", "attack_batch_size", "adaptive_batch_size")
 LAST = "last evaluated"
 
 
@@ -46,7 +49,16 @@ def _signature(summary: dict[str, Any], by: str) -> dict[str, Any]:
     ignored = {by, "seed", *RUNTIME_OPTIONS}
     runs = {r["name"]: {k: v for k, v in _config(r).items() if k not in ignored}
             for r in summary["runs_spec"]}
-    return {"settings": runs, "eval": summary["settings"]}
+    return {"settings": runs, "eval": _measured(summary["settings"])}
+
+
+def _measured(settings: dict[str, Any]) -> dict[str, Any]:
+    """Evaluation settings (and their ``[adaptive]`` part) without :data:`BATCHING`."""
+    kept = {k: v for k, v in settings.items() if k not in BATCHING}
+    if isinstance(kept.get("adaptive"), dict):
+        adaptive = kept["adaptive"]
+        kept["adaptive"] = {**adaptive, "settings": _measured(adaptive.get("settings", {}))}
+    return kept
 
 
 def _difference(a: dict[str, Any], b: dict[str, Any]) -> str:
