@@ -356,6 +356,12 @@ class TrainConfig:
 
 # ---------------------------------------------------------------------- evaluation
 
+# EvalSettings fields that split the images into batches: they move the random draws
+# inside an attack (each batch has its own seed), not what is measured. A saved
+# evaluation is reused only with the same ones; sweeps differing only in them compare.
+EVAL_BATCHING = ("batch_size", "attack_batch_size", "adaptive_batch_size")
+
+
 @dataclass
 class EvalSettings:
     """Everything an evaluation measures and how (the paper's choices by default)."""

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from hahnet.config import RUNTIME_OPTIONS, TrainConfig
+from hahnet.config import EVAL_BATCHING, RUNTIME_OPTIONS, TrainConfig
 from hahnet.experiments.sweep import SweepError
 from hahnet.experiments.sweep_summary import seed_stats
 
 PRE_DROP = "before the first lr drop"
-# How an evaluation splits its images into batches: it moves the random draws inside an
-# attack (each batch has its own seed), not what is measured, so sweeps may differ in it.
-BATCHING = ("batch_size", "attack_batch_size", "adaptive_batch_size")
 LAST = "last evaluated"
 
 
@@ -53,8 +50,9 @@ def _signature(summary: dict[str, Any], by: str) -> dict[str, Any]:
 
 
 def _measured(settings: dict[str, Any]) -> dict[str, Any]:
-    """Evaluation settings (and their ``[adaptive]`` part) without :data:`BATCHING`."""
-    kept = {k: v for k, v in settings.items() if k not in BATCHING}
+    """Evaluation settings (and their ``[adaptive]`` part) without
+    :data:`~hahnet.config.EVAL_BATCHING`: sweeps that differ only there are comparable."""
+    kept = {k: v for k, v in settings.items() if k not in EVAL_BATCHING}
     if isinstance(kept.get("adaptive"), dict):
         adaptive = kept["adaptive"]
         kept["adaptive"] = {**adaptive, "settings": _measured(adaptive.get("settings", {}))}
